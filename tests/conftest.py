@@ -1,0 +1,52 @@
+"""Shared fixtures. Every test runs offline and seeded."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seeded_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The public data files in ../shared/data; tests that need them skip where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (CI places ../shared beside the checkout)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A seeded random 2-layer GPT-2 checkpoint folder with a word-level tokenizer (w0..w58)."""
+    from mechedit.zoo import random_gpt2_checkpoint
+
+    return random_gpt2_checkpoint(tmp_path_factory.mktemp("tiny_gpt2"), n_layer=2, n_embd=64, n_head=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_bridge(tiny_gpt2_dir):
+    """The tiny random GPT-2 loaded through ``mechedit.load`` (a TransformerBridge, eval mode)."""
+    import mechedit
+
+    return mechedit.load(tiny_gpt2_dir)
