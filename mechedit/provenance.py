@@ -1,0 +1,113 @@
+"""Provenance: what a result was computed from, so a saved score or circuit can be traced back.
+
+Hashes are SHA-256 hex digests truncated to 16 characters: short enough to read in a JSON file,
+long enough that an accidental collision between two checkpoints is not a practical concern.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+HASH_CHARS = 16
+
+
+def _digest(chunks: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()[:HASH_CHARS]
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor (contiguous, on the CPU), dtype and shape included."""
+    t = tensor.detach().to("cpu").contiguous()
+    header = f"{t.dtype}:{tuple(t.shape)}:".encode()
+    return header + t.view(torch.uint8).numpy().tobytes() if t.numel() else header
+
+
+def state_dict_hash(state: Mapping[str, torch.Tensor]) -> str:
+    """Hash of named tensors, independent of dict order (names are sorted)."""
+    return _digest(name.encode() + tensor_bytes(state[name]) for name in sorted(state))
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """Hash of a model's parameters by their storage, so views of one tensor count once.
+
+    TransformerBridge exposes some HF tensors twice under different names (e.g. the fused
+    ``c_attn`` weight and its q/k/v views); hashing each distinct storage once, in name order,
+    makes the hash depend only on the weights, not on how the wrapper names them.
+    """
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    chunks: list[bytes] = []
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        key = (param.untyped_storage().data_ptr(), param.storage_offset(), tuple(param.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        chunks.append(tensor_bytes(param))
+    return _digest(chunks)
+
+
+def text_hash(texts: Iterable[str] | str) -> str:
+    """Hash of a prompt or a sequence of prompts (order matters)."""
+    items = [texts] if isinstance(texts, str) else list(texts)
+    return _digest([json.dumps(items, ensure_ascii=False).encode()])
+
+
+def model_name(model: Any) -> str:
+    """A readable name for a loaded model: its config's ``model_name`` or the class name."""
+    cfg = getattr(model, "cfg", None)
+    return str(getattr(cfg, "model_name", None) or type(model).__name__)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a result came from: model name and weight hash, data hash, seed, mechedit version."""
+
+    model_name: str
+    weights_hash: str
+    data_hash: str | None = None
+    seed: int | None = None
+    mechedit_version: str = field(default_factory=lambda: __import__("mechedit").__version__)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        model: torch.nn.Module,
+        *,
+        data: Iterable[str] | str | None = None,
+        seed: int | None = None,
+        **extra: Any,
+    ) -> Provenance:
+        """Provenance of a result computed from ``model`` on prompts ``data`` with ``seed``."""
+        return cls(
+            model_name=model_name(model),
+            weights_hash=weights_hash(model),
+            data_hash=None if data is None else text_hash(data),
+            seed=seed,
+            extra=dict(extra),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Provenance:
+        """Rebuild from ``to_dict`` output; raises ``ValueError`` naming missing or unknown keys."""
+        required = {"model_name", "weights_hash"}
+        allowed = required | {"data_hash", "seed", "mechedit_version", "extra"}
+        if not isinstance(data, Mapping):
+            raise ValueError(f"provenance must be a JSON object, got {type(data).__name__}")
+        missing, unknown = required - data.keys(), data.keys() - allowed
+        if missing or unknown:
+            raise ValueError(
+                f"bad provenance: missing {sorted(missing)}, unknown {sorted(unknown)}"
+            )
+        return cls(**dict(data))
