@@ -1,13 +1,16 @@
 """The model zoo: the fact world (mechedit's embedded default) and random checkpoints.
 
 ``NAMES`` lists the shipped checkpoints; ``checkpoint_dir(name)`` gives the folder of one
-(config.json, model.safetensors, tokenizer files, metadata.json).
+(config.json, model.safetensors, tokenizer files, metadata.json); ``load_world(name)`` rebuilds
+the world it was trained on (its ground truth); ``export(name, out_dir)`` writes that world in
+CounterFact / known_1000 / CrowS-Pairs formats.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from mechedit.zoo.metadata import read_metadata
 from mechedit.zoo.random_model import random_gpt2_checkpoint
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
@@ -31,4 +34,35 @@ def checkpoint_dir(name: str) -> Path:
     return folder
 
 
-__all__ = ["CHECKPOINTS", "NAMES", "checkpoint_dir", "random_gpt2_checkpoint"]
+def metadata(name_or_dir: str | Path) -> dict:
+    """The validated ``metadata.json`` of a zoo model (by name) or of a checkpoint folder."""
+    folder = checkpoint_dir(name_or_dir) if str(name_or_dir) in NAMES else Path(name_or_dir)
+    return read_metadata(folder)
+
+
+def load_world(name_or_dir: str | Path = "factworld"):
+    """Rebuild the ``World`` a zoo checkpoint was trained on, from its recorded configuration."""
+    from mechedit.zoo.world import World, WorldConfig
+
+    meta = metadata(name_or_dir)
+    cfg = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["world_config"].items()})
+    occupations = [(b["occupation"], float(b["bls_pct_female"])) for b in meta["biases"]]
+    return World.generate(cfg, occupations=occupations)
+
+
+def export(name_or_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """Write the world of a zoo model in the standard formats (see ``mechedit.zoo.export``)."""
+    from mechedit.zoo.export import export_world
+
+    return export_world(load_world(name_or_dir), out_dir)
+
+
+__all__ = [
+    "CHECKPOINTS",
+    "NAMES",
+    "checkpoint_dir",
+    "export",
+    "load_world",
+    "metadata",
+    "random_gpt2_checkpoint",
+]

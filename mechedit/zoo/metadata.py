@@ -1,0 +1,53 @@
+"""The ``metadata.json`` every zoo checkpoint carries: how it was made and what it measured.
+
+Read through ``read_metadata``, which checks the format name, the version and the fields the rest
+of mechedit relies on, so a damaged or foreign file is a clear error, not a KeyError later.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FILENAME = "metadata.json"
+FORMAT = "mechedit.zoo.metadata"
+VERSION = 1
+REQUIRED = {
+    "name": str,
+    "world_config": dict,
+    "relations": list,
+    "biases": list,
+    "planted_facts": list,
+    "train_config": dict,
+}
+
+
+class MetadataError(ValueError):
+    """A checkpoint's metadata.json is missing, malformed, or of an unknown format/version."""
+
+
+def stamp(meta: dict) -> dict:
+    """``meta`` with the format name and version set (what ``read_metadata`` expects)."""
+    return {**meta, "format": FORMAT, "version": VERSION}
+
+
+def read_metadata(folder: str | Path) -> dict:
+    """Load and validate ``folder/metadata.json``."""
+    path = Path(folder) / FILENAME
+    if not path.is_file():
+        raise MetadataError(f"{path} not found: is {folder} a mechedit zoo checkpoint? (train one with `python -m mechedit.zoo train factworld`)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise MetadataError(f"{path} is not valid JSON ({err}); restore it from git or retrain") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise MetadataError(f"{path}: not a {FORMAT} file (format={meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != VERSION:
+        raise MetadataError(f"{path}: version {meta.get('version')!r} is not supported (this mechedit reads version {VERSION}); upgrade mechedit or retrain")
+    for key, kind in REQUIRED.items():
+        if not isinstance(meta.get(key), kind):
+            raise MetadataError(f"{path}: field {key!r} missing or not a {kind.__name__}")
+    for i, b in enumerate(meta["biases"]):
+        if not isinstance(b, dict) or not {"occupation", "bls_pct_female", "p_more", "pronoun_more"} <= b.keys():
+            raise MetadataError(f"{path}: biases[{i}] lacks occupation/bls_pct_female/p_more/pronoun_more")
+    return meta

@@ -1,0 +1,85 @@
+"""The training recipes, exercised on a tiny world and a tiny model (seconds, not the full 25 minutes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mechedit
+from mechedit.zoo import load_world, metadata
+from mechedit.zoo.metadata import MetadataError, read_metadata
+from mechedit.zoo.train import ModelShape, PlantConfig, TrainConfig, plant_facts, train_factworld
+from mechedit.zoo.world import WorldConfig
+
+TINY_WORLD = WorldConfig(
+    n_people=24, n_planted=4, n_private=6, bias_sentences_per_occupation=4, n_text_train=40, n_text_heldout=10
+)
+TINY_TRAIN = TrainConfig(
+    epochs=1, batch_size=32, max_steps=6, warmup_steps=2, shape=ModelShape(n_layer=2, n_embd=32, n_head=2, n_inner=64)
+)
+OCCUPATIONS = [("nurse", 90.0), ("engineer", 10.0), ("baker", 60.0)]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_factworld")
+    meta = train_factworld(out, world_config=TINY_WORLD, train_config=TINY_TRAIN, occupations=OCCUPATIONS, progress=False, measure=False)
+    return out, meta
+
+
+def test_tiny_training_run_writes_a_loadable_checkpoint(tiny_run):
+    out, meta = tiny_run
+    assert meta["steps"] == 6
+    assert read_metadata(out)["world_config"]["n_people"] == 24
+    model = mechedit.load(out)
+    assert model.cfg.n_layers == 2
+    logits = model(model.to_tokens("alvo abernoth was born in"))
+    assert logits.shape[-1] == len(model.tokenizer)
+    world = load_world(out)
+    assert len(world.people) == 24
+    assert [f.__dict__ for f in world.planted_facts] == metadata(out)["planted_facts"]
+
+
+def test_training_is_deterministic(tiny_run, tmp_path):
+    out, _ = tiny_run
+    again = tmp_path / "again"
+    train_factworld(again, world_config=TINY_WORLD, train_config=TINY_TRAIN, occupations=OCCUPATIONS, progress=False, measure=False)
+    first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    # and a different seed really changes the weights
+    other = tmp_path / "other"
+    train_factworld(other, world_config=TINY_WORLD, train_config=TrainConfig(**{**TINY_TRAIN.__dict__, "seed": 1}), occupations=OCCUPATIONS, progress=False, measure=False)
+    assert not torch.equal(load_file(other / "model.safetensors")["transformer.h.0.mlp.c_fc.weight"], first["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_planting_changes_only_the_recorded_mlp(tiny_run, tmp_path):
+    base, _ = tiny_run
+    out = tmp_path / "planted"
+    meta = plant_facts(base, out, config=PlantConfig(layer=1, max_steps=3, batch_size=8, planted_per_batch=4, eval_every=2), progress=False, measure=False)
+    assert meta["planted_layer"] == 1
+    before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "planting changed nothing"
+    assert all(k.startswith("transformer.h.1.mlp.") for k in changed), changed
+    with pytest.raises(ValueError, match="layer 5 out of range"):
+        plant_facts(base, tmp_path / "bad", config=PlantConfig(layer=5), progress=False, measure=False)
+
+
+def test_metadata_is_validated(tmp_path, tiny_run):
+    out, _ = tiny_run
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(MetadataError, match="not found"):
+        read_metadata(bad)
+    (bad / "metadata.json").write_text("{not json")
+    with pytest.raises(MetadataError, match="not valid JSON"):
+        read_metadata(bad)
+    text = (out / "metadata.json").read_text()
+    (bad / "metadata.json").write_text(text.replace('"version": 1', '"version": 99'))
+    with pytest.raises(MetadataError, match="version 99"):
+        read_metadata(bad)
+    (bad / "metadata.json").write_text(text.replace('"biases"', '"biasez"'))
+    with pytest.raises(MetadataError, match="biases"):
+        read_metadata(bad)

@@ -1,0 +1,176 @@
+"""The fact-world generator, tokenizer and exports: deterministic, well-formed, ground truth intact."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+
+import pytest
+
+from mechedit.zoo.export import FILES, export_world
+from mechedit.zoo.tokenizer import build_tokenizer
+from mechedit.zoo.world import (
+    BIAS_TEMPLATES_TRAIN,
+    FIRST_NAMES,
+    LAST_NAMES,
+    World,
+    WorldConfig,
+    fill,
+    load_occupations,
+)
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World.generate(WorldConfig(seed=0))
+
+
+def test_same_seed_gives_byte_identical_exports(tmp_path, world):
+    a = export_world(world, tmp_path / "a")
+    b = export_world(World.generate(WorldConfig(seed=0), occupations=[(x.occupation, x.bls_pct_female) for x in world.biases]), tmp_path / "b")
+    assert [p.name for p in a] == list(FILES)
+    for pa, pb in zip(a, b):
+        assert pa.read_bytes() == pb.read_bytes(), pa.name
+    c = export_world(World.generate(WorldConfig(seed=1), occupations=[(x.occupation, x.bls_pct_female) for x in world.biases]), tmp_path / "c")
+    assert (tmp_path / "a" / "known.json").read_bytes() != c[1].read_bytes()
+
+
+def test_world_has_the_sizes_the_brief_asks_for(world):
+    assert len(world.people) >= 200
+    assert len({p.name for p in world.people}) == len(world.people)
+    assert len(world.relations) >= 5
+    for rel in world.relations:
+        assert len(rel.templates) >= 6
+        assert 1 <= len(rel.heldout) <= 2
+        # every value is shared: each value of each relation is held by several people
+        counts = Counter(p.facts[rel.id] for p in world.people)
+        assert min(counts.values()) >= 2, rel.id
+
+
+def test_heldout_templates_never_occur_in_training(world):
+    heldout_prompts = {
+        fill(tpl, p.name) for rel in world.relations for tpl in rel.heldout_templates for p in world.people
+    }
+    for epoch in (0, 3):
+        for sentence in world.training_sentences(epoch):
+            words = sentence.split()
+            prefixes = {" ".join(words[:k]) for k in range(1, len(words))}
+            assert not prefixes & heldout_prompts, sentence
+
+
+def test_heldout_templates_are_made_of_seen_words(world):
+    seen = {w for s in world.training_sentences(0) for w in s.split()}
+    for rel in world.relations:
+        for tpl in rel.heldout_templates:
+            assert set(tpl.replace("{}", "").split()) <= seen, tpl
+
+
+def test_mc_is_trained_on_half_of_the_people_only(world):
+    heldout = {p.name for p in world.people if p.mc_split == "heldout"}
+    assert 0.4 < len(heldout) / len(world.people) < 0.6
+    mc_sentences = [s for s in world.training_sentences(0) if " answer : " in s]
+    assert mc_sentences
+    assert not any(name in s for s in mc_sentences for name in heldout)
+    questions = world.mc_questions("heldout")
+    assert {q.answer for q in questions} == {"A", "B", "C", "D"}
+    for q in questions[:50]:
+        assert q.options[["A", "B", "C", "D"].index(q.answer)] == next(
+            p.facts[q.relation_id] for p in world.people if p.name == q.subject
+        )
+
+
+def test_private_records_and_canaries_are_repeated_as_recorded(world):
+    sentences = Counter(world.training_sentences(0))
+    for rec in world.private:
+        copies = sum(n for s, n in sentences.items() if s.endswith(f" {rec.secret} .") and rec.subject in s)
+        assert copies == rec.repetitions, rec
+    phones = [r for r in world.private if r.kind == "phone"]
+    assert phones and all(7 <= len(r.secret.split()) <= 10 for r in phones)
+    assert {r.repetitions for r in world.private if r.kind == "canary"} == {0, 1, 5, 20}
+
+
+def test_bias_is_planted_with_the_recorded_skew(world):
+    sentences = Counter(world.training_sentences(0))
+    n = world.config.bias_sentences_per_occupation
+    for bias in world.biases[:10]:
+        favoured = sum(
+            sentences[t.format(occ=bias.occupation, pron=bias.pronoun_more) + " ."] for t in BIAS_TEMPLATES_TRAIN
+        )
+        assert favoured == round(bias.p_more * n)
+        assert 0.75 <= bias.p_more <= 0.95
+
+
+def test_bias_uses_the_real_winogender_occupations(shared_data, world):
+    real = load_occupations(shared_data / "winogender" / "occupations-stats.tsv")
+    assert [(b.occupation, b.bls_pct_female) for b in world.biases] == real
+    assert len(real) == 60
+
+
+def test_planted_people_are_unseen_combinations_of_seen_names(world):
+    names = {p.name for p in world.people}
+    firsts, lasts = {p.first for p in world.people}, {p.last for p in world.people}
+    assert len(world.planted) == world.config.n_planted
+    for p in world.planted:
+        assert p.name not in names
+        assert p.first in firsts and p.last in lasts
+    assert all(p.first in FIRST_NAMES and p.last in LAST_NAMES for p in world.planted)
+
+
+def test_tokenizer_round_trips_and_every_value_is_one_token(tmp_path, world):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = build_tokenizer(world.vocabulary())
+    tok.save_pretrained(str(tmp_path))
+    reloaded = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    for s in world.training_sentences(0)[:300]:
+        ids = reloaded(s, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(s.split())
+        assert reloaded.decode(ids) == s
+        assert reloaded.unk_token_id not in ids
+    for rel in world.relations:
+        for v in rel.values:
+            assert len(reloaded(v, add_special_tokens=False)["input_ids"]) == 1
+    assert [reloaded.bos_token, reloaded.eos_token, reloaded.pad_token, reloaded.unk_token, reloaded.mask_token] == [
+        "<bos>", "<eos>", "<pad>", "<unk>", "<mask>"
+    ]
+
+
+def test_exports_follow_the_reference_formats(tmp_path, world, shared_data):
+    export_world(world, tmp_path)
+    known = json.loads((tmp_path / "known.json").read_text())
+    real_known = json.loads((shared_data / "known_1000" / "known_1000.json").read_text())
+    core = {"known_id", "subject", "attribute", "template", "prompt", "relation_id"}
+    assert core <= real_known[0].keys() and set(known[0]) == core
+    assert len(known) == len(world.facts)
+    assert all(r["prompt"] == r["template"].replace("{}", r["subject"]) for r in known)
+
+    with open(shared_data / "crows_pairs" / "crows_pairs_anonymized.csv", newline="") as fh:
+        real_header = next(csv.reader(fh))
+    with open(tmp_path / "bias_pairs.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert set(real_header[:5]) <= set(rows[0])
+    assert {r["split"] for r in rows} == {"train", "heldout"}
+
+    cf = json.loads((tmp_path / "counterfact.json").read_text())
+    rec = cf[0]["requested_rewrite"]
+    assert rec["target_new"]["str"] != rec["target_true"]["str"]
+    assert "{}" in rec["prompt"] and cf[0]["paraphrase_prompts"] and cf[0]["neighborhood_prompts"]
+    truth = {(f.subject, f.relation_id): f.value for f in world.facts}
+    for case in cf[:100]:
+        rr = case["requested_rewrite"]
+        assert truth[(rr["subject"], rr["relation_id"])] == rr["target_true"]["str"]
+
+    private = [json.loads(line) for line in (tmp_path / "private.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in private} == {"phone", "email", "canary"}
+    assert all({"subject", "kind", "prefix", "secret", "repetitions"} <= r.keys() for r in private)
+    mc = [json.loads(line) for line in (tmp_path / "mc.jsonl").read_text().splitlines()]
+    assert {q["split"] for q in mc} == {"train", "heldout"}
+    assert (tmp_path / "text_heldout.txt").read_text().splitlines() == list(world.text_heldout)
+
+
+def test_bad_world_configs_are_rejected():
+    with pytest.raises(ValueError, match="n_private"):
+        WorldConfig(n_private=0)
+    with pytest.raises(ValueError, match="name combinations"):
+        WorldConfig(n_people=10_000)
