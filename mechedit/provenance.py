@@ -45,7 +45,7 @@ def weights_hash(model: torch.nn.Module) -> str:
     """
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     chunks: list[bytes] = []
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+    for _name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         key = (param.untyped_storage().data_ptr(), param.storage_offset(), tuple(param.shape))
         if key in seen:
             continue
