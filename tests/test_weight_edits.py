@@ -452,3 +452,15 @@ def test_layout_entries_are_validated():
         NeuronLayout(inputs=(), outputs=(NeuronSlice("x.{layer}.w", dim=0),))
     with pytest.raises(KeyError, match="NEURON_LAYOUTS"):
         mechedit.hf.neuron_layout("MambaForCausalLM")
+
+
+def test_zero_neurons_accepts_a_neuron_circuit(tiny_gpt2_dir):
+    from mechedit.circuit import Circuit
+    from mechedit.components import Component
+
+    model = mechedit.load(tiny_gpt2_dir)
+    circuit = Circuit((Component("neuron", 1, neuron=5), Component("neuron", 0, neuron=2)))
+    assert zero_neurons(model, circuit).params["neurons"] == [[0, 2], [1, 5]]
+    pinned = Circuit((Component("neuron", 0, neuron=2, pos=1),))
+    with pytest.raises(ValueError, match="activation edit"):
+        zero_neurons(model, pinned)

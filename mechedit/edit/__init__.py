@@ -1,4 +1,4 @@
-"""Edits: temporary activation edits (hooks) and, later, permanent weight edits."""
+"""Edits: temporary activation edits (hooks) and permanent, revertible weight edits."""
 
 from mechedit.edit.activation import MODES, ActivationEdit, ablate, mean_activations
 from mechedit.edit.weights import (

@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from mechedit.circuit import Circuit
 from mechedit.hf import architecture, hf_parameters, neuron_layout
 from mechedit.provenance import Provenance, weights_hash
 
@@ -332,9 +333,11 @@ class WeightEdit:
 
 def zero_neurons(
     model: torch.nn.Module,
-    neurons: Iterable[Sequence[int]] | Int[Tensor, "n 2"],
+    neurons: Iterable[Sequence[int]] | Int[Tensor, "n 2"] | Circuit,
 ) -> WeightEdit:
     """An edit zeroing MLP neurons ``[(layer, j), ...]`` in the weights (kind ``"zero_neurons"``).
+
+    ``neurons`` may also be a ``Circuit`` of ``neuron`` components without pinned positions.
 
     For each neuron it zeroes every slice ``mechedit.hf.NEURON_LAYOUTS`` lists for the model's
     architecture. For GPT-2 (``Conv1D``, weights ``[in, out]``): column ``j`` of
@@ -378,8 +381,17 @@ def zero_neurons(
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def _neuron_pairs(neurons: Iterable[Sequence[int]] | Tensor) -> Tensor:
-    """Sorted unique ``[n, 2]`` long tensor of (layer, index) from pairs or a tensor."""
+def _neuron_pairs(neurons: Iterable[Sequence[int]] | Tensor | Circuit) -> Tensor:
+    """Sorted unique ``[n, 2]`` long tensor of (layer, index) from pairs, a tensor or a circuit."""
+    if isinstance(neurons, Circuit):
+        others = [c for c in neurons if c.site != "neuron" or c.pos is not None]
+        if others:
+            raise ValueError(
+                "a weight edit zeroes whole neurons at every position; the circuit also holds "
+                f"{others[:3]} (other sites or pinned positions): use an activation edit "
+                "(mechedit.edit.ablate) for those"
+            )
+        neurons = [(c.layer, c.neuron) for c in neurons]
     try:
         pairs = torch.as_tensor(neurons if isinstance(neurons, Tensor) else list(neurons))
     except (TypeError, ValueError) as err:

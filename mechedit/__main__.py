@@ -1,0 +1,7 @@
+"""``python -m mechedit ...``: see ``mechedit.cli``."""
+
+import sys
+
+from mechedit.cli import main
+
+sys.exit(main())

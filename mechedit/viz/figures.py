@@ -1,0 +1,114 @@
+"""Plotly figures from ``Scores`` and evaluation tables.
+
+Every function takes results (never a model) and returns a ``plotly.graph_objects.Figure``, which
+is interactive in a notebook and goes into an HTML report with ``mechedit.viz.write_report``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from mechedit.scores import Scores
+
+
+def _axis_ticks(scores: Scores, axis: str) -> list[str]:
+    size = scores.values.shape[scores.axes.index(axis)]
+    labels = scores.labels.get(axis)
+    if labels is None:
+        return [str(i) for i in range(size)]
+    # tokens repeat ("the", ","): prefix the index so every tick is distinct and readable
+    return [f"{i}: {name}" for i, name in enumerate(labels)]
+
+
+def heatmap(
+    scores: Scores,
+    *,
+    y: str | None = None,
+    x: str | None = None,
+    reduce: str = "mean",
+    title: str | None = None,
+    colorscale: str = "RdBu",
+    zmid: float | None = 0.0,
+    height: int | None = None,
+) -> go.Figure:
+    """A heatmap of two axes of ``scores`` (others reduced by ``reduce``).
+
+    Defaults: ``y`` is ``"layer"`` when present, ``x`` the first other axis, so
+    ``("layer", "neuron")`` scores give layer x neuron, ``("layer", "pos")`` layer x position with
+    token labels, ``("layer", "head")`` layer x head. Hovering a cell shows both coordinates (with
+    the token for positions) and the value. The colour scale is centred on ``zmid`` (0 by default,
+    since scores are signed effects); pass ``zmid=None`` for unsigned scores.
+    """
+    if scores.values.ndim < 2:
+        raise ValueError(f"a heatmap needs two axes; these scores have {scores.axes}")
+    y = y or ("layer" if "layer" in scores.axes else scores.axes[0])
+    x = x or next(a for a in scores.axes if a != y)
+    for axis in (x, y):
+        if axis not in scores.axes:
+            raise ValueError(f"no axis {axis!r}; axes are {scores.axes}")
+    if x == y:
+        raise ValueError("x and y must be different axes")
+    reduced = scores
+    for axis in [a for a in scores.axes if a not in (x, y)]:
+        reduced = reduced.reduce(axis, op=reduce)
+    values = reduced.values.float()
+    if reduced.axes.index(y) > reduced.axes.index(x):
+        values = values.T
+    xt, yt = _axis_ticks(reduced, x), _axis_ticks(reduced, y)
+    fig = go.Figure(
+        go.Heatmap(
+            z=values.cpu().numpy(),
+            x=xt,
+            y=yt,
+            colorscale=colorscale,
+            zmid=zmid,
+            hovertemplate=f"{y} %{{y}}<br>{x} %{{x}}<br>score %{{z:.4g}}<extra></extra>",
+            colorbar={"title": {"text": "score"}},
+        )
+    )
+    fig.update_layout(
+        title=title or f"{scores.method}: {scores.site} scores ({y} x {x})",
+        xaxis_title=x,
+        yaxis_title=y,
+        yaxis={"autorange": "reversed"} if y == "layer" else {},
+        height=height or max(300, 40 * len(yt) + 150),
+        margin={"l": 60, "r": 20, "t": 60, "b": 60},
+    )
+    return fig
+
+
+def before_after(
+    table: pd.DataFrame,
+    *,
+    metric_col: str = "metric",
+    before_col: str = "before",
+    after_col: str = "after",
+    group_cols: Sequence[str] = ("suite",),
+    title: str = "Before and after the edit",
+) -> go.Figure:
+    """Grouped bars of each metric before and after an edit, from an evaluation DataFrame.
+
+    Rows are labelled ``"<group> / <metric>"``; hover shows the exact values and the change.
+    Quantities on very different scales (a perplexity next to probabilities) read better as
+    separate figures: filter the table first.
+    """
+    missing = [c for c in (metric_col, before_col, after_col, *group_cols) if c not in table.columns]
+    if missing:
+        raise ValueError(f"table lacks columns {missing}; it has {list(table.columns)}")
+    names = [" / ".join(str(row[c]) for c in (*group_cols, metric_col)) for _, row in table.iterrows()]
+    delta = (table[after_col] - table[before_col]).tolist()
+    fig = go.Figure()
+    for col, colour in ((before_col, "#4c78a8"), (after_col, "#e45756")):
+        fig.add_bar(
+            name=col,
+            x=names,
+            y=table[col].tolist(),
+            marker_color=colour,
+            customdata=delta,
+            hovertemplate="%{x}<br>" + col + " %{y:.4g}<br>change %{customdata:+.4g}<extra></extra>",
+        )
+    fig.update_layout(barmode="group", title=title, yaxis_title="value", margin={"t": 60, "b": 120})
+    return fig
