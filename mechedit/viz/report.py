@@ -10,12 +10,11 @@ import html
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Union
 
 import pandas as pd
 import plotly.graph_objects as go
 
-Block = Union[go.Figure, pd.DataFrame, str]
+Block = go.Figure | pd.DataFrame | str
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2em auto; max-width: 1200px;
