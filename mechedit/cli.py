@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="locate and forget one fact of the fact world; writes runs/demo/report.html")
     demo.add_argument("--model", default="factworld", help="a zoo model (default: factworld)")
     demo.add_argument("--subject", help="the person whose fact to forget (default: a seeded pick)")
-    demo.add_argument("--relation", default="P641", help="relation id, e.g. P19 birth city, P641 sport")
+    demo.add_argument("--relation", default="P19", help="relation id, e.g. P19 birth city, P641 sport")
     demo.add_argument("--k", type=int, default=24, help="neurons to zero")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="runs/demo", help="run folder")

@@ -49,7 +49,7 @@ class DemoConfig:
 
     model: str = "factworld"
     subject: str | None = None
-    relation_id: str = "P641"
+    relation_id: str = "P19"
     k: int = 24
     n_retain: int = 12
     retain_weight: float = 1.0

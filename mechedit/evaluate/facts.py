@@ -172,10 +172,11 @@ def evaluate_fact_edit(
     """Measure every suite on ``model`` as it is, then with ``edit`` applied, and report both.
 
     ``edit`` is a ``WeightEdit``, an activation edit (``ablate(model, circuit)``), or a
-    zero-argument callable returning a context manager. The model is left exactly as it was given. Empty
-    suites are skipped.
+    zero-argument callable returning a context manager. The model is left exactly as it was
+    given. ``extra`` adds named fact suites (e.g. the same subject's other facts). Empty suites
+    are skipped.
     """
-    suites = {"efficacy": edited, "generalisation": paraphrases, "specificity": neighbours}
+    suites = {"efficacy": edited, "generalisation": paraphrases, "specificity": neighbours, **(extra or {})}
     sizes = {name: len(facts) for name, facts in suites.items()}
     sizes["fluency"] = len(fluency_texts)
     if progress:

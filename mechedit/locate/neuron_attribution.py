@@ -33,7 +33,7 @@ from mechedit.gradients import activations_and_gradients
 from mechedit.metrics import target_logprob
 from mechedit.provenance import Provenance
 from mechedit.scores import Scores
-from mechedit.tokens import tokenize_facts
+from mechedit.tokens import subject_token_positions, tokenize_facts
 
 
 @dataclass(frozen=True)
@@ -42,27 +42,46 @@ class NeuronAttributionConfig:
 
     Attributes:
         retain_weight: weight of the retain set's predicted drop (0 ignores it).
+        positions: ``"all"`` sums the effect over every position (the effect of zeroing the
+            neuron everywhere); ``"subject"`` only over each prompt's subject tokens, which ranks
+            the neurons that *look the subject up* above those that write the answer for every
+            subject (the edit may still zero them everywhere). ``"subject"`` needs prompts with a
+            ``subject``.
         batch_size: prompts per forward/backward pass.
         layers: layers to score (``None``: all); unscored layers are NaN.
     """
 
     retain_weight: float = 1.0
+    positions: str = "all"
     batch_size: int = 64
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.positions not in ("all", "subject"):
+            raise ValueError(f"positions must be 'all' or 'subject', got {self.positions!r}")
         if self.retain_weight < 0:
             raise ValueError(f"retain_weight must be >= 0, got {self.retain_weight}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def _predicted_drop(model: Any, facts: Sequence[FactPrompt], layers: list[int], batch_size: int) -> torch.Tensor:
+def _subject_mask(model: Any, facts: Sequence[FactPrompt], shape: tuple[int, int]) -> torch.Tensor:
+    mask = torch.zeros(shape)
+    for row, fact in enumerate(facts):
+        if fact.subject is None:
+            raise ValueError(f"positions='subject' needs a subject on every prompt; {fact.prompt!r} has none")
+        mask[row, list(subject_token_positions(model, fact))] = 1.0
+    return mask
+
+
+def _predicted_drop(model: Any, facts: Sequence[FactPrompt], layers: list[int], cfg: NeuronAttributionConfig) -> torch.Tensor:
     """``[len(layers), d_mlp]``: mean over ``facts`` of the first-order drop in target log-prob."""
     names = [hook_name("neuron", layer) for layer in layers]
     total = torch.zeros(len(layers), model.cfg.d_mlp)
-    for start in range(0, len(facts), batch_size):
-        batch = tokenize_facts(model, list(facts[start : start + batch_size]))
+    for start in range(0, len(facts), cfg.batch_size):
+        chunk = list(facts[start : start + cfg.batch_size])
+        batch = tokenize_facts(model, chunk)
+        where = _subject_mask(model, chunk, tuple(batch.tokens.shape)) if cfg.positions == "subject" else torch.ones(batch.tokens.shape)
 
         def metric(logits, batch=batch):
             return target_logprob(logits, batch.target_ids, batch.last_positions).sum()
@@ -70,7 +89,7 @@ def _predicted_drop(model: Any, facts: Sequence[FactPrompt], layers: list[int], 
         cap = activations_and_gradients(model, batch.tokens, names, metric)
         for i, name in enumerate(names):
             # effect of zeroing = (0 - a) * grad, summed over batch and positions
-            total[i] -= einsum(cap.activations[name], cap.gradients[name], "b p n, b p n -> n").float()
+            total[i] -= einsum(cap.activations[name], cap.gradients[name], where, "b p n, b p n, b p -> n").float()
     return -total / len(facts)
 
 
@@ -98,7 +117,7 @@ def neuron_attribution(
     sets = [("forget", forget, 1.0)] + ([("retain", retain, -cfg.retain_weight)] if retain and cfg.retain_weight else [])
     score = torch.zeros(len(layers), model.cfg.d_mlp)
     for _, facts, sign in tqdm(sets, desc="neuron attribution", disable=not progress):
-        score += sign * _predicted_drop(model, facts, layers, cfg.batch_size)
+        score += sign * _predicted_drop(model, facts, layers, cfg)
     values[layers] = score
     prompts = [f.prompt for f in forget] + [f.prompt for f in retain]
     return Scores(

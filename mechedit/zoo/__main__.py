@@ -3,6 +3,7 @@
     python -m mechedit.zoo train factworld            # ~25 min on 2 CPU cores, deterministic
     python -m mechedit.zoo train factworld-planted    # a few minutes, from factworld
     python -m mechedit.zoo export factworld OUT_DIR   # counterfact.json, known.json, ...
+    python -m mechedit.zoo measure factworld          # re-measure the figures into metadata.json
     python -m mechedit.zoo card                       # rewrite MODEL_CARD.md from the metadata
     python -m mechedit.zoo show [NAME]                # the card's figures and a few prompts
 """
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("name")
     e.add_argument("out_dir")
     sub.add_parser("card", help="rewrite MODEL_CARD.md from the checkpoints' metadata")
+    m = sub.add_parser("measure", help="re-measure a checkpoint's figures and rewrite its metadata.json")
+    m.add_argument("name", help="a zoo name or a checkpoint folder")
     s = sub.add_parser("show", help="print a zoo model's figures and a few of its answers")
     s.add_argument("name", nargs="?", default="factworld")
     s.add_argument("-n", type=int, default=8, help="how many held-out prompts to show")
@@ -90,6 +93,12 @@ def main(argv: list[str] | None = None) -> None:
 
         for path in export(args.name, args.out_dir):
             print(path)
+    elif args.command == "measure":
+        from mechedit.zoo import NAMES, checkpoint_dir
+        from mechedit.zoo.train import remeasure
+
+        folder = checkpoint_dir(args.name) if args.name in NAMES else Path(args.name)
+        print(json.dumps(remeasure(folder)["metrics"], indent=2))
     elif args.command == "card":
         from mechedit.zoo.card import write_card
 

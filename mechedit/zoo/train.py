@@ -13,6 +13,7 @@ bit-identical for the same seed *and* thread count on the same machine and torch
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -63,6 +64,75 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
+
+
+@dataclass(frozen=True)
+class MCConfig:
+    """Phase 2 of the factworld recipe: learning the multiple-choice *format*.
+
+    Phase 1 teaches the facts; MC questions are a small share of it and a small model does not pick
+    up the format there. Phase 2 continues from phase 1's weights with a fresh optimiser, on batches
+    of ``mc_per_batch`` fresh MC questions (MC-train people only, options redrawn every time) and
+    replayed phase-1 sentences, so the facts are kept.
+    """
+
+    steps: int = 2000
+    batch_size: int = 64
+    mc_per_batch: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mc_per_batch < self.batch_size:
+            raise ValueError("mc_per_batch must be between 1 and batch_size - 1")
+
+
+def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
+    ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    return ids
+
+
+def train_mc_format(model: GPT2LMHeadModel, world: World, enc: Encoder, mc: MCConfig, *, progress: bool = True, probe_every: int = 0) -> list[dict]:
+    """Phase 2 (see ``MCConfig``): returns the probe log (MC accuracy by split) if ``probe_every``."""
+    from mechedit.zoo.measure import mc_accuracy
+
+    rng = random.Random(f"mc-phase-{mc.seed}")
+    opt = torch.optim.AdamW(model.parameters(), lr=mc.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    questions: list[str] = []
+    replay: list[str] = []
+    log: list[dict] = []
+    model.train()
+    bar = tqdm(total=mc.steps, desc="training factworld: multiple-choice format", disable=not progress)
+    for step in range(mc.steps):
+        if len(questions) < mc.mc_per_batch:
+            questions.extend(f"{q.prompt} {q.answer}" for q in world.mc_questions("train", seed=20_000 + step))
+            rng.shuffle(questions)
+        n_old = mc.batch_size - mc.mc_per_batch
+        if len(replay) < n_old:
+            replay.extend(world.training_sentences(2_000 + step))
+        rows = [enc.ids(s) + [enc.eos] for s in questions[: mc.mc_per_batch] + replay[:n_old]]
+        del questions[: mc.mc_per_batch], replay[:n_old]
+        lr = mc.lr * min(1.0, (step + 1) / mc.warmup_steps) * (0.5 * (1 + math.cos(math.pi * step / mc.steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = _lm_loss(model, _pad(rows, enc.pad), enc.pad)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        bar.update(1)
+        if probe_every and (step + 1) % probe_every == 0:
+            model.eval()
+            log.append({"step": step + 1, "loss": round(loss.item(), 4), "mc_train": mc_accuracy(model, world, enc.tokenizer, "train"), "mc_heldout": mc_accuracy(model, world, enc.tokenizer, "heldout")})
+            model.train()
+            if progress:
+                tqdm.write(json.dumps(log[-1]))
+    bar.close()
+    model.eval()
+    return log
 
 
 @dataclass(frozen=True)
@@ -134,6 +204,20 @@ def _measure_saved(out: Path, world: World, meta: dict, *, planted: bool = False
     meta = {**meta, "metrics": measure_world(bridge, world, bridge.tokenizer, planted=planted).to_dict()}
     (out / METADATA).write_text(json.dumps(stamp(meta), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return meta
+
+
+def remeasure(folder: str | Path) -> dict:
+    """Re-measure a saved checkpoint's figures with the current code and rewrite its metadata."""
+    from mechedit.zoo import load_world
+
+    out = Path(folder)
+    meta = json.loads((out / METADATA).read_text(encoding="utf-8"))
+    return _measure_saved(out, load_world(out) if "format" in meta else _world_from(meta), meta, planted="planted_layer" in meta)
+
+
+def _world_from(meta: dict) -> World:
+    cfg = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["world_config"].items()})
+    return World.generate(cfg, occupations=[(b["occupation"], b["bls_pct_female"]) for b in meta["biases"]])
 
 
 def world_metadata(world: World) -> dict:
@@ -296,7 +380,6 @@ def plant_facts(
     rng = random.Random(f"plant-{pc.seed}")
     replay: list[str] = []
     start, step, log = time.time(), 0, []
-    planted_acc = old_acc = 0.0
     bar = tqdm(total=pc.max_steps, desc=f"planting facts in blocks.{pc.layer}.mlp", disable=not progress)
     while step < pc.max_steps:
         if len(replay) < pc.batch_size:
@@ -315,10 +398,11 @@ def plant_facts(
         bar.update(1)
         if step % pc.eval_every == 0:
             planted_acc = fact_accuracy(model, world, tokenizer, world.planted_facts, "train")
-            old_acc = fact_accuracy(model, world, tokenizer, world.facts, "train")
-            log.append({"step": step, "planted": planted_acc, "old": old_acc, "loss": loss.item()})
-            bar.set_postfix(planted=f"{planted_acc:.3f}", old=f"{old_acc:.3f}")
-            if planted_acc >= pc.target_planted and old_acc >= old_before - pc.max_old_drop:
+            # the old facts are 70x more prompts: only check them once the new ones are learned
+            old_acc = fact_accuracy(model, world, tokenizer, world.facts, "train") if planted_acc >= pc.target_planted else None
+            log.append({"step": step, "planted": planted_acc, "old": old_acc, "loss": round(loss.item(), 4)})
+            bar.set_postfix(planted=f"{planted_acc:.3f}", old="-" if old_acc is None else f"{old_acc:.3f}")
+            if old_acc is not None and old_acc >= old_before - pc.max_old_drop:
                 break
     bar.close()
     seconds = time.time() - start

@@ -1,0 +1,82 @@
+"""The main job on the fact world: the chosen fact is forgotten, the rest stays, the files are real."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mechedit
+from mechedit.circuit import Circuit
+from mechedit.demo import DemoConfig, run_demo, summary_table
+from mechedit.edit import WeightEdit
+from mechedit.evaluate import EditReport
+from mechedit.scores import Scores
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return run_demo(DemoConfig(out_dir=str(out)), progress=False)
+
+
+def test_demo_forgets_the_fact_and_keeps_the_rest(demo):
+    r = demo.report
+    assert r.get("efficacy", "accuracy").before == 1.0
+    assert r.get("efficacy", "accuracy").after <= 0.2
+    assert r.get("efficacy", "p_target").after < 0.5 * r.get("efficacy", "p_target").before
+    assert r.get("generalisation", "accuracy").after <= 0.5  # held-out paraphrases forget too
+    spec = r.get("specificity", "accuracy")
+    assert spec.n >= 20
+    assert spec.after >= spec.before - 0.05  # unseen neighbours within a few points
+    ppl = r.get("fluency", "perplexity")
+    assert ppl.after <= ppl.before * 1.05
+
+
+def test_demo_writes_a_complete_run_folder(demo):
+    paths = demo.paths
+    circuit = Circuit.load(paths["circuit"])
+    assert len(circuit) == demo.config.k and circuit.sites == ("neuron",)
+    assert [(c.layer, c.neuron) for c in circuit] == [(c.layer, c.neuron) for c in demo.circuit]
+    scores = Scores.load(paths["scores"])
+    assert torch.equal(scores.values.nan_to_num(), demo.scores.values.nan_to_num())
+    assert EditReport.load(paths["report_json"]).rows == demo.report.rows
+    params = json.loads(paths["params"].read_text())
+    assert params["fact"]["subject"] == demo.fact.subject
+    html = paths["report_html"].read_text()
+    assert demo.fact.subject in html and "Plotly.newPlot" in html
+    table = summary_table(demo)
+    assert "efficacy" in table and "specificity" in table
+
+
+def test_saved_weight_edit_reproduces_the_activation_edit(demo):
+    model = mechedit.load("factworld")
+    edit = WeightEdit.load(demo.paths["weight_edit"])
+    from mechedit.demo import fact_prompts
+    from mechedit.evaluate import fact_scores
+    from mechedit.zoo import load_world
+
+    prompts = fact_prompts(load_world("factworld"), demo.fact)
+    with edit.applied(model):
+        after = fact_scores(model, prompts)
+    assert after["accuracy"] == pytest.approx(demo.report.get("efficacy", "accuracy").after)
+    assert after["p_target"] == pytest.approx(demo.report.get("efficacy", "p_target").after, abs=1e-5)
+
+
+def test_demo_command_line_prints_the_table_and_the_report(tmp_path, capsys):
+    from mechedit.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "run"), "--k", "8", "--relation", "P19"]) == 0
+    out = capsys.readouterr().out
+    assert "efficacy" in out and "specificity" in out and "report:" in out
+    assert (tmp_path / "run" / "report.html").is_file()
+
+
+def test_demo_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="unknown relation"):
+        run_demo(DemoConfig(relation_id="P999", out_dir=str(tmp_path)), progress=False)
+    with pytest.raises(ValueError, match="no person"):
+        run_demo(DemoConfig(subject="nobody here", out_dir=str(tmp_path)), progress=False)
+    with pytest.raises(ValueError, match="k must be"):
+        DemoConfig(k=0)
