@@ -27,7 +27,6 @@ class Encoder:
     """Word-level encoding with BOS, right padding, and each row's real length."""
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
         self.vocab = tokenizer.get_vocab()
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id

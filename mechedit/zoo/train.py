@@ -13,7 +13,6 @@ bit-identical for the same seed *and* thread count on the same machine and torch
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -66,73 +65,12 @@ class TrainConfig:
             raise ValueError("epochs, batch_size and lr must be positive")
 
 
-@dataclass(frozen=True)
-class MCConfig:
-    """Phase 2 of the factworld recipe: learning the multiple-choice *format*.
-
-    Phase 1 teaches the facts; MC questions are a small share of it and a small model does not pick
-    up the format there. Phase 2 continues from phase 1's weights with a fresh optimiser, on batches
-    of ``mc_per_batch`` fresh MC questions (MC-train people only, options redrawn every time) and
-    replayed phase-1 sentences, so the facts are kept.
-    """
-
-    steps: int = 2000
-    batch_size: int = 64
-    mc_per_batch: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.mc_per_batch < self.batch_size:
-            raise ValueError("mc_per_batch must be between 1 and batch_size - 1")
-
-
 def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
+    """Right-padded ``[len(rows), longest]`` ids."""
     ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
     return ids
-
-
-def train_mc_format(model: GPT2LMHeadModel, world: World, enc: Encoder, mc: MCConfig, *, progress: bool = True, probe_every: int = 0) -> list[dict]:
-    """Phase 2 (see ``MCConfig``): returns the probe log (MC accuracy by split) if ``probe_every``."""
-    from mechedit.zoo.measure import mc_accuracy
-
-    rng = random.Random(f"mc-phase-{mc.seed}")
-    opt = torch.optim.AdamW(model.parameters(), lr=mc.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    questions: list[str] = []
-    replay: list[str] = []
-    log: list[dict] = []
-    model.train()
-    bar = tqdm(total=mc.steps, desc="training factworld: multiple-choice format", disable=not progress)
-    for step in range(mc.steps):
-        if len(questions) < mc.mc_per_batch:
-            questions.extend(f"{q.prompt} {q.answer}" for q in world.mc_questions("train", seed=20_000 + step))
-            rng.shuffle(questions)
-        n_old = mc.batch_size - mc.mc_per_batch
-        if len(replay) < n_old:
-            replay.extend(world.training_sentences(2_000 + step))
-        rows = [enc.ids(s) + [enc.eos] for s in questions[: mc.mc_per_batch] + replay[:n_old]]
-        del questions[: mc.mc_per_batch], replay[:n_old]
-        lr = mc.lr * min(1.0, (step + 1) / mc.warmup_steps) * (0.5 * (1 + math.cos(math.pi * step / mc.steps)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss = _lm_loss(model, _pad(rows, enc.pad), enc.pad)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.update(1)
-        if probe_every and (step + 1) % probe_every == 0:
-            model.eval()
-            log.append({"step": step + 1, "loss": round(loss.item(), 4), "mc_train": mc_accuracy(model, world, enc.tokenizer, "train"), "mc_heldout": mc_accuracy(model, world, enc.tokenizer, "heldout")})
-            model.train()
-            if progress:
-                tqdm.write(json.dumps(log[-1]))
-    bar.close()
-    model.eval()
-    return log
 
 
 @dataclass(frozen=True)
@@ -173,12 +111,7 @@ def _batches(enc: Encoder, sentences: list[str], batch_size: int, rng: random.Ra
     batches = []
     for start in range(0, len(rows), window):
         chunk = sorted(rows[start : start + window], key=len)
-        for b in range(0, len(chunk), batch_size):
-            part = chunk[b : b + batch_size]
-            ids = torch.full((len(part), max(map(len, part))), enc.pad, dtype=torch.long)
-            for i, r in enumerate(part):
-                ids[i, : len(r)] = torch.tensor(r)
-            batches.append(ids)
+        batches.extend(_pad(chunk[b : b + batch_size], enc.pad) for b in range(0, len(chunk), batch_size))
     rng.shuffle(batches)
     return batches
 
@@ -387,10 +320,7 @@ def plant_facts(
         n_old = pc.batch_size - pc.planted_per_batch
         rows = rng.sample(planted_rows, pc.planted_per_batch) + [enc.ids(s) + [enc.eos] for s in replay[:n_old]]
         del replay[:n_old]
-        ids = torch.full((len(rows), max(map(len, rows))), enc.pad, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-        loss = _lm_loss(model, ids, enc.pad)  # eval mode: dropout is 0 anyway, and no state changes
+        loss = _lm_loss(model, _pad(rows, enc.pad), enc.pad)  # eval mode: dropout is 0 anyway
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
