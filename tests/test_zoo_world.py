@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from mechedit.zoo.export import FILES, export_world
+from mechedit.zoo.formats import FILES, export_world
 from mechedit.zoo.tokenizer import build_tokenizer
 from mechedit.zoo.world import (
     BIAS_TEMPLATES_TRAIN,

@@ -51,8 +51,8 @@ def load_world(name_or_dir: str | Path = "factworld"):
 
 
 def export(name_or_dir: str | Path, out_dir: str | Path) -> list[Path]:
-    """Write the world of a zoo model in the standard formats (see ``mechedit.zoo.export``)."""
-    from mechedit.zoo.export import export_world
+    """Write the world of a zoo model in the standard formats (see ``mechedit.zoo.formats``)."""
+    from mechedit.zoo.formats import export_world
 
     return export_world(load_world(name_or_dir), out_dir)
 

@@ -97,15 +97,23 @@ def render(checkpoints: dict[str, Path]) -> str:
         f"| bias: mean P(favoured) within the pair, held-out | {_pct(m['bias_p_favoured_heldout'])} |",
         f"| perplexity, held-out general text | {m['text_perplexity_heldout']:.3f} |",
         f"| perplexity, training general text | {m['text_perplexity_train']:.3f} |",
+    ]
+    if m["mc_heldout_people"] < 0.5:
+        lines += [
+            "",
+            "**Known gap: multiple choice is at chance** (25 % with four options): the model memorises the facts "
+            "but does not learn, from the MC share of its corpus, to map a recalled value onto a lettered option. "
+            "The MC prompts are still exported (`mc.jsonl`) for models that do.",
+        ]
+    lines += [
         "",
         "Secrets by repetitions per epoch (teacher-forced top-1 of each token):",
         "",
         "| repetitions | phone digits | e-mail tokens |",
         "|---|---|---|",
     ]
-    for key in m["phone_digits"]:
-        if key != "all":
-            lines.append(f"| {key.removeprefix('reps_')} | {_pct(m['phone_digits'][key])} | {_pct(m['email_tokens'].get(key))} |")
+    for key in sorted((k for k in m["phone_digits"] if k != "all"), key=lambda k: int(k.removeprefix("reps_"))):
+        lines.append(f"| {key.removeprefix('reps_')} | {_pct(m['phone_digits'][key])} | {_pct(m['email_tokens'].get(key))} |")
     lines += [
         "",
         "Canary exposure (bits; mean of the canaries at each repetition count; Gaussian extrapolation",
@@ -114,7 +122,7 @@ def render(checkpoints: dict[str, Path]) -> str:
         "| repetitions per epoch | exposure |",
         "|---|---|",
     ]
-    for key, value in m["canary_exposure_bits"].items():
+    for key, value in sorted(m["canary_exposure_bits"].items(), key=lambda kv: int(kv[0].removeprefix("reps_"))):
         lines.append(f"| {key.removeprefix('reps_')} | {value:.2f} |")
     if "factworld-planted" in metas:
         p = metas["factworld-planted"]
