@@ -1,6 +1,7 @@
 """The ``mechedit`` command line: thin commands over the library's functions.
 
-    mechedit demo [--subject NAME] [--relation P641] [--k 24] [--out runs/demo]
+    mechedit demo [--subject NAME] [--relation P19] [--k 24] [--out runs/demo]
+    mechedit circuits [--out circuits]
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _circuits(args: argparse.Namespace) -> int:
+    from mechedit.library import write_library
+
+    for path in write_library(args.out):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mechedit", description="Locate and edit facts in transformer language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--k", type=int, default=24, help="neurons to zero")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="runs/demo", help="run folder")
+    circuits = sub.add_parser("circuits", help="rebuild the circuits/ library for the shipped models")
+    circuits.add_argument("--out", default="circuits", help="folder to write (default: circuits)")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return _demo(args)
-    return 2
+    return {"demo": _demo, "circuits": _circuits}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -96,5 +96,14 @@ def load(
             "`huggingface-cli download gpt2 --local-dir ./gpt2`) and pass that directory, "
             "or use a zoo name: " + ", ".join(zoo.NAMES) + f". (Underlying error: {err})"
         ) from None
+    if os.fspath(name_or_dir) in zoo_names():
+        # record the portable zoo name, not this machine's path, in provenance and circuit files
+        bridge.cfg.model_name = os.fspath(name_or_dir)
     bridge.eval()
     return bridge
+
+
+def zoo_names() -> tuple[str, ...]:
+    from mechedit import zoo
+
+    return zoo.NAMES

@@ -174,3 +174,12 @@ def test_bad_world_configs_are_rejected():
         WorldConfig(n_private=0)
     with pytest.raises(ValueError, match="name combinations"):
         WorldConfig(n_people=10_000)
+
+
+def test_zoo_command_exports_the_shipped_world(tmp_path, capsys):
+    from mechedit.zoo.__main__ import main
+
+    main(["export", "factworld", str(tmp_path)])
+    printed = capsys.readouterr().out.split()
+    assert [p.rsplit("/", 1)[-1] for p in printed] == list(FILES)
+    assert json.loads((tmp_path / "known.json").read_text())[0]["relation_id"] == "P19"
