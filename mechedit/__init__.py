@@ -1,12 +1,27 @@
 """mechedit: find where a transformer keeps a fact, a private record or a bias, and edit it there.
 
-The pipeline is load -> locate -> select -> edit -> evaluate -> visualise. This top level exposes
-the loading entry point; each stage lives in its own subpackage (``locate``, ``edit``,
+The pipeline is load -> locate -> select -> edit -> evaluate -> visualise. The top level holds
+the shared core's main names; each stage lives in its own subpackage (``locate``, ``edit``,
 ``evaluate``, ``viz``) and the embedded default model, the fact world, in ``zoo``.
 """
 
+from mechedit.circuit import Circuit
+from mechedit.components import Component
+from mechedit.data import FactPrompt, PromptPair, load_counterfact, load_known
 from mechedit.models import ModelNotFoundError, load
+from mechedit.scores import Scores
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelNotFoundError", "__version__", "load"]
+__all__ = [
+    "Circuit",
+    "Component",
+    "FactPrompt",
+    "ModelNotFoundError",
+    "PromptPair",
+    "Scores",
+    "__version__",
+    "load",
+    "load_counterfact",
+    "load_known",
+]
