@@ -170,6 +170,10 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(dumps_readable(data) + "\n")
+        # mkstemp makes the file owner-only; give it the permissions an ordinary write would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
