@@ -44,7 +44,7 @@ def write_demo_report(result: Any, path: str | Path, *, world: Any) -> Path:
             "Where: MLP neuron scores (layer x neuron)",
             [
                 "Gradient x activation: the predicted drop in the fact's log-probability when a neuron is zeroed, "
-                "minus the same for neighbours that share the value (nats). Red: removing the neuron hurts this fact "
+                "minus the same for neighbours that share the value (nats). Blue (positive): removing the neuron hurts this fact "
                 "more than its neighbours.",
                 heatmap(scores, title="neuron attribution (layer x neuron)", height=420),
                 layer_table,
