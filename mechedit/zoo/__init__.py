@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mechedit.zoo.metadata import read_metadata
+from mechedit.zoo.metadata import read_metadata, world_from_metadata
 from mechedit.zoo.random_model import random_gpt2_checkpoint
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
@@ -42,12 +42,7 @@ def metadata(name_or_dir: str | Path) -> dict:
 
 def load_world(name_or_dir: str | Path = "factworld"):
     """Rebuild the ``World`` a zoo checkpoint was trained on, from its recorded configuration."""
-    from mechedit.zoo.world import World, WorldConfig
-
-    meta = metadata(name_or_dir)
-    cfg = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["world_config"].items()})
-    occupations = [(b["occupation"], float(b["bls_pct_female"])) for b in meta["biases"]]
-    return World.generate(cfg, occupations=occupations)
+    return world_from_metadata(metadata(name_or_dir))
 
 
 def export(name_or_dir: str | Path, out_dir: str | Path) -> list[Path]:

@@ -7,6 +7,7 @@ of mechedit relies on, so a damaged or foreign file is a clear error, not a KeyE
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 FILENAME = "metadata.json"
@@ -51,3 +52,24 @@ def read_metadata(folder: str | Path) -> dict:
         if not isinstance(b, dict) or not {"occupation", "bls_pct_female", "p_more", "pronoun_more"} <= b.keys():
             raise MetadataError(f"{path}: biases[{i}] lacks occupation/bls_pct_female/p_more/pronoun_more")
     return meta
+
+
+def world_metadata(world) -> dict:
+    """What a checkpoint records about its world: config, relations, planted facts, biases."""
+    return {
+        "world_config": asdict(world.config),
+        "relations": [
+            {"id": r.id, "name": r.name, "values": list(r.values), "templates": list(r.templates), "heldout": list(r.heldout)}
+            for r in world.relations
+        ],
+        "planted_facts": [asdict(f) for f in world.planted_facts],
+        "biases": [asdict(b) for b in world.biases],
+    }
+
+
+def world_from_metadata(meta: dict):
+    """Rebuild the ``World`` recorded by ``world_metadata`` (its config and its occupations)."""
+    from mechedit.zoo.world import World, WorldConfig
+
+    cfg = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["world_config"].items()})
+    return World.generate(cfg, occupations=[(b["occupation"], float(b["bls_pct_female"])) for b in meta["biases"]])

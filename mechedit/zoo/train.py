@@ -25,7 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from mechedit.zoo.measure import Encoder, fact_accuracy, measure_world
 from mechedit.zoo.metadata import FILENAME as METADATA
-from mechedit.zoo.metadata import read_metadata, stamp
+from mechedit.zoo.metadata import read_metadata, stamp, world_from_metadata, world_metadata
 from mechedit.zoo.tokenizer import build_tokenizer, save_tokenizer
 from mechedit.zoo.world import World, WorldConfig
 
@@ -141,29 +141,9 @@ def _measure_saved(out: Path, world: World, meta: dict, *, planted: bool = False
 
 def remeasure(folder: str | Path) -> dict:
     """Re-measure a saved checkpoint's figures with the current code and rewrite its metadata."""
-    from mechedit.zoo import load_world
-
     out = Path(folder)
-    meta = json.loads((out / METADATA).read_text(encoding="utf-8"))
-    return _measure_saved(out, load_world(out) if "format" in meta else _world_from(meta), meta, planted="planted_layer" in meta)
-
-
-def _world_from(meta: dict) -> World:
-    cfg = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["world_config"].items()})
-    return World.generate(cfg, occupations=[(b["occupation"], b["bls_pct_female"]) for b in meta["biases"]])
-
-
-def world_metadata(world: World) -> dict:
-    """What a checkpoint records about its world: config, relations, planted people, biases."""
-    return {
-        "world_config": asdict(world.config),
-        "relations": [
-            {"id": r.id, "name": r.name, "values": list(r.values), "templates": list(r.templates), "heldout": list(r.heldout)}
-            for r in world.relations
-        ],
-        "planted_facts": [asdict(f) for f in world.planted_facts],
-        "biases": [asdict(b) for b in world.biases],
-    }
+    meta = read_metadata(out)
+    return _measure_saved(out, world_from_metadata(meta), meta, planted="planted_layer" in meta)
 
 
 def train_factworld(
@@ -291,9 +271,7 @@ def plant_facts(
     pc = config or PlantConfig()
     base = Path(base_dir)
     base_meta = read_metadata(base)
-    world_cfg = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in base_meta["world_config"].items()})
-    occupations = [(b["occupation"], b["bls_pct_female"]) for b in base_meta["biases"]]
-    world = World.generate(world_cfg, occupations=occupations)
+    world = world_from_metadata(base_meta)
     _deterministic(pc.seed, pc.threads)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(base))
     enc = Encoder(tokenizer)
