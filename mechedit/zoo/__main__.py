@@ -1,6 +1,6 @@
 """``python -m mechedit.zoo``: train, export and describe the fact-world checkpoints.
 
-    python -m mechedit.zoo train factworld            # ~25 min on 2 CPU cores, deterministic
+    python -m mechedit.zoo train factworld            # ~21 min on 2 CPU cores, deterministic
     python -m mechedit.zoo train factworld-planted    # a few minutes, from factworld
     python -m mechedit.zoo export factworld OUT_DIR   # counterfact.json, known.json, ...
     python -m mechedit.zoo measure factworld          # re-measure the figures into metadata.json
