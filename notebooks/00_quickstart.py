@@ -66,7 +66,7 @@ heatmap(scores, title="neuron attribution (layer × neuron)")
 
 # %%
 circuit = scores.top_k(24)
-circuit.save("quickstart_circuit.json")
+circuit.save("runs/quickstart/circuit.json")
 print(circuit.by_site()["neuron"][:5])
 
 # %% [markdown]
@@ -95,9 +95,11 @@ before_after(table[table["metric"] == "accuracy"], title="accuracy before and af
 # and exportable as a plain Hugging Face checkpoint.
 
 # %%
+from pathlib import Path  # noqa: E402
+
 from mechedit.export import export_hf  # noqa: E402
 
 edit = zero_neurons(model, circuit)
-export_hf(model, "quickstart_export", edit=edit, overwrite=True)
-edit.save("quickstart_edit", overwrite=True)
-print(sorted(p.name for p in __import__("pathlib").Path("quickstart_export").iterdir()))
+export_hf(model, "runs/quickstart/hf_checkpoint", edit=edit, overwrite=True)
+edit.save("runs/quickstart/edit", overwrite=True)
+print(sorted(p.name for p in Path("runs/quickstart/hf_checkpoint").iterdir()))
