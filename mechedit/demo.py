@@ -27,7 +27,7 @@ from mechedit import zoo
 from mechedit.circuit import Circuit
 from mechedit.data import FactPrompt
 from mechedit.edit import ablate, zero_neurons
-from mechedit.evaluate import EditReport, evaluate_fact_edit, fact_scores
+from mechedit.evaluate import EditReport, evaluate_fact_edit, fact_item_scores
 from mechedit.locate import NeuronAttributionConfig, neuron_attribution
 from mechedit.scores import Scores
 from mechedit.zoo.world import Fact, World, fill
@@ -95,7 +95,11 @@ def choose_fact(model: Any, world: World, config: DemoConfig) -> Fact:
         if not chosen:
             raise ValueError(f"no person {config.subject!r} in the world; e.g. {facts[0].subject!r}")
         return chosen[0]
-    known = [f for f in facts if fact_scores(model, fact_prompts(world, f) + fact_prompts(world, f, heldout=True))["accuracy"] == 1.0]
+    # every fact in every template, scored in one batched pass: [n_facts, n_templates]
+    per_fact = len(rel.templates)
+    prompts = [p for f in facts for p in fact_prompts(world, f) + fact_prompts(world, f, heldout=True)]
+    correct = fact_item_scores(model, prompts)["accuracy"].view(len(facts), per_fact)
+    known = [f for f, ok in zip(facts, correct.bool().all(dim=1).tolist()) if ok]
     if not known:
         raise RuntimeError(f"the model knows no {rel.name} fact in every template; is it trained?")
     return random.Random(config.seed).choice(known)

@@ -80,6 +80,8 @@ def load(
         ModelNotFoundError: the name is not local and the hub cannot provide it; the message says
             how to pass a directory instead.
     """
+    from mechedit import zoo
+
     target = resolve(name_or_dir)
     local = Path(target).is_dir()
     try:
@@ -88,22 +90,16 @@ def load(
         if local:
             raise
         where = "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub could not be reached"
-        from mechedit import zoo
-
         raise ModelNotFoundError(
             f"{target!r} is not a local directory or a mechedit zoo name, and {where}. "
             "Download the checkpoint where you have the network (e.g. "
             "`huggingface-cli download gpt2 --local-dir ./gpt2`) and pass that directory, "
             "or use a zoo name: " + ", ".join(zoo.NAMES) + f". (Underlying error: {err})"
         ) from None
-    if os.fspath(name_or_dir) in zoo_names():
+    from mechedit import zoo
+
+    if os.fspath(name_or_dir) in zoo.NAMES:
         # record the portable zoo name, not this machine's path, in provenance and circuit files
         bridge.cfg.model_name = os.fspath(name_or_dir)
     bridge.eval()
     return bridge
-
-
-def zoo_names() -> tuple[str, ...]:
-    from mechedit import zoo
-
-    return zoo.NAMES

@@ -10,7 +10,7 @@ import torch
 import mechedit
 from mechedit.data import FactPrompt
 from mechedit.edit import ablate, zero_neurons
-from mechedit.evaluate import EditReport, evaluate_fact_edit, fact_scores
+from mechedit.evaluate import EditReport, evaluate_fact_edit, fact_item_scores, fact_scores
 from mechedit.gradients import activations_and_gradients
 from mechedit.locate import NeuronAttributionConfig, neuron_attribution
 from mechedit.metrics import target_logprob
@@ -120,8 +120,14 @@ def test_fact_report_is_the_same_for_weight_and_activation_edits(model, tmp_path
     assert weights_hash(model) == before_hash
     with torch.no_grad():
         assert torch.equal(model(tokenize_facts(model, FACTS).tokens), before_logits)
-    # the before column is the unedited model's own scores
+    # the before column is the unedited model's own scores, and per-item scores are the exact probabilities
     assert by_hook.get("efficacy", "p_target").before == pytest.approx(fact_scores(model, FACTS)["p_target"])
+    items = fact_item_scores(model, FACTS)
+    batch = tokenize_facts(model, FACTS)
+    with torch.no_grad():
+        expected = target_logprob(model(batch.tokens), batch.target_ids, batch.last_positions).exp()
+    assert torch.allclose(items["p_target"], expected)
+    assert items["p_target"].mean().item() == pytest.approx(fact_scores(model, FACTS)["p_target"])
     path = by_hook.save(tmp_path / "report.json")
     again = EditReport.load(path)
     assert again.rows == by_hook.rows

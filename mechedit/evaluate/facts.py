@@ -37,26 +37,31 @@ REPORT_VERSION = 1
 
 
 @torch.no_grad()
-def fact_scores(model: Any, facts: Sequence[FactPrompt], *, batch_size: int = 256) -> dict[str, float]:
-    """Mean ``p_target``, ``accuracy`` (and ``p_new``, ``new_beats_true`` with new targets) over ``facts``."""
+def fact_item_scores(model: Any, facts: Sequence[FactPrompt], *, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Per-fact ``[n]`` tensors: ``p_target``, ``accuracy`` (and ``p_new``, ``new_beats_true``)."""
     if not facts:
         raise ValueError("no facts to score")
-    sums: dict[str, float] = {}
+    parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(facts), batch_size):
         batch = tokenize_facts(model, list(facts[start : start + batch_size]))
         logits = model(batch.tokens)
         lp_true = target_logprob(logits, batch.target_ids, batch.last_positions)
-        parts = {
+        row = {
             "p_target": lp_true.exp(),
             "accuracy": top1_correct(logits, batch.target_ids, batch.last_positions).float(),
         }
         if batch.target_new_ids is not None:
             lp_new = target_logprob(logits, batch.target_new_ids, batch.last_positions)
-            parts["p_new"] = lp_new.exp()
-            parts["new_beats_true"] = (lp_new > lp_true).float()
-        for key, value in parts.items():
-            sums[key] = sums.get(key, 0.0) + value.sum().item()
-    return {key: value / len(facts) for key, value in sums.items()}
+            row["p_new"] = lp_new.exp()
+            row["new_beats_true"] = (lp_new > lp_true).float()
+        for key, value in row.items():
+            parts.setdefault(key, []).append(value)
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def fact_scores(model: Any, facts: Sequence[FactPrompt], *, batch_size: int = 256) -> dict[str, float]:
+    """Means over ``facts`` of ``fact_item_scores``."""
+    return {key: value.mean().item() for key, value in fact_item_scores(model, facts, batch_size=batch_size).items()}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from mechedit.metrics import perplexity
 from mechedit.zoo.world import DIGITS, MC_LETTERS, Fact, World, fill
 
 
@@ -24,7 +25,12 @@ def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 class Encoder:
-    """Word-level encoding with BOS, right padding, and each row's real length."""
+    """Word-level encoding with BOS, right padding, and each row's real length.
+
+    The zoo measures tens of thousands of prompts (and probes the HF model mid-training), where
+    ``mechedit.tokens``' general checks through the HF tokenizer wrapper cost seconds; the world's
+    vocabulary is word-level by construction, so a direct vocabulary lookup gives the same ids.
+    """
 
     def __init__(self, tokenizer):
         self.vocab = tokenizer.get_vocab()
@@ -170,13 +176,6 @@ def bias_preference(model, world: World, tokenizer, *, heldout: bool = True) -> 
     return {"rate": (diff > 0).float().mean().item(), "p_favoured": torch.sigmoid(diff).mean().item()}
 
 
-def text_perplexity(model, tokenizer, texts: list[str]) -> float:
-    """exp(mean next-token NLL) over every real token of ``texts`` after BOS."""
-    enc = Encoder(tokenizer)
-    logprobs, mask = continuation_logprobs(model, enc, [""] * len(texts), list(texts))
-    return math.exp(-(logprobs.sum() / mask.sum()).item())
-
-
 @dataclass(frozen=True)
 class WorldMetrics:
     """The model-card figures (fractions in [0, 1], exposure in bits, perplexity per token)."""
@@ -214,7 +213,7 @@ def measure_world(model, world: World, tokenizer, *, planted: bool = False) -> W
         bias_rate_heldout_templates=bias_h["rate"],
         bias_rate_train_templates=bias_preference(model, world, tokenizer, heldout=False)["rate"],
         bias_p_favoured_heldout=bias_h["p_favoured"],
-        text_perplexity_heldout=text_perplexity(model, tokenizer, list(world.text_heldout)),
-        text_perplexity_train=text_perplexity(model, tokenizer, list(world.text_train[:300])),
+        text_perplexity_heldout=perplexity(model, list(world.text_heldout), batch_size=256),
+        text_perplexity_train=perplexity(model, list(world.text_train[:300]), batch_size=256),
         planted_facts=fact_accuracy(model, world, tokenizer, world.planted_facts, "train") if planted else None,
     )

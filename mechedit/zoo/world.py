@@ -500,9 +500,6 @@ class World:
 
     # -- prompts ------------------------------------------------------------------------------
 
-    def fact_prompt(self, fact: Fact, template: str) -> str:
-        return fill(template, fact.subject)
-
     def mc_question(self, fact: Fact, rng: random.Random, split: str) -> MCQuestion:
         """A four-option question on ``fact`` with distractors and order drawn from ``rng``."""
         rel = self.relation[fact.relation_id]
