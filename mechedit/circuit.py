@@ -28,157 +28,33 @@ saying so.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mechedit import components as comp
+from mechedit.artifacts import (
+    ArtifactError,
+    check_header,
+    check_json_able,
+    check_keys,
+    check_model,
+    check_type,
+    read_json,
+    read_provenance,
+    write_json_atomic,
+)
 from mechedit.components import Component
-from mechedit.provenance import Provenance, weights_hash
+from mechedit.provenance import Provenance
 
 CIRCUIT_FORMAT = "mechedit.circuit"
 CIRCUIT_VERSION = 1
 
 
-class CircuitFormatError(ValueError):
+class CircuitFormatError(ArtifactError):
     """A circuit file or dict that does not follow the circuit format; the message says where."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Versioned JSON documents (shared with mechedit.scores)
-
-
-def check_json_able(value: Any, what: str) -> None:
-    """Raise ``ValueError`` unless ``value`` survives ``json.dumps`` (no NaN, tensors, objects)."""
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"{what} must be JSON-serialisable (plain dicts, lists, str, numbers): {err}"
-        ) from None
-
-
-def read_versioned_json(
-    path: str | os.PathLike, *, fmt: str, version: int, error: type[ValueError]
-) -> dict[str, Any]:
-    """Read a JSON object tagged ``{"format": fmt, "version": version}``; raise ``error`` if not.
-
-    Distinguishes a file that is not JSON (bad syntax, truncated, not UTF-8), a JSON value that is
-    not an object, the wrong format tag, and a version this code cannot read (newer or unknown).
-    ``FileNotFoundError`` is left as is.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise error(f"{path} is not a UTF-8 text file, so not a {fmt} file: {err}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise error(
-            f"{path} is not valid JSON (truncated or corrupted?): {err.msg} at line {err.lineno} "
-            f"column {err.colno}"
-        ) from None
-    if not isinstance(data, dict):
-        raise error(
-            f"{path} holds a JSON {type(data).__name__}, expected an object with format {fmt!r}"
-        )
-    return check_header(data, fmt=fmt, version=version, error=error, where=str(path))
-
-
-def check_header(
-    data: Mapping[str, Any], *, fmt: str, version: int, error: type[ValueError], where: str
-) -> dict[str, Any]:
-    """Check the ``format`` tag and ``version`` of a parsed document; return it as a dict."""
-    found = data.get("format")
-    if found != fmt:
-        raise error(f"{where}: 'format' is {found!r}, expected {fmt!r}")
-    got = data.get("version")
-    if not comp.is_int(got):
-        raise error(f"{where}: 'version' must be an integer, got {got!r}")
-    if got > version:
-        raise error(
-            f"{where}: {fmt} version {got} was written by a newer mechedit; this one reads "
-            f"version {version}. Upgrade mechedit to read it."
-        )
-    if got != version:
-        raise error(f"{where}: unknown {fmt} version {got}; this mechedit reads version {version}")
-    return dict(data)
-
-
-def check_keys(
-    data: Mapping[str, Any],
-    *,
-    required: Iterable[str],
-    optional: Iterable[str] = (),
-    error: type[ValueError],
-    where: str,
-) -> None:
-    """Raise ``error`` listing missing required keys and keys the format does not define."""
-    required, optional = set(required), set(optional)
-    missing = sorted(required - data.keys())
-    unknown = sorted(data.keys() - required - optional)
-    if missing or unknown:
-        parts = ([f"missing {missing}"] if missing else []) + (
-            [f"unknown {unknown}"] if unknown else []
-        )
-        raise error(f"{where}: {'; '.join(parts)} (expected keys: {sorted(required | optional)})")
-
-
-def check_type(
-    value: Any, types: type | tuple[type, ...], *, error: type[ValueError], where: str
-) -> None:
-    """Raise ``error`` unless ``value`` is one of ``types`` (bools are not ints here)."""
-    types = types if isinstance(types, tuple) else (types,)
-    if isinstance(value, bool) and bool not in types:
-        ok = False
-    else:
-        ok = isinstance(value, types)
-    if not ok:
-        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-        raise error(f"{where} must be {names}, got {type(value).__name__} {value!r:.60}")
-
-
-def dumps_readable(value: Any, *, level: int = 0) -> str:
-    """Indented JSON in which a list of plain values stays on one line.
-
-    So a circuit's ``rows`` read one component per line (``[1, 17]``) instead of one number per
-    line, which keeps files of thousands of neurons short and diffable.
-    """
-    pad, inner = "  " * level, "  " * (level + 1)
-    if isinstance(value, dict) and value:
-        items = (
-            f"{inner}{json.dumps(k)}: {dumps_readable(v, level=level + 1)}"
-            for k, v in value.items()
-        )
-        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
-    if isinstance(value, list | tuple) and any(isinstance(v, dict | list | tuple) for v in value):
-        items = (inner + dumps_readable(v, level=level + 1) for v in value)
-        return "[\n" + ",\n".join(items) + f"\n{pad}]"
-    return json.dumps(value, allow_nan=False, ensure_ascii=False)
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as indented JSON via a temporary file and rename, so no reader sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(dumps_readable(data) + "\n")
-        # mkstemp makes the file owner-only; give it the permissions an ordinary write would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +150,7 @@ class Circuit:
             provenance=Provenance.of(model, data=data, seed=seed),
             description=description,
         )
-        return circuit.validate(model)
+        return circuit.validate(model, check_weights=False)  # provenance was just taken from it
 
     def __len__(self) -> int:
         return len(self.components)
@@ -304,23 +180,27 @@ class Circuit:
             groups.setdefault(comp.hook_name(c), []).append(c)
         return groups
 
-    def validate(self, model: Any, *, check_weights: bool = False) -> Circuit:
-        """Check every component fits ``model``; with ``check_weights`` also that it is the same model.
+    def validate(
+        self, model: Any, *, check_weights: bool = True, strict: bool = False
+    ) -> Circuit:
+        """Check every component fits ``model`` and (``check_weights``) that it is the same model.
 
-        Raises ``ValueError`` listing the components out of range, or (``check_weights``) saying
-        the model's weights hash differs from the circuit's provenance. Returns ``self``.
+        Raises ``ValueError`` listing the components out of range. With ``check_weights`` (the
+        default) a model whose weights hash differs from the circuit's provenance gets a
+        ``ModelMismatchWarning`` naming both models, or with ``strict`` a ``ModelMismatchError``
+        (also raised when the circuit has no provenance to compare). Returns ``self``.
         """
         comp.validate_all(model, self.components)
         if check_weights:
-            if self.provenance is None:
-                raise ValueError("this circuit has no provenance, so its model cannot be checked")
-            actual = weights_hash(model)
-            if actual != self.provenance.weights_hash:
-                raise ValueError(
-                    f"circuit was computed on weights {self.provenance.weights_hash} "
-                    f"({self.provenance.model_name}); this model's weights hash is {actual}"
-                )
+            self.check_model(model, strict=strict)
         return self
+
+    def check_model(self, model: Any, *, strict: bool = False) -> bool:
+        """True if ``model`` has the weights this circuit was computed on (``artifacts.check_model``).
+
+        A different model warns (``strict``: raises ``ModelMismatchError``) naming both models.
+        """
+        return check_model(self.provenance, model, strict=strict, what="this circuit")
 
     # -- serialisation -------------------------------------------------------------------------
 
@@ -366,12 +246,7 @@ class Circuit:
             data["provenance"], (dict, type(None)), error=err, where=f"{where}: 'provenance'"
         )
         check_type(data["components"], dict, error=err, where=f"{where}: 'components'")
-        try:
-            provenance = (
-                None if data["provenance"] is None else Provenance.from_dict(data["provenance"])
-            )
-        except (TypeError, ValueError) as e:
-            raise err(f"{where}: 'provenance': {e}") from None
+        provenance = read_provenance(data["provenance"], error=err, where=f"{where}: 'provenance'")
         components = [
             c
             for site, group in data["components"].items()
@@ -394,9 +269,16 @@ class Circuit:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Circuit:
-        """Read a circuit file; ``CircuitFormatError`` for anything malformed (never a partial load)."""
-        data = read_versioned_json(
-            path, fmt=CIRCUIT_FORMAT, version=CIRCUIT_VERSION, error=CircuitFormatError
+        """Read a circuit file; ``CircuitFormatError`` for anything malformed (never a partial load).
+
+        A missing path raises a ``CircuitFormatError`` that is also a ``FileNotFoundError``.
+        """
+        data = read_json(
+            path,
+            fmt=CIRCUIT_FORMAT,
+            version=CIRCUIT_VERSION,
+            error=CircuitFormatError,
+            expected="a circuit JSON file written by Circuit.save",
         )
         return cls.from_dict(data, where=str(path))
 

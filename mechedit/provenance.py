@@ -100,7 +100,11 @@ class Provenance:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Provenance:
-        """Rebuild from ``to_dict`` output; raises ``ValueError`` naming missing or unknown keys."""
+        """Rebuild from ``to_dict`` output, checking every field's type.
+
+        Raises ``ValueError`` naming missing or unknown keys, a field of the wrong type, or an
+        ``extra`` that JSON cannot hold (NaN, infinities), so what loads can be saved again.
+        """
         required = {"model_name", "weights_hash"}
         allowed = required | {"data_hash", "seed", "mechedit_version", "extra"}
         if not isinstance(data, Mapping):
@@ -110,4 +114,37 @@ class Provenance:
             raise ValueError(
                 f"bad provenance: missing {sorted(missing)}, unknown {sorted(unknown)}"
             )
+        for key, ok, expected in _FIELD_TYPES:
+            if key in data and not ok(data[key]):
+                raise ValueError(
+                    f"bad provenance: {key!r} must be {expected}, got "
+                    f"{type(data[key]).__name__} {data[key]!r:.60}"
+                )
+        try:
+            json.dumps(data.get("extra", {}), allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as err:
+            raise ValueError(f"bad provenance: 'extra' must hold plain finite JSON values: {err}") from None
         return cls(**dict(data))
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_optional_str(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _is_optional_int(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
+# The JSON types of the fields (from_dict checks them; a list as weights_hash would otherwise load).
+_FIELD_TYPES = (
+    ("model_name", _is_str, "a string"),
+    ("weights_hash", _is_str, "a string"),
+    ("data_hash", _is_optional_str, "a string or null"),
+    ("seed", _is_optional_int, "an integer or null"),
+    ("mechedit_version", _is_str, "a string"),
+    ("extra", lambda v: isinstance(v, dict), "an object"),
+)

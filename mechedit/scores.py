@@ -9,43 +9,55 @@ Axis conventions, so that a cell maps to exactly one ``Component``:
 - ``layer`` index ``i`` is block ``i``; ``pos`` index ``i`` is token position ``i`` (BOS
   included); ``head`` / ``neuron`` index ``i`` is that head / neuron. A method that scores only some
   layers or positions fills the others with NaN; selection skips NaN cells.
-- ``partition`` is one flat axis over weight units; its labels (required) are
-  ``components.partition_key(param, unit)`` strings.
+- ``partition`` is one flat axis over weight units, described by a ``PartitionTable`` of
+  ``(param, offset, size)`` rows: entries ``offset .. offset + size - 1`` are units
+  ``0 .. size - 1`` of ``param`` (build it with ``PartitionTable.from_sizes(
+  components.partition_sizes(model))``). Small hand-made axes may instead carry one
+  ``components.partition_key(param, unit)`` label per entry (the only form of version 1 files).
 - Any other axis (``"prompt"``, ``"step"``, ...) is allowed for storage and plotting; reduce it away
   with ``reduce`` before selecting components.
 
 The sign and units of the values are the method's (its docstring states them); selection ranks by
 value or by absolute value, highest first. Files: the tensor in ``<stem>.safetensors`` and a JSON
-sidecar ``<stem>.json`` with everything else, checked against each other on load.
+sidecar ``<stem>.json`` with everything else, checked against each other on load (shape, dtype and
+a hash of the tensor). Sidecar version 2 adds ``"partitions"`` (the table as
+``{"columns": ["param", "offset", "size"], "rows": [[param, offset, size], ...]}`` or ``null``);
+version 1 files (labels only) still load.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from mechedit import components as comp
-from mechedit.circuit import (
-    Circuit,
+from mechedit.artifacts import (
+    ArtifactError,
     check_json_able,
     check_keys,
+    check_model,
     check_type,
-    read_versioned_json,
+    dtype_name,
+    read_json,
+    read_provenance,
+    read_tensors,
+    tensors_hash,
     write_json_atomic,
+    write_tensors,
 )
+from mechedit.circuit import Circuit
 from mechedit.components import Component
-from mechedit.provenance import Provenance, state_dict_hash
+from mechedit.provenance import Provenance
 
 SCORES_FORMAT = "mechedit.scores"
-SCORES_VERSION = 1
+SCORES_VERSION = 2  # 2 added "partitions" (the partition axis as a table); 1 is still read
 
 # Axes that name a Component field; "partition" maps to (param, unit) through its labels.
 COMPONENT_AXES = ("layer", "pos", "head", "neuron", "partition")
@@ -56,8 +68,100 @@ Ranking = Literal["value", "abs"]
 _REDUCERS = {"mean": torch.mean, "sum": torch.sum, "max": torch.amax, "min": torch.amin}
 
 
-class ScoresFormatError(ValueError):
+class ScoresFormatError(ArtifactError):
     """A scores file pair that does not follow the format; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class PartitionTable:
+    """The entries of a ``partition`` axis as ``(param, offset, size)`` rows.
+
+    Entry ``offset + u`` of the axis is unit ``u`` (``0 <= u < size``) of parameter ``param``
+    (its plain HF name; units as ``components.partition_sizes`` counts them). Rows are in axis
+    order, contiguous from 0 (each offset is the previous offset plus size), every param once,
+    every size >= 1, so the axis has ``sum(sizes)`` entries and a lookup is one binary search.
+
+    Args:
+        rows: ``((param, offset, size), ...)``; ``from_sizes`` builds them from ``{param: size}``.
+    """
+
+    rows: tuple[tuple[str, int, int], ...]
+
+    def __post_init__(self) -> None:
+        rows = tuple(tuple(r) if isinstance(r, Sequence) else r for r in self.rows)
+        expected_offset, seen = 0, set()
+        for i, row in enumerate(rows):
+            if not (
+                isinstance(row, tuple)
+                and len(row) == 3
+                and isinstance(row[0], str)
+                and row[0]
+                and comp.is_int(row[1])
+                and comp.is_int(row[2])
+            ):
+                raise ValueError(
+                    f"partition row {i} must be (param name, offset int, size int), got {row!r:.80}"
+                )
+            param, offset, size = row
+            if param in seen:
+                raise ValueError(f"partition row {i}: parameter {param!r} is listed twice")
+            if size < 1:
+                raise ValueError(f"partition row {i} ({param}): size must be >= 1, got {size}")
+            if offset != expected_offset:
+                raise ValueError(
+                    f"partition row {i} ({param}): offset must be {expected_offset} (the previous "
+                    f"rows' sizes summed), got {offset}"
+                )
+            seen.add(param)
+            expected_offset += size
+        object.__setattr__(self, "rows", rows)
+        object.__setattr__(self, "_starts", [r[1] for r in rows])
+
+    @classmethod
+    def from_sizes(cls, sizes: Mapping[str, int]) -> PartitionTable:
+        """The table of ``{param: n_units}`` in the mapping's order (e.g. ``partition_sizes(model)``)."""
+        rows, offset = [], 0
+        for param, size in sizes.items():
+            rows.append((param, offset, size))
+            offset += size if comp.is_int(size) else 0
+        return cls(tuple(rows))
+
+    def __len__(self) -> int:
+        return self.rows[-1][1] + self.rows[-1][2] if self.rows else 0
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """``{param: n_units}`` in axis order."""
+        return {param: size for param, _, size in self.rows}
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """``(param, unit)`` of axis entry ``index`` (``0 <= index < len(self)``)."""
+        if not 0 <= index < len(self):
+            raise ValueError(f"partition index {index} out of range for {len(self)} entries")
+        param, offset, _ = self.rows[bisect.bisect_right(self._starts, index) - 1]
+        return param, index - offset
+
+    def labels(self) -> tuple[str, ...]:
+        """One ``partition_key(param, unit)`` per entry (for plots; millions of strings on big models)."""
+        return tuple(comp.partition_key(p, u) for p, _, size in self.rows for u in range(size))
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"columns": ["param", "offset", "size"], "rows": [[param, offset, size], ...]}``."""
+        return {"columns": ["param", "offset", "size"], "rows": [list(r) for r in self.rows]}
+
+    @classmethod
+    def from_json(cls, data: Any, *, where: str) -> PartitionTable:
+        """Inverse of ``to_json``; ``ScoresFormatError`` naming ``where`` if malformed."""
+        err = ScoresFormatError
+        check_type(data, dict, error=err, where=where)
+        check_keys(data, required=("columns", "rows"), error=err, where=where)
+        if data["columns"] != ["param", "offset", "size"]:
+            raise err(f"{where}: 'columns' must be ['param', 'offset', 'size'], got {data['columns']!r:.80}")
+        check_type(data["rows"], list, error=err, where=f"{where}['rows']")
+        try:
+            return cls(tuple(tuple(r) if isinstance(r, list) else r for r in data["rows"]))
+        except ValueError as e:
+            raise err(f"{where}: {e}") from None
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,6 +178,9 @@ class Scores:
             scores.
         labels: optional names for the entries of an axis, ``{axis: (label, ...)}`` with one
             label per entry (e.g. token strings for ``"pos"``).
+        partitions: what a ``"partition"`` axis's entries are: a ``PartitionTable`` or a
+            ``{param: n_units}`` mapping (turned into one). Required for a partition axis unless
+            ``labels["partition"]`` gives one ``partition_key`` per entry instead.
     """
 
     values: Float[torch.Tensor, "..."]
@@ -83,6 +190,7 @@ class Scores:
     config: Mapping[str, Any] = field(default_factory=dict)
     provenance: Provenance | None = None
     labels: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    partitions: PartitionTable | None = None
 
     def __post_init__(self) -> None:
         values = self.values
@@ -116,6 +224,34 @@ class Scores:
                 f"provenance must be a Provenance or None, got {type(self.provenance).__name__}"
             )
         object.__setattr__(self, "labels", self._checked_labels(self.labels))
+        object.__setattr__(self, "partitions", self._checked_partitions(self.partitions))
+
+    def _checked_partitions(self, partitions: Any) -> PartitionTable | None:
+        if partitions is None:
+            if "partition" in self.axes and "partition" not in self.labels:
+                raise ValueError(
+                    "a 'partition' axis needs partitions=PartitionTable.from_sizes("
+                    "components.partition_sizes(model)) (or labels={'partition': [partition_key"
+                    "(param, unit), ...]})"
+                )
+            return None
+        if isinstance(partitions, Mapping):
+            partitions = PartitionTable.from_sizes(partitions)
+        if not isinstance(partitions, PartitionTable):
+            raise ValueError(
+                f"partitions must be a PartitionTable or {{param: size}}, got {type(partitions).__name__}"
+            )
+        if "partition" not in self.axes:
+            raise ValueError(f"partitions given but there is no 'partition' axis in {self.axes}")
+        if "partition" in self.labels:
+            raise ValueError("give the partition axis as partitions= or as labels, not both")
+        size = self.values.shape[self.axes.index("partition")]
+        if len(partitions) != size:
+            raise ValueError(
+                f"the partition table covers {len(partitions)} units but the 'partition' axis has "
+                f"{size} entries"
+            )
+        return partitions
 
     def _checked_labels(self, labels: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
         if not isinstance(labels, Mapping):
@@ -128,6 +264,10 @@ class Scores:
                 raise ValueError(
                     f"labels for axis {axis!r}, which is not one of the axes {self.axes}"
                 )
+            if isinstance(names, str) or not isinstance(names, Sequence):
+                raise ValueError(
+                    f"labels for axis {axis!r} must be a list of strings, got {type(names).__name__}"
+                )
             names = tuple(names)
             size = self.values.shape[self.axes.index(axis)]
             if len(names) != size or not all(isinstance(n, str) for n in names):
@@ -135,10 +275,6 @@ class Scores:
                     f"axis {axis!r} has {size} entries; its labels must be {size} strings, got {len(names)}"
                 )
             out[axis] = names
-        if "partition" in self.axes and "partition" not in out:
-            raise ValueError(
-                "a 'partition' axis needs labels: components.partition_key(param, unit) per entry"
-            )
         for key in out.get("partition", ()):
             comp.parse_partition_key(key)
         return out
@@ -182,8 +318,10 @@ class Scores:
                     f"index {i} out of range for axis {axis!r} of size {self.values.shape[self.axes.index(axis)]}"
                 )
             if axis == "partition":
-                fields["param"], fields["unit"] = comp.parse_partition_key(
-                    self.labels["partition"][i]
+                fields["param"], fields["unit"] = (
+                    self.partitions.locate(i)
+                    if self.partitions is not None
+                    else comp.parse_partition_key(self.labels["partition"][i])
                 )
             else:
                 fields[axis] = i
@@ -287,100 +425,106 @@ class Scores:
             config={**self.config, "reduced": reduced},
             provenance=self.provenance,
             labels={a: v for a, v in self.labels.items() if a != axis},
+            partitions=None if axis == "partition" else self.partitions,
         )
+
+    def check_model(self, model: Any, *, strict: bool = False) -> bool:
+        """True if ``model`` has the weights these scores were computed on (``artifacts.check_model``).
+
+        Call it before selecting components for a model: a different model warns
+        (``ModelMismatchWarning``, naming both models) or with ``strict`` raises
+        ``ModelMismatchError``.
+        """
+        return check_model(self.provenance, model, strict=strict, what="these scores")
 
     # -- files ---------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``<stem>.safetensors`` (the tensor) and ``<stem>.json``; return the JSON path.
 
-        ``path`` may be the stem or either file name. The JSON is written last, atomically, so its
-        presence means the pair is complete.
+        ``path`` may be the stem or either file name. Both files are written atomically, the JSON
+        last, so its presence means the pair is complete.
         """
         tensor_path, json_path = _paths(path)
-        tensor_path.parent.mkdir(parents=True, exist_ok=True)
         values = self.values.to("cpu").contiguous()
-        save_file({"values": values}, str(tensor_path), metadata={"format": SCORES_FORMAT})
+        write_tensors(tensor_path, {"values": values}, metadata={"format": SCORES_FORMAT})
         sidecar = {
             "format": SCORES_FORMAT,
             "version": SCORES_VERSION,
             "values_file": tensor_path.name,
-            "values_hash": state_dict_hash({"values": values}),
+            "values_hash": tensors_hash({"values": values}),
             "shape": list(values.shape),
-            "dtype": str(values.dtype).removeprefix("torch."),
+            "dtype": dtype_name(values.dtype),
             "axes": list(self.axes),
             "site": self.site,
             "method": self.method,
             "config": dict(self.config),
             "provenance": None if self.provenance is None else self.provenance.to_dict(),
             "labels": {axis: list(names) for axis, names in self.labels.items()},
+            "partitions": None if self.partitions is None else self.partitions.to_json(),
         }
         return write_json_atomic(json_path, sidecar)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Scores:
-        """Read a pair written by ``save``; ``ScoresFormatError`` if anything is missing or disagrees."""
+        """Read a pair written by ``save``; ``ScoresFormatError`` if anything is missing or disagrees.
+
+        ``path`` is the stem or either file name. Reads versions 1 and 2. A missing file raises a
+        ``ScoresFormatError`` that is also a ``FileNotFoundError``.
+        """
         err = ScoresFormatError
         _, json_path = _paths(path)
-        data = read_versioned_json(json_path, fmt=SCORES_FORMAT, version=SCORES_VERSION, error=err)
-        where = str(json_path)
-        check_keys(
-            data,
-            required=(
-                "format",
-                "version",
-                "values_file",
-                "values_hash",
-                "shape",
-                "dtype",
-                "axes",
-                "site",
-                "method",
-                "config",
-                "provenance",
-                "labels",
-            ),
+        data = read_json(
+            json_path,
+            fmt=SCORES_FORMAT,
+            version=SCORES_VERSION,
+            reads=(1,),
             error=err,
-            where=where,
+            expected="the stem or either file of a pair written by Scores.save",
         )
-        for key, types in (
-            ("values_file", str),
-            ("values_hash", str),
-            ("shape", list),
-            ("dtype", str),
-            ("axes", list),
-            ("site", str),
-            ("method", str),
-            ("config", dict),
-            ("provenance", (dict, type(None))),
-            ("labels", dict),
-        ):
+        where = str(json_path)
+        fields = {
+            "format": str,
+            "version": int,
+            "values_file": str,
+            "values_hash": str,
+            "shape": list,
+            "dtype": str,
+            "axes": list,
+            "site": str,
+            "method": str,
+            "config": dict,
+            "provenance": (dict, type(None)),
+            "labels": dict,
+        }
+        if data["version"] >= 2:
+            fields["partitions"] = (dict, type(None))
+        check_keys(data, required=fields, error=err, where=where)
+        for key, types in fields.items():
             check_type(data[key], types, error=err, where=f"{where}: {key!r}")
         name = data["values_file"]
         if Path(name).name != name or name in ("", ".", ".."):
             raise err(f"{where}: 'values_file' must be a file name beside the JSON, got {name!r}")
         tensor_path = json_path.parent / name
-        try:
-            tensors = load_file(str(tensor_path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise err(f"{tensor_path}: cannot read the scores tensor: {e}") from None
-        if set(tensors) != {"values"}:
-            raise err(f"{tensor_path}: expected one tensor named 'values', found {sorted(tensors)}")
-        values = tensors["values"]
-        if (
-            list(values.shape) != data["shape"]
-            or str(values.dtype).removeprefix("torch.") != data["dtype"]
-        ):
+        if not tensor_path.is_file():
             raise err(
-                f"{tensor_path} holds {values.dtype} {tuple(values.shape)} but {json_path.name} says "
-                f"{data['dtype']} {tuple(data['shape'])}: the files do not belong together"
+                f"{where}: cannot read the scores tensor: {tensor_path} not found (it must sit "
+                "beside the JSON)"
             )
-        if state_dict_hash({"values": values}) != data["values_hash"]:
-            raise err(f"{tensor_path}: tensor contents do not match the hash in {json_path.name}")
+        values = read_tensors(
+            tensor_path,
+            error=err,
+            expected="the safetensors file beside the JSON",
+            names=("values",),
+            specs={"values": (data["shape"], data["dtype"])},
+            hash=data["values_hash"],
+            described_in=json_path.name,
+        )["values"]
+        partitions = data.get("partitions")
+        if partitions is not None:
+            partitions = PartitionTable.from_json(partitions, where=f"{where}: 'partitions'")
+        provenance = read_provenance(data["provenance"], error=err, where=f"{where}: 'provenance'")
         try:
-            provenance = (
-                None if data["provenance"] is None else Provenance.from_dict(data["provenance"])
-            )
             return cls(
                 values,
                 tuple(data["axes"]),
@@ -389,6 +533,7 @@ class Scores:
                 config=data["config"],
                 provenance=provenance,
                 labels=data["labels"],
+                partitions=partitions,
             )
         except (TypeError, ValueError) as e:
             raise err(f"{where}: {e}") from None
@@ -402,4 +547,11 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return p.parent / f"{p.name}.safetensors", p.parent / f"{p.name}.json"
 
 
-__all__ = ["COMPONENT_AXES", "SCORES_FORMAT", "SCORES_VERSION", "Scores", "ScoresFormatError"]
+__all__ = [
+    "COMPONENT_AXES",
+    "SCORES_FORMAT",
+    "SCORES_VERSION",
+    "PartitionTable",
+    "Scores",
+    "ScoresFormatError",
+]

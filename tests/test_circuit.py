@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import string
+import warnings
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mechedit.artifacts import ArtifactError, ModelMismatchError, ModelMismatchWarning
 from mechedit.circuit import CIRCUIT_FORMAT, CIRCUIT_VERSION, Circuit, CircuitFormatError
 from mechedit.components import SITES, Component
 from mechedit.provenance import Provenance, weights_hash
@@ -188,11 +190,22 @@ def test_validate_rejects_components_out_of_range(tiny_bridge, tmp_path):
     assert "head 9 out of range: the model has 4 heads per layer (0..3)" in message
 
 
-def test_validate_can_check_the_weights(tiny_bridge):
+def test_validate_checks_the_weights(tiny_bridge):
     circuit = Circuit((Component("mlp", 0),), provenance=_provenance())
-    circuit.validate(tiny_bridge)
-    with pytest.raises(ValueError, match="circuit was computed on weights 0123456789abcdef"):
-        circuit.validate(tiny_bridge, check_weights=True)
+    names_both = (
+        r"this circuit came from tiny \(weights 0123456789abcdef\); the model given here is "
+        rf".*tiny_gpt2.* \(weights {weights_hash(tiny_bridge)}\)"
+    )
+    with pytest.warns(ModelMismatchWarning, match=names_both):
+        assert circuit.validate(tiny_bridge) is circuit
+    with pytest.raises(ModelMismatchError, match=names_both):
+        circuit.validate(tiny_bridge, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        circuit.validate(tiny_bridge, check_weights=False)
+        assert Circuit((Component("mlp", 0),)).validate(tiny_bridge)  # no provenance: nothing to check
+    with pytest.raises(ModelMismatchError, match="has no provenance"):
+        Circuit((Component("mlp", 0),)).check_model(tiny_bridge, strict=True)
 
 
 # -- malformed files -----------------------------------------------------------------------------
@@ -238,9 +251,12 @@ def test_binary_file_is_rejected(tmp_path):
         Circuit.load(path)
 
 
-def test_missing_file_is_file_not_found(tmp_path):
-    with pytest.raises(FileNotFoundError):
+def test_missing_file_or_folder_is_a_format_error_naming_the_path(tmp_path):
+    with pytest.raises(CircuitFormatError, match=r"absent.json not found; pass a circuit JSON") as err:
         Circuit.load(tmp_path / "absent.json")
+    assert isinstance(err.value, FileNotFoundError)  # callers catching FileNotFoundError still do
+    with pytest.raises(CircuitFormatError, match=rf"{tmp_path} is a folder; pass a circuit JSON"):
+        Circuit.load(tmp_path)
 
 
 @pytest.mark.parametrize("key", ["method", "config", "provenance", "components"])
@@ -259,9 +275,13 @@ def test_missing_field(tmp_path, key):
             r"'format' is 'mechedit.scores', expected 'mechedit.circuit'",
         ),
         ({"format": None}, r"'format' is None"),
-        ({"version": 2}, r"version 2 was written by a newer mechedit; this one reads version 1"),
+        (
+            {"version": 2},
+            r"unsupported version 2 of mechedit.circuit: it was written by a newer mechedit, "
+            r"and this one reads version 1",
+        ),
         ({"version": 99}, r"newer mechedit"),
-        ({"version": 0}, r"unknown mechedit.circuit version 0"),
+        ({"version": 0}, r"unsupported version 0 of mechedit.circuit; this mechedit reads versions \[1\]"),
         ({"version": "1"}, r"'version' must be an integer, got '1'"),
         ({"version": True}, r"'version' must be an integer"),
         ({"method": 3}, r"'method' must be str, got int"),
@@ -347,7 +367,7 @@ def test_format_errors_are_value_errors_and_name_the_file(tmp_path):
     path = _write(tmp_path, {**_good(), "version": 7})
     with pytest.raises(ValueError, match=str(path)):
         Circuit.load(path)
-    assert issubclass(CircuitFormatError, ValueError)
+    assert issubclass(CircuitFormatError, ArtifactError) and issubclass(ArtifactError, ValueError)
 
 
 def test_an_empty_circuit_round_trips(tmp_path):

@@ -11,10 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from mechedit.artifacts import ModelMismatchError, ModelMismatchWarning
 from mechedit.circuit import Circuit
 from mechedit.components import Component, partition_key
-from mechedit.provenance import Provenance
-from mechedit.scores import Scores, ScoresFormatError
+from mechedit.provenance import Provenance, weights_hash
+from mechedit.scores import PartitionTable, Scores, ScoresFormatError
 
 # layer x neuron, chosen so value order, |value| order and per-layer order all differ.
 HAND = torch.tensor(
@@ -122,12 +123,106 @@ def test_partition_axis_uses_its_labels():
     assert list(scores.top_k(1)) == [
         Component("partition", None, param="transformer.wte.weight", unit=0)
     ]
-    with pytest.raises(ValueError, match="'partition' axis needs labels"):
+    with pytest.raises(ValueError, match="'partition' axis needs partitions="):
         Scores(torch.tensor([0.1, 0.7]), ("partition",), "partition", "pcgu")
     with pytest.raises(ValueError, match="not of the form"):
         Scores(
             torch.tensor([0.1]), ("partition",), "partition", "pcgu", labels={"partition": ["w"]}
         )
+
+
+def test_partition_table_names_every_unit_and_round_trips(tmp_path):
+    sizes = {"a.weight": 3, "b.bias": 1, "c.weight": 2}
+    table = PartitionTable.from_sizes(sizes)
+    assert table.rows == (("a.weight", 0, 3), ("b.bias", 3, 1), ("c.weight", 4, 2))
+    assert len(table) == 6 and table.sizes == sizes
+    assert [table.locate(i) for i in range(6)] == [
+        ("a.weight", 0), ("a.weight", 1), ("a.weight", 2), ("b.bias", 0), ("c.weight", 0), ("c.weight", 1)
+    ]
+    values = torch.tensor([[0.0, 5.0, 1.0, 9.0, -7.0, 2.0], [1.0, 1.0, 1.0, 1.0, 1.0, 9.0]])  # sums: 1 6 2 10 -6 11
+    scores = Scores(values, ("prompt", "partition"), "partition", "pcgu", partitions=sizes)
+    assert scores.partitions == table  # a {param: size} mapping becomes the table
+    best = scores.reduce("prompt", op="sum")
+    assert list(best.top_k(2, by="abs")) == [
+        Component("partition", None, param="c.weight", unit=1),
+        Component("partition", None, param="b.bias", unit=0),
+    ]
+    assert best.component_at(4) == Component("partition", None, param="c.weight", unit=0)
+    # the table's labels are exactly the old one-label-per-unit form
+    assert table.labels()[4] == partition_key("c.weight", 0)
+    loaded = Scores.load(best.save(tmp_path / "p"))
+    assert loaded.partitions == table and torch.equal(loaded.values, best.values)
+    sidecar = json.loads((tmp_path / "p.json").read_text())
+    assert sidecar["partitions"] == {
+        "columns": ["param", "offset", "size"],
+        "rows": [["a.weight", 0, 3], ["b.bias", 3, 1], ["c.weight", 4, 2]],
+    }
+    assert scores.reduce("partition").partitions is None
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ((("a", 0, 2), ("b", 1, 2)), r"row 1 \(b\): offset must be 2"),
+        ((("a", 1, 2),), r"row 0 \(a\): offset must be 0"),
+        ((("a", 0, 0),), "size must be >= 1"),
+        ((("a", 0, 1), ("a", 1, 1)), "listed twice"),
+        ((("a", 0),), "must be \\(param name, offset int, size int\\)"),
+        ((("a", 0, True),), "must be \\(param name, offset int, size int\\)"),
+    ],
+)
+def test_bad_partition_tables_are_refused(rows, message):
+    with pytest.raises(ValueError, match=message):
+        PartitionTable(rows)
+
+
+def test_partition_table_must_fit_the_axis():
+    with pytest.raises(ValueError, match="covers 3 units but the 'partition' axis has 2"):
+        Scores(torch.zeros(2), ("partition",), "partition", "m", partitions={"a": 3})
+    with pytest.raises(ValueError, match="not both"):
+        Scores(
+            torch.zeros(1), ("partition",), "partition", "m",
+            partitions={"a": 1}, labels={"partition": ["a[0]"]},
+        )
+    with pytest.raises(ValueError, match="no 'partition' axis"):
+        Scores(torch.zeros(1, 1), ("layer", "neuron"), "neuron", "m", partitions={"a": 1})
+
+
+def test_version_1_files_still_load(tmp_path):
+    keys = (partition_key("w.weight", 4), partition_key("v.bias", 0))
+    scores = Scores(torch.tensor([0.1, 0.7]), ("partition",), "partition", "pcgu", labels={"partition": keys})
+    json_path = scores.save(tmp_path / "old")
+    sidecar = json.loads(json_path.read_text())
+    del sidecar["partitions"]
+    json_path.write_text(json.dumps({**sidecar, "version": 1}))
+    old = Scores.load(json_path)
+    assert old.labels["partition"] == keys and old.partitions is None
+    assert list(old.top_k(1)) == [Component("partition", None, param="v.bias", unit=0)]
+    # version 1 has no partitions key, version 2 requires it
+    json_path.write_text(json.dumps({**sidecar, "version": 2}))
+    with pytest.raises(ScoresFormatError, match=r"missing \['partitions'\]"):
+        Scores.load(json_path)
+
+
+def test_scores_check_the_model_they_are_used_on(tiny_bridge):
+    mine = Scores(torch.zeros(2, 4), ("layer", "neuron"), "neuron", "m", provenance=Provenance.of(tiny_bridge))
+    assert mine.check_model(tiny_bridge, strict=True)
+    other = Provenance(model_name="elsewhere", weights_hash="0123456789abcdef")
+    theirs = Scores(torch.zeros(2, 4), ("layer", "neuron"), "neuron", "m", provenance=other)
+    pattern = r"these scores came from elsewhere \(weights 0123456789abcdef\); the model given here is"
+    with pytest.warns(ModelMismatchWarning, match=pattern):
+        assert not theirs.check_model(tiny_bridge)
+    with pytest.raises(ModelMismatchError, match=weights_hash(tiny_bridge)):
+        theirs.check_model(tiny_bridge, strict=True)
+
+
+def test_missing_pair_is_a_format_error(tmp_path):
+    with pytest.raises(ScoresFormatError, match="absent.json not found; pass the stem") as err:
+        Scores.load(tmp_path / "absent")
+    assert isinstance(err.value, FileNotFoundError)
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(ScoresFormatError, match="dir.json is a folder"):
+        Scores.load(tmp_path / "dir")
 
 
 def test_extra_axes_must_be_reduced_before_selecting():
@@ -247,7 +342,7 @@ def test_save_load_round_trip(tiny_bridge, tmp_path):
     for name in ("mlp_scores", "mlp_scores.json", "mlp_scores.safetensors"):
         assert _same(Scores.load(tmp_path / "run" / name), scores)
     sidecar = json.loads(json_path.read_text())
-    assert sidecar["format"] == "mechedit.scores" and sidecar["version"] == 1
+    assert sidecar["format"] == "mechedit.scores" and sidecar["version"] == 2
     assert sidecar["axes"] == ["layer", "pos"] and sidecar["shape"] == [2, 5]
 
 
@@ -279,12 +374,12 @@ def test_broken_files_are_rejected(tiny_bridge, tmp_path):
         Scores.load(json_path)
 
     for change, message in [
-        ({"version": 2}, "newer mechedit"),
+        ({"version": 3}, "newer mechedit"),
         ({"format": "mechedit.circuit"}, "expected 'mechedit.scores'"),
         ({"axes": ["layer"]}, r"1 axes \('layer',\) for a tensor with 2 dimensions"),
-        ({"shape": [5, 2]}, "the files do not belong together"),
+        ({"shape": [5, 2]}, r"tensors differ from s.json: \{'values': 'file \[2, 5\] float32, s.json \[5, 2\]"),
         ({"values_file": "../elsewhere.safetensors"}, "must be a file name beside the JSON"),
-        ({"values_file": "absent.safetensors"}, "cannot read the scores tensor"),
+        ({"values_file": "absent.safetensors"}, "cannot read the scores tensor: .*absent.safetensors not found"),
         ({"labels": {"pos": ["a"]}}, "axis 'pos' has 5 entries"),
         ({"provenance": {"seed": 1}}, "bad provenance"),
         ({"site": 4}, "'site' must be str"),
@@ -304,8 +399,8 @@ def test_broken_files_are_rejected(tiny_bridge, tmp_path):
     with pytest.raises(ScoresFormatError, match="do not match the hash"):
         Scores.load(json_path)
     save_file({"other": scores.values}, str(tensor_path))
-    with pytest.raises(ScoresFormatError, match="expected one tensor named 'values'"):
+    with pytest.raises(ScoresFormatError, match=r"only in the file \['other'\], only in s.json \['values'\]"):
         Scores.load(json_path)
     tensor_path.write_bytes(b"garbage")
-    with pytest.raises(ScoresFormatError, match="cannot read the scores tensor"):
+    with pytest.raises(ScoresFormatError, match="is not a readable safetensors file"):
         Scores.load(json_path)

@@ -304,13 +304,16 @@ _DELETE = object()
             lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text()[:40]),
             "not valid JSON",
         ),
-        (lambda d: (d / "manifest.json").write_text("[1, 2]"), "JSON object"),
+        (lambda d: (d / "manifest.json").write_text("[1, 2]"), "holds a JSON list, expected an object"),
         (lambda d: (d / "manifest.json").unlink(), "not found"),
-        (lambda d: _corrupt(d, format="mechedit.circuit"), "not a mechedit weight edit"),
-        (lambda d: _corrupt(d, version=2), "newer than this mechedit"),
+        (
+            lambda d: _corrupt(d, format="mechedit.circuit"),
+            "'format' is 'mechedit.circuit', expected 'mechedit.weight_edit'",
+        ),
+        (lambda d: _corrupt(d, version=2), "written by a newer mechedit"),
         (lambda d: _corrupt(d, version="1"), "must be an integer"),
-        (lambda d: _corrupt(d, base=_DELETE), r"missing fields \['base'\]"),
-        (lambda d: _corrupt(d, colour="blue"), r"unknown fields \['colour'\]"),
+        (lambda d: _corrupt(d, base=_DELETE), r"missing \['base'\]"),
+        (lambda d: _corrupt(d, colour="blue"), r"unknown \['colour'\]"),
         (lambda d: _corrupt(d, kind=""), "non-empty string"),
         (lambda d: _corrupt(d, params={"neurons": [[0, "x"]]}), "params.neurons"),
         (lambda d: _corrupt(d, params={}), "params.neurons"),
@@ -324,7 +327,10 @@ _DELETE = object()
             ),
             "only in the file",
         ),
-        (lambda d: _corrupt(d, tensors={"x": {"shape": [1], "dtype": "float99"}}), "must be"),
+        (
+            lambda d: _corrupt(d, tensors={"x": {"shape": [1], "dtype": "float99"}}),
+            "must name a torch dtype",
+        ),
         (lambda d: (d / "tensors.safetensors").unlink(), "incomplete"),
         (
             lambda d: (d / "tensors.safetensors").write_bytes(

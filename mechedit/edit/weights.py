@@ -16,7 +16,11 @@ On disk an edit is a folder: ``tensors.safetensors`` (only the changed tensors, 
      "kind": "zero_neurons", "params": {"neurons": [[0, 3], [1, 17]]},
      "architecture": "GPT2LMHeadModel",
      "tensors": {"transformer.h.0.mlp.c_fc.weight": {"shape": [64, 256], "dtype": "float32"}, ...},
+     "tensors_hash": "<artifacts.tensors_hash of the file's tensors>",
      "base": {<Provenance of the model before>}, "result": {<Provenance of the model after>}}
+
+Both files are written atomically, the manifest last. ``tensors_hash`` was added within version 1:
+manifests without it still load (their tensors are checked by name, shape and dtype only).
 """
 
 from __future__ import annotations
@@ -30,10 +34,21 @@ from typing import Any
 
 import torch
 from jaxtyping import Int
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
+from mechedit.artifacts import (
+    ArtifactError,
+    ModelMismatchError,
+    check_keys,
+    check_type,
+    parse_dtype,
+    read_json,
+    read_provenance,
+    read_tensors,
+    tensors_hash,
+    write_json_atomic,
+    write_tensors,
+)
 from mechedit.circuit import Circuit
 from mechedit.hf import architecture, hf_parameters, neuron_layout
 from mechedit.provenance import Provenance, weights_hash
@@ -54,11 +69,11 @@ _MANIFEST_FIELDS = (
 )
 
 
-class EditFormatError(ValueError):
+class EditFormatError(ArtifactError):
     """A saved edit folder that is missing, malformed, from another format version, or inconsistent."""
 
 
-class BaseModelMismatchError(ValueError):
+class BaseModelMismatchError(ModelMismatchError):
     """An edit applied to a model whose weights are not the ones the edit was built for."""
 
 
@@ -304,31 +319,45 @@ class WeightEdit:
         }
 
     def save(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-        """Write ``manifest.json`` and ``tensors.safetensors`` (changed tensors only) to ``out_dir``."""
+        """Write ``manifest.json`` and ``tensors.safetensors`` (changed tensors only) to ``out_dir``.
+
+        Both atomically, the manifest last (with the tensors' hash), so a folder with a manifest
+        holds a complete edit. Refuses to replace a saved edit unless ``overwrite``.
+        """
         out = Path(out_dir)
         if (out / MANIFEST_FILE).exists() and not overwrite:
             raise FileExistsError(
                 f"{out} already holds a saved edit; pass overwrite=True to replace it"
             )
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(dict(self._new), str(out / TENSORS_FILE), metadata={"format": FORMAT})
-        (out / MANIFEST_FILE).write_text(json.dumps(self.manifest(), indent=2) + "\n")
+        manifest = {**self.manifest(), "tensors_hash": tensors_hash(self._new)}
+        write_tensors(out / TENSORS_FILE, self._new, metadata={"format": FORMAT})
+        write_json_atomic(out / MANIFEST_FILE, manifest)
         return out
 
     @classmethod
     def load(cls, edit_dir: str | Path) -> WeightEdit:
-        """Read an edit saved by ``save``; raises ``EditFormatError`` saying what is wrong."""
+        """Read an edit saved by ``save``; raises ``EditFormatError`` (only) saying what is wrong."""
         folder = Path(edit_dir)
+        if folder.is_file():
+            raise EditFormatError(
+                f"{folder} is a file; pass the folder written by WeightEdit.save "
+                f"({MANIFEST_FILE} + {TENSORS_FILE})"
+            )
         manifest = _read_manifest(folder / MANIFEST_FILE)
-        tensors = _read_tensors(folder / TENSORS_FILE, manifest["tensors"])
-        return cls(
-            kind=manifest["kind"],
-            params=manifest["params"],
-            architecture=manifest["architecture"],
-            new_tensors=tensors,
-            base=manifest["base"],
-            result=manifest["result"],
+        tensors = _read_tensors(
+            folder / TENSORS_FILE, manifest["tensors"], manifest.get("tensors_hash")
         )
+        try:
+            return cls(
+                kind=manifest["kind"],
+                params=manifest["params"],
+                architecture=manifest["architecture"],
+                new_tensors=tensors,
+                base=manifest["base"],
+                result=manifest["result"],
+            )
+        except (TypeError, ValueError) as err:  # e.g. the constructor's own checks of the values
+            raise EditFormatError(f"{folder}: {err}") from None
 
 
 def zero_neurons(
@@ -446,42 +475,21 @@ def _write(live: Mapping[str, torch.nn.Parameter], values: Mapping[str, Tensor])
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise EditFormatError(
-            f"{path} not found: pass the folder written by WeightEdit.save (manifest.json + tensors.safetensors)"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise EditFormatError(
-            f"{path} is not valid JSON ({err}); the file is damaged or truncated"
-        ) from None
-    if not isinstance(data, dict):
-        raise EditFormatError(f"{path} must hold a JSON object, not {type(data).__name__}")
-    if data.get("format") != FORMAT:
-        raise EditFormatError(
-            f"{path} is not a mechedit weight edit (format={data.get('format')!r}, expected {FORMAT!r})"
-        )
-    version = data.get("version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise EditFormatError(f"{path}: 'version' must be an integer, got {version!r}")
-    if version > VERSION:
-        raise EditFormatError(
-            f"{path} has format version {version}, newer than this mechedit reads ({VERSION}); upgrade mechedit"
-        )
-    if version != VERSION:
-        raise EditFormatError(
-            f"{path}: unsupported format version {version} (this mechedit reads {VERSION})"
-        )
-    missing = [f for f in _MANIFEST_FIELDS if f not in data]
-    unknown = sorted(set(data) - set(_MANIFEST_FIELDS))
-    if missing or unknown:
-        raise EditFormatError(f"{path}: missing fields {missing}, unknown fields {unknown}")
+    """The checked manifest, with ``base`` / ``result`` as ``Provenance`` and dtypes as names."""
+    err = EditFormatError
+    data = read_json(
+        path,
+        fmt=FORMAT,
+        version=VERSION,
+        error=err,
+        expected=f"the folder written by WeightEdit.save ({MANIFEST_FILE} + {TENSORS_FILE})",
+    )
+    check_keys(data, required=_MANIFEST_FIELDS, optional=("tensors_hash",), error=err, where=str(path))
     for key in ("kind", "architecture"):
         if not isinstance(data[key], str) or not data[key]:
-            raise EditFormatError(f"{path}: {key!r} must be a non-empty string, got {data[key]!r}")
-    if not isinstance(data["params"], dict):
-        raise EditFormatError(f"{path}: 'params' must be a JSON object")
+            raise err(f"{path}: {key!r} must be a non-empty string, got {data[key]!r:.60}")
+    check_type(data["params"], dict, error=err, where=f"{path}: 'params'")
+    check_type(data.get("tensors_hash", ""), str, error=err, where=f"{path}: 'tensors_hash'")
     if data["kind"] == "zero_neurons":
         neurons = data["params"].get("neurons")
         if not (
@@ -492,56 +500,49 @@ def _read_manifest(path: Path) -> dict[str, Any]:
                 for p in neurons
             )
         ):
-            raise EditFormatError(
+            raise err(
                 f"{path}: params.neurons must be a non-empty list of [layer, index] pairs of "
-                f"non-negative integers, got {neurons!r}"
+                f"non-negative integers, got {neurons!r:.80}"
             )
     tensors = data["tensors"]
     if not isinstance(tensors, dict) or not tensors:
-        raise EditFormatError(
-            f"{path}: 'tensors' must be a non-empty object of name -> {{shape, dtype}}"
-        )
+        raise err(f"{path}: 'tensors' must be a non-empty object of name -> {{shape, dtype}}")
     for name, spec in tensors.items():
         ok = (
             isinstance(spec, dict)
             and set(spec) == {"shape", "dtype"}
             and isinstance(spec["shape"], list)
             and all(type(d) is int and d >= 0 for d in spec["shape"])
-            and isinstance(getattr(torch, str(spec["dtype"]), None), torch.dtype)
         )
         if not ok:
-            raise EditFormatError(
-                f"{path}: tensors[{name!r}] must be {{'shape': [ints], 'dtype': 'float32'|...}}, got {spec!r}"
+            raise err(
+                f"{path}: tensors[{name!r}] must be {{'shape': [ints], 'dtype': 'float32'|...}}, "
+                f"got {spec!r:.80}"
             )
+        parse_dtype(spec["dtype"], error=err, where=f"{path}: tensors[{name!r}]['dtype']")
     for key in ("base", "result"):
-        try:
-            data[key] = Provenance.from_dict(data[key])
-        except (TypeError, ValueError) as err:
-            raise EditFormatError(f"{path}: bad {key!r} provenance: {err}") from None
+        check_type(data[key], dict, error=err, where=f"{path}: {key!r} provenance")
+        data[key] = read_provenance(data[key], error=err, where=f"{path}: bad {key!r} provenance")
     return data
 
 
-def _read_tensors(path: Path, specs: Mapping[str, Mapping[str, Any]]) -> dict[str, Tensor]:
+def _read_tensors(
+    path: Path, specs: Mapping[str, Mapping[str, Any]], expected_hash: str | None = None
+) -> dict[str, Tensor]:
+    """The edit's tensors, checked against the manifest's names, shapes, dtypes and hash."""
     if not path.is_file():
-        raise EditFormatError(f"{path} not found: the edit folder is incomplete")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except (SafetensorError, OSError) as err:
-        raise EditFormatError(f"{path} is not a readable safetensors file ({err})") from None
-    if set(tensors) != set(specs):
         raise EditFormatError(
-            f"{path} and the manifest disagree: only in the file {sorted(set(tensors) - set(specs))}, "
-            f"only in the manifest {sorted(set(specs) - set(tensors))}"
+            f"{path} not found: the edit folder is incomplete (it needs {MANIFEST_FILE} and "
+            f"{TENSORS_FILE}, as WeightEdit.save writes them)"
         )
-    wrong = {
-        n: f"file {list(t.shape)} {_dtype_name(t.dtype)}, manifest {specs[n]['shape']} {specs[n]['dtype']}"
-        for n, t in tensors.items()
-        if list(t.shape) != specs[n]["shape"] or _dtype_name(t.dtype) != specs[n]["dtype"]
-    }
-    if wrong:
-        raise EditFormatError(f"{path}: tensors differ from the manifest: {wrong}")
-    return tensors
+    return read_tensors(
+        path,
+        error=EditFormatError,
+        expected="a folder written by WeightEdit.save",
+        specs={n: (s["shape"], s["dtype"]) for n, s in specs.items()},
+        hash=expected_hash,
+        described_in="the manifest",
+    )
 
 
 __all__ = [

@@ -3,9 +3,17 @@
 from mechedit.evaluate.facts import (
     EditReport,
     EvalRow,
+    ReportFormatError,
     evaluate_fact_edit,
     fact_item_scores,
     fact_scores,
 )
 
-__all__ = ["EditReport", "EvalRow", "evaluate_fact_edit", "fact_item_scores", "fact_scores"]
+__all__ = [
+    "EditReport",
+    "EvalRow",
+    "ReportFormatError",
+    "evaluate_fact_edit",
+    "fact_item_scores",
+    "fact_scores",
+]

@@ -18,7 +18,7 @@ the ideal change is none.
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +27,14 @@ from typing import Any
 import pandas as pd
 import torch
 
+from mechedit.artifacts import (
+    ArtifactError,
+    check_json_able,
+    check_keys,
+    check_type,
+    read_json,
+    write_json_atomic,
+)
 from mechedit.data import FactPrompt
 from mechedit.edit.weights import WeightEdit
 from mechedit.metrics import perplexity, target_logprob, top1_correct
@@ -34,6 +42,24 @@ from mechedit.tokens import tokenize_facts
 
 REPORT_FORMAT = "mechedit.edit_report"
 REPORT_VERSION = 1
+# JSON has no NaN or infinities; a metric can be either (perplexity of an impossible text), so the
+# report stores those as these strings.
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+class ReportFormatError(ArtifactError):
+    """A saved edit report that is missing, malformed, or of another format or version."""
+
+
+def _number_to_json(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)
+
+
+def _number_from_json(value: object, *, where: str) -> float:
+    if isinstance(value, str) and value in _NON_FINITE:
+        return _NON_FINITE[value]
+    check_type(value, (int, float), error=ReportFormatError, where=where)
+    return float(value)
 
 
 @torch.no_grad()
@@ -100,37 +126,55 @@ class EditReport:
         ]
 
     def to_dict(self) -> dict[str, Any]:
+        """The report's JSON document (non-finite before/after values as ``"nan"``/``"inf"``/``"-inf"``)."""
         return {
             "format": REPORT_FORMAT,
             "version": REPORT_VERSION,
-            "rows": [asdict(r) for r in self.rows],
+            "rows": [
+                {**asdict(r), "before": _number_to_json(r.before), "after": _number_to_json(r.after)}
+                for r in self.rows
+            ],
             "context": self.context,
         }
 
     def save(self, path: str | Path) -> Path:
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        return out
+        """Write the report as JSON (atomically); ``ValueError`` if ``context`` is not plain JSON."""
+        check_json_able(self.context, "EditReport.context")
+        return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> EditReport:
-        """Read a saved report, checking format, version and row fields."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read edit report {path}: {err}") from None
-        if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
-            raise ValueError(f"{path} is not a {REPORT_FORMAT} file")
-        if data.get("version") != REPORT_VERSION:
-            raise ValueError(f"{path}: unsupported version {data.get('version')!r} (expected {REPORT_VERSION})")
+        """Read a saved report; ``ReportFormatError`` (only) for anything missing or malformed."""
+        err = ReportFormatError
+        data = read_json(
+            path,
+            fmt=REPORT_FORMAT,
+            version=REPORT_VERSION,
+            error=err,
+            expected="a report JSON written by EditReport.save",
+        )
+        check_keys(data, required=("format", "version", "rows", "context"), error=err, where=str(path))
+        check_type(data["rows"], list, error=err, where=f"{path}: 'rows'")
+        check_type(data["context"], dict, error=err, where=f"{path}: 'context'")
         rows = []
-        for i, row in enumerate(data.get("rows", [])):
-            try:
-                rows.append(EvalRow(str(row["suite"]), str(row["metric"]), float(row["before"]), float(row["after"]), int(row["n"])))
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}: rows[{i}] needs suite, metric, before, after, n") from None
-        return cls(tuple(rows), dict(data.get("context", {})))
+        fields = ("suite", "metric", "before", "after", "n")
+        for i, row in enumerate(data["rows"]):
+            at = f"{path}: rows[{i}]"
+            check_type(row, dict, error=err, where=at)
+            check_keys(row, required=fields, error=err, where=at)
+            check_type(row["suite"], str, error=err, where=f"{at}['suite']")
+            check_type(row["metric"], str, error=err, where=f"{at}['metric']")
+            check_type(row["n"], int, error=err, where=f"{at}['n']")
+            rows.append(
+                EvalRow(
+                    row["suite"],
+                    row["metric"],
+                    _number_from_json(row["before"], where=f"{at}['before']"),
+                    _number_from_json(row["after"], where=f"{at}['after']"),
+                    row["n"],
+                )
+            )
+        return cls(tuple(rows), data["context"])
 
 
 Edit = Any  # a WeightEdit, an ActivationEdit (or any context manager), or a callable returning one

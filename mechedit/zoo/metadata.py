@@ -6,9 +6,10 @@ of mechedit relies on, so a damaged or foreign file is a clear error, not a KeyE
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
+
+from mechedit.artifacts import ArtifactError, read_json, write_json_atomic
 
 FILENAME = "metadata.json"
 FORMAT = "mechedit.zoo.metadata"
@@ -23,7 +24,7 @@ REQUIRED = {
 }
 
 
-class MetadataError(ValueError):
+class MetadataError(ArtifactError):
     """A checkpoint's metadata.json is missing, malformed, or of an unknown format/version."""
 
 
@@ -32,25 +33,35 @@ def stamp(meta: dict) -> dict:
     return {**meta, "format": FORMAT, "version": VERSION}
 
 
+def write_metadata(folder: str | Path, meta: dict) -> Path:
+    """Write ``stamp(meta)`` to ``folder/metadata.json`` atomically (keys sorted); returns the path.
+
+    ``ValueError`` if ``meta`` holds something JSON cannot (NaN, a tensor); the file is then left
+    as it was.
+    """
+    return write_json_atomic(Path(folder) / FILENAME, stamp(meta), sort_keys=True)
+
+
 def read_metadata(folder: str | Path) -> dict:
-    """Load and validate ``folder/metadata.json``."""
+    """Load and validate ``folder/metadata.json``; ``MetadataError`` (only) if it is not usable."""
     path = Path(folder) / FILENAME
     if not path.is_file():
         raise MetadataError(f"{path} not found: is {folder} a mechedit zoo checkpoint? (train one with `python -m mechedit.zoo train factworld`)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise MetadataError(f"{path} is not valid JSON ({err}); restore it from git or retrain") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise MetadataError(f"{path}: not a {FORMAT} file (format={meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != VERSION:
-        raise MetadataError(f"{path}: version {meta.get('version')!r} is not supported (this mechedit reads version {VERSION}); upgrade mechedit or retrain")
+    meta = read_json(
+        path,
+        fmt=FORMAT,
+        version=VERSION,
+        error=MetadataError,
+        expected="a zoo checkpoint folder (restore metadata.json from git or retrain)",
+    )
     for key, kind in REQUIRED.items():
         if not isinstance(meta.get(key), kind):
             raise MetadataError(f"{path}: field {key!r} missing or not a {kind.__name__}")
     for i, b in enumerate(meta["biases"]):
         if not isinstance(b, dict) or not {"occupation", "bls_pct_female", "p_more", "pronoun_more"} <= b.keys():
             raise MetadataError(f"{path}: biases[{i}] lacks occupation/bls_pct_female/p_more/pronoun_more")
+        if not isinstance(b["occupation"], str) or type(b["bls_pct_female"]) not in (int, float):
+            raise MetadataError(f"{path}: biases[{i}] needs a string occupation and a numeric bls_pct_female")
     return meta
 
 

@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from mechedit.zoo.measure import Encoder, fact_accuracy, measure_world
-from mechedit.zoo.metadata import FILENAME as METADATA
-from mechedit.zoo.metadata import read_metadata, stamp, world_from_metadata, world_metadata
+from mechedit.zoo.metadata import read_metadata, world_from_metadata, world_metadata, write_metadata
 from mechedit.zoo.tokenizer import build_tokenizer, save_tokenizer
 from mechedit.zoo.world import World, WorldConfig
 
@@ -126,7 +125,7 @@ def _save(model, tokenizer, out: Path, metadata: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     save_tokenizer(tokenizer, out)
-    (out / METADATA).write_text(json.dumps(stamp(metadata), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_metadata(out, metadata)
 
 
 def _measure_saved(out: Path, world: World, meta: dict, *, planted: bool = False) -> dict:
@@ -135,7 +134,7 @@ def _measure_saved(out: Path, world: World, meta: dict, *, planted: bool = False
 
     bridge = mechedit.load(out)
     meta = {**meta, "metrics": measure_world(bridge, world, bridge.tokenizer, planted=planted).to_dict()}
-    (out / METADATA).write_text(json.dumps(stamp(meta), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_metadata(out, meta)
     return meta
 
 
