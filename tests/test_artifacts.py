@@ -378,3 +378,16 @@ def test_fuzz_zoo_metadata_reader(tmp_path, data):
     path = write_metadata(tmp_path / "ckpt", _metadata())
     damaged = data.draw(_damage(path.read_text()))
     _fuzz(path, damaged, lambda: read_metadata(path.parent), lambda m: write_metadata(tmp_path / "again", m), MetadataError)
+
+
+def test_a_saved_edit_on_another_architecture_says_so(tiny_bridge, tmp_path):
+    import mechedit
+    from mechedit.zoo.random_model import random_checkpoint
+
+    neox = mechedit.load(random_checkpoint(tmp_path / "neox", "neox", n_layer=2, n_embd=64, n_head=4))
+    folder = zero_neurons(tiny_bridge, [(0, 1)]).save(tmp_path / "edit")
+    for check_base in (True, False):
+        with pytest.raises(
+            BaseModelMismatchError, match="this edit is for a GPT2LMHeadModel, not a GPTNeoXForCausalLM"
+        ):
+            WeightEdit.load(folder).apply(neox, check_base=check_base)
