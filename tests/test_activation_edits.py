@@ -64,9 +64,9 @@ def test_edit_changes_logits_inside_and_restores_them_bit_exactly(tiny_bridge, t
         + [Component("head", 1, head=2)],
     )
     with ablate(tiny_bridge, circuit) as edit:
-        assert edit.applied
+        assert edit.is_applied
         inside = _run(tiny_bridge, tokens)
-    assert not edit.applied
+    assert not edit.is_applied
     assert (inside - before).abs().max() > 1e-3
     assert torch.equal(_run(tiny_bridge, tokens), before)
     assert _hook_count(tiny_bridge) == hooks_before
@@ -260,7 +260,7 @@ def test_mean_over_prompts_of_different_lengths(tiny_bridge):
 
 def test_per_position_mean_needs_a_long_enough_reference(tiny_bridge, tokens):
     with pytest.raises(
-        ValueError, match="per-position mean covers 3 positions but the input has 6"
+        ValueError, match="per-position source covers 3 positions but the input has 6"
     ):
         with ablate(
             tiny_bridge, [Component("mlp", 0)], mode="mean", reference=["w1 w2"], per_position=True
