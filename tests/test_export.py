@@ -17,8 +17,8 @@ from transformers import (
 )
 
 import mechedit
+from mechedit.edit.export import export_hf
 from mechedit.edit.weights import BaseModelMismatchError, WeightEdit, zero_neurons
-from mechedit.export import export_hf
 from mechedit.hf import hf_parameter, hf_parameters, hf_state_dict
 from mechedit.provenance import weights_hash
 from mechedit.zoo import random_gpt2_checkpoint
