@@ -326,7 +326,7 @@ class Intervention:
 
         def fit(t: Tensor, lead: tuple[int, ...], what: str) -> Tensor:
             # t is [*lead] or [*lead, *token]; returns [*lead, unit, feature] broadcastable
-            if t.ndim == len(lead):
+            if tuple(t.shape) == lead:
                 t = t.reshape(*lead, 1, 1)
             elif tuple(t.shape) == (*lead, *token):
                 t = t.reshape(*lead, *units.shape[2:])
