@@ -133,7 +133,7 @@ def test_last_position_is_each_rows_last_real_token(tiny_bridge, side):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_activation_edit_pos_minus_one_matches_unpadded_runs(tiny_bridge, side):
     batch = tokenize_prompts(tiny_bridge, RAGGED, padding_side=side)
-    circuit = Circuit((Component("neuron", 1, neuron=j, pos=-1) for j in range(0, 256, 2)))
+    circuit = Circuit(tuple(Component("neuron", 1, neuron=j, pos=-1) for j in range(0, 256, 2)))
     edit = ablate(tiny_bridge, circuit)
     with torch.no_grad():
         with edit.applied(tiny_bridge, attention_mask=batch):
