@@ -287,28 +287,25 @@ class Intervention:
                     f"mask has shape {tuple(mask.shape)} but {self.hook_name} needs {want}"
                 )
             return mask[:, :, None].expand(batch, seq, n_units) if mask.ndim == 2 else mask
-        sizes = (batch, seq, n_units)
-        given = [(k, t.to(device)) for k, t in enumerate((self.rows, self.positions, self.units)) if t is not None]
-        shape = torch.broadcast_shapes(*(t.shape for _, t in given)) if given else torch.Size()
-        free = [k for k in range(3) if k not in dict(given)]
-        index: list[Tensor] = [None, None, None]  # type: ignore[list-item]
-        for k, t in given:
-            index[k] = t.expand(shape).reshape(*shape, *([1] * len(free)))
-        for j, k in enumerate(free):
-            view = [1] * (len(shape) + len(free))
-            view[len(shape) + j] = sizes[k]
-            index[k] = torch.arange(sizes[k], device=device).view(view)
-        r, p, u = torch.broadcast_tensors(*index)
+        r, p, u = (None if t is None else t.to(device) for t in (self.rows, self.positions, self.units))
         for name, t, size in (("rows", r, batch), ("units", u, n_units)):
-            if t.numel() and int(t.max()) >= size:
+            if t is not None and t.numel() and int(t.max()) >= size:
                 raise ValueError(
                     f"{name} {sorted(set(t[t >= size].tolist()))[:5]} out of range at "
                     f"{self.hook_name}: it has {size} {name} (0..{size - 1})"
                 )
-        if self.positions is not None:
+        if p is not None:
+            # a position resolves against its row's real tokens, so every cell needs its row
+            if r is None:
+                ndim = max(p.ndim, 0 if u is None else u.ndim)
+                r = torch.arange(batch, device=device).view(batch, *([1] * ndim))
+            r, p, *rest = torch.broadcast_tensors(r, p, *([] if u is None else [u]))
+            u = rest[0] if rest else None
             p = _resolve_positions(p, r, rows, seq)
-        selected = torch.zeros(sizes, dtype=torch.bool, device=device)
-        selected[r, p, u] = True
+        # free axes stay slices: no [batch, pos, unit] grid of indices is built
+        index = tuple(slice(None) if t is None else t for t in (r, p, u))
+        selected = torch.zeros(batch, seq, n_units, dtype=torch.bool, device=device)
+        selected[index] = True
         if self.positions is None and rows is not None:
             selected &= rows.mask[:, :, None]  # "every position" means every real token
         return selected
