@@ -8,6 +8,7 @@ the shared core's main names; each stage lives in its own subpackage (``locate``
 from mechedit.circuit import Circuit
 from mechedit.components import Component
 from mechedit.data import FactPrompt, PromptPair, load_counterfact, load_known
+from mechedit.interventions import Intervention, patch
 from mechedit.models import ModelNotFoundError, load
 from mechedit.scores import Scores
 
@@ -17,6 +18,7 @@ __all__ = [
     "Circuit",
     "Component",
     "FactPrompt",
+    "Intervention",
     "ModelNotFoundError",
     "PromptPair",
     "Scores",
@@ -24,4 +26,5 @@ __all__ = [
     "load",
     "load_counterfact",
     "load_known",
+    "patch",
 ]

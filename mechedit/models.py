@@ -57,6 +57,19 @@ def resolve(name_or_dir: str | os.PathLike) -> str:
     return text
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s parameters: where its token inputs must go.
+
+    Every function that runs a model moves its tokens there (``tokens.to(model_device(model))``)
+    and builds masks on the device of the activations it sees, so a model loaded with
+    ``load(..., device="cuda")`` works without further arguments. A model without parameters
+    falls back to ``model.cfg.device`` and then the CPU.
+    """
+    for param in model.parameters():
+        return param.device
+    return torch.device(getattr(getattr(model, "cfg", None), "device", None) or "cpu")
+
+
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
 

@@ -97,7 +97,7 @@ before_after(table[table["metric"] == "accuracy"], title="accuracy before and af
 # %%
 from pathlib import Path  # noqa: E402
 
-from mechedit.export import export_hf  # noqa: E402
+from mechedit.edit.export import export_hf  # noqa: E402
 
 edit = zero_neurons(model, circuit)
 export_hf(model, "runs/quickstart/hf_checkpoint", edit=edit, overwrite=True)

@@ -64,9 +64,9 @@ def test_edit_changes_logits_inside_and_restores_them_bit_exactly(tiny_bridge, t
         + [Component("head", 1, head=2)],
     )
     with ablate(tiny_bridge, circuit) as edit:
-        assert edit.applied
+        assert edit.is_applied
         inside = _run(tiny_bridge, tokens)
-    assert not edit.applied
+    assert not edit.is_applied
     assert (inside - before).abs().max() > 1e-3
     assert torch.equal(_run(tiny_bridge, tokens), before)
     assert _hook_count(tiny_bridge) == hooks_before
@@ -260,7 +260,7 @@ def test_mean_over_prompts_of_different_lengths(tiny_bridge):
 
 def test_per_position_mean_needs_a_long_enough_reference(tiny_bridge, tokens):
     with pytest.raises(
-        ValueError, match="per-position mean covers 3 positions but the input has 6"
+        ValueError, match="per-position source covers 3 positions but the input has 6"
     ):
         with ablate(
             tiny_bridge, [Component("mlp", 0)], mode="mean", reference=["w1 w2"], per_position=True
@@ -346,3 +346,134 @@ def test_scores_to_circuit_file_to_edit(tiny_bridge, tokens, tmp_path):
     description = edit.to_dict()
     assert description["mode"] == "zero" and description["positions"] == [1, -1]
     assert Circuit.from_dict(description["circuit"]) == circuit
+
+
+# -- the edit protocol: apply(model) / applied(model) / save / load --------------------------------
+
+
+def test_activation_edits_follow_the_edit_protocol(tiny_bridge):
+    from mechedit.edit import Edit, zero_neurons
+
+    assert isinstance(ablate(tiny_bridge, [Component("neuron", 0, neuron=1)]), Edit)
+    assert isinstance(zero_neurons(tiny_bridge, [(0, 1)]), Edit)
+    assert not isinstance(object(), Edit)
+
+
+@pytest.mark.parametrize(
+    ("circuit", "kwargs"),
+    [
+        ([Component("neuron", 0, neuron=j) for j in (3, 50, 200)] + [Component("head", 1, head=2, pos=-1)], {}),
+        (
+            [Component("neuron", 1, neuron=j) for j in range(40)] + [Component("resid_mid", 0)],
+            {"mode": "mean", "reference": ["w1 w2 w3", "w4 w5 w6 w7 w8"], "exclude_bos": True},
+        ),
+        ([Component("head", 0, head=1)], {"mode": "mean", "reference": ["w5 w6 w7 w8 w9 w10 w11"], "per_position": True}),
+        ([Component("mlp", 1)], {"mode": "scale", "scale": 0.5, "positions": [1, -1]}),
+    ],
+)
+def test_save_then_load_into_a_fresh_model_gives_identical_logits(
+    tiny_bridge, tiny_gpt2_dir, tokens, tmp_path, circuit, kwargs
+):
+    import os
+
+    import mechedit
+    from mechedit.edit import ActivationEdit, load_edit
+
+    edit = ablate(tiny_bridge, circuit, **kwargs)
+    with edit.applied(tiny_bridge):
+        expected = _run(tiny_bridge, tokens)
+    assert not torch.equal(expected, _run(tiny_bridge, tokens))
+    folder = edit.save(tmp_path / "edit")
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(folder):
+        assert (folder / name).stat().st_mode & 0o777 == 0o644 & ~umask, name
+
+    fresh = mechedit.load(tiny_gpt2_dir)
+    loaded = ActivationEdit.load(folder)
+    assert type(load_edit(folder)) is ActivationEdit
+    with pytest.raises(RuntimeError, match="no model"):
+        loaded.apply()
+    with loaded.applied(fresh) as model:
+        assert model is fresh and loaded.is_applied
+        assert torch.equal(_run(fresh, tokens), expected)
+    assert not loaded.is_applied
+    assert torch.equal(_run(fresh, tokens), _run(tiny_bridge, tokens))
+    assert loaded.manifest() == edit.manifest()
+    for name, mean in edit.means.items():
+        assert torch.equal(loaded.means[name], mean.cpu())
+
+
+def test_loaded_edit_refuses_a_model_with_other_weights(tiny_bridge, tiny_gpt2_dir, tokens, tmp_path):
+    import mechedit
+    from mechedit.edit import ActivationEdit, BaseModelMismatchError
+
+    edit = ablate(tiny_bridge, [Component("neuron", 0, neuron=4)], mode="mean", reference=[PROMPT])
+    folder = edit.save(tmp_path / "edit")
+    other = mechedit.load(tiny_gpt2_dir)
+    with torch.no_grad():
+        parameter_names(other)["transformer.h.0.mlp.c_fc.bias"][0] += 1.0
+    loaded = ActivationEdit.load(folder)
+    with pytest.raises(BaseModelMismatchError, match="built on weights"):
+        loaded.apply(other)
+    assert _hook_count(other) == 0 and not loaded.is_applied
+    unedited = _run(other, tokens)
+    with loaded.applied(other, check_base=False):
+        assert not torch.equal(_run(other, tokens), unedited)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        edit.save(folder)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda m: m.update(version=2), "newer mechedit"),
+        (lambda m: m.pop("circuit"), r"missing \['circuit'\]"),
+        (lambda m: m.update(mode="erase"), "mode 'erase' is not known"),
+        (lambda m: m.update(per_position="yes"), "'per_position' must be bool"),
+        (lambda m: m["circuit"].update(format="x"), "'circuit'"),
+        (lambda m: m.update(means={}), "'means' must list exactly the hooks"),
+        (lambda m: m["base"].pop("weights_hash"), "missing"),
+    ],
+)
+def test_malformed_activation_edit_folders_are_refused(tiny_bridge, tmp_path, damage, message):
+    import json
+
+    from mechedit.edit import ActivationEdit, EditFormatError
+
+    edit = ablate(tiny_bridge, [Component("neuron", 0, neuron=4)], mode="mean", reference=[PROMPT])
+    folder = edit.save(tmp_path / "edit")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    damage(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EditFormatError, match=message):
+        ActivationEdit.load(folder)
+
+
+def test_missing_or_damaged_means_file_is_a_format_error(tiny_bridge, tmp_path):
+    from mechedit.edit import ActivationEdit, EditFormatError
+
+    edit = ablate(tiny_bridge, [Component("mlp", 0)], mode="mean", reference=[PROMPT])
+    folder = edit.save(tmp_path / "edit")
+    (folder / "means.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(EditFormatError, match="not a readable safetensors file"):
+        ActivationEdit.load(folder)
+    (folder / "means.safetensors").unlink()
+    with pytest.raises(EditFormatError, match="incomplete"):
+        ActivationEdit.load(folder)
+    with pytest.raises(EditFormatError, match="not found"):
+        ActivationEdit.load(tmp_path / "nowhere")
+
+
+def test_revert_on_another_model_object_is_refused(tiny_bridge, tiny_gpt2_dir):
+    import mechedit
+    from mechedit.edit import EditStateError
+
+    edit = ablate(tiny_bridge, [Component("neuron", 0, neuron=4)])
+    edit.apply(tiny_bridge)
+    try:
+        with pytest.raises(EditStateError, match="different model"):
+            edit.revert(mechedit.load(tiny_gpt2_dir))
+    finally:
+        edit.revert(tiny_bridge)
+    assert _hook_count(tiny_bridge) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +18,8 @@ from transformers import (
 )
 
 import mechedit
+from mechedit.edit.export import export_hf
 from mechedit.edit.weights import BaseModelMismatchError, WeightEdit, zero_neurons
-from mechedit.export import export_hf
 from mechedit.hf import hf_parameter, hf_parameters, hf_state_dict
 from mechedit.provenance import weights_hash
 from mechedit.zoo import random_gpt2_checkpoint
@@ -242,3 +243,35 @@ def test_weights_the_bridge_copies_cannot_be_edited(tmp_path):
     with pytest.raises(KeyError, match="own copies"):
         hf_parameter(bridge, "gpt_neox.layers.0.attention.query_key_value.weight")
     assert "gpt_neox.layers.0.attention.query_key_value.weight" in hf_state_dict(bridge)
+
+
+def test_the_core_imports_no_stage_and_export_lives_with_the_edits():
+    import subprocess
+    import sys
+
+    core = "mechedit, mechedit.circuit, mechedit.components, mechedit.hf, mechedit.interventions, mechedit.models, mechedit.provenance, mechedit.scores, mechedit.metrics, mechedit.tokens"
+    code = (
+        f"import sys; import {core}; "
+        "stages = [m for m in sys.modules if m.split('.')[:2] in (['mechedit', s] for s in ('edit', 'locate', 'evaluate', 'viz'))]; "
+        "print(stages); sys.exit(1 if stages else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    package = Path(mechedit.__file__).parent
+    assert not (package / "export.py").exists() and (package / "edit" / "export.py").is_file()
+
+
+def test_export_of_a_recorded_training_run_matches_the_trained_model(model, tmp_path):
+    tokens = model.to_tokens(PROMPTS)
+    names = ["transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.bias"]
+    with WeightEdit.recording(model, names) as rec:
+        params = [hf_parameter(model, n) for n in names]
+        loss = model(tokens, return_type="loss")
+        with torch.no_grad():
+            for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
+                p -= 0.5 * g
+    trained = _logits(model, tokens)
+    rec.edit.revert(model)
+    out = export_hf(model, tmp_path / "export", edit=rec.edit)
+    assert (_hf_logits(out, tokens) - trained).abs().max().item() <= 1e-5
+    assert (_logits(model, tokens) - trained).abs().max().item() > 1e-4  # the model was reverted

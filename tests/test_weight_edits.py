@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import mechedit
+from mechedit.artifacts import tensors_hash
 from mechedit.edit.weights import (
     BaseModelMismatchError,
     EditFormatError,
@@ -470,3 +471,145 @@ def test_zero_neurons_accepts_a_neuron_circuit(tiny_gpt2_dir):
     pinned = Circuit((Component("neuron", 0, neuron=2, pos=1),))
     with pytest.raises(ValueError, match="activation edit"):
         zero_neurons(model, pinned)
+
+
+# --- NaN / inf, bitwise comparison ----------------------------------------------------------------
+
+
+def test_bitwise_equal_compares_stored_bits():
+    from mechedit.edit.weights import bitwise_equal
+
+    nan = torch.tensor([1.0, float("nan"), 0.0])
+    assert bitwise_equal(nan, nan.clone())  # torch.equal says False here
+    assert not torch.equal(nan, nan.clone())
+    assert not bitwise_equal(torch.tensor([0.0]), torch.tensor([-0.0]))  # torch.equal says True
+    assert not bitwise_equal(torch.zeros(2), torch.zeros(2, dtype=torch.float64))
+    assert bitwise_equal(torch.arange(3), torch.arange(3))
+    half = torch.tensor([float("nan"), 2.0], dtype=torch.bfloat16)
+    assert bitwise_equal(half, half.clone())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_edits_are_refused_when_built(base, bad):
+    name = "transformer.h.0.mlp.c_fc.bias"
+    value = hf_parameter(base, name).detach().clone()
+    value[3] = bad
+    with pytest.raises(ValueError, match=r"finite values.*transformer.h.0.mlp.c_fc.bias': 1"):
+        WeightEdit.from_new_tensors(base, {name: value})
+
+
+def test_saved_edit_holding_nan_is_a_format_error(saved_edit, tmp_path):
+    folder = tmp_path / "edit"
+    shutil.copytree(saved_edit, folder)
+    with safe_open(str(folder / "tensors.safetensors"), framework="pt") as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118
+    first = sorted(tensors)[0]
+    tensors[first].view(-1)[0] = float("nan")
+    save_file(tensors, str(folder / "tensors.safetensors"), metadata={"format": "mechedit.weight_edit"})
+    # re-pin the hash so the load reaches the value check, not the tamper check
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["tensors_hash"] = tensors_hash(tensors)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EditFormatError, match="finite"):
+        WeightEdit.load(folder)
+
+
+def test_revert_restores_a_base_holding_nan_bit_exactly(model):
+    # A NaN in an untouched parameter must not make revert blame "another edit".
+    name, other = "transformer.h.0.mlp.c_fc.bias", "transformer.h.1.mlp.c_fc.bias"
+    with torch.no_grad():
+        hf_parameter(model, other)[0] = float("nan")
+    before = {n: t.clone() for n, t in hf_state_dict(model).items()}
+    edit = WeightEdit.from_new_tensors(model, {name: torch.zeros_like(hf_parameter(model, name))})
+    edit.apply(model)
+    edit.revert(model)
+    from mechedit.edit.weights import bitwise_equal
+
+    assert all(bitwise_equal(t, before[n]) for n, t in hf_state_dict(model).items())
+
+
+# --- recording a training run ---------------------------------------------------------------------
+
+
+def _train(model, names, tokens, steps=2):
+    params = [hf_parameter(model, n) for n in names]
+    opt = torch.optim.SGD(params, lr=0.5)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(tokens, return_type="loss")
+        loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def test_recording_a_training_run_gives_an_applied_edit_that_reverts_bit_exactly(
+    model, tokens, tiny_gpt2_dir, tmp_path
+):
+    names = ["transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight", "transformer.h.0.mlp.c_fc.bias"]
+    original = {n: t.clone() for n, t in hf_state_dict(model).items()}
+    hash_before = weights_hash(model)
+    with WeightEdit.recording(model, names, kind="sgd", params_meta={"lr": 0.5}) as rec:
+        assert rec.edit is None
+        _train(model, names, tokens)
+    trained = _logits(model, tokens)
+    edit = rec.edit
+    assert edit.is_applied and edit.kind == "sgd" and dict(edit.params) == {"lr": 0.5}
+    assert set(edit.names) == set(names)
+    assert edit.base.weights_hash == hash_before and edit.result.weights_hash == weights_hash(model)
+    assert not torch.equal(trained, _logits(mechedit.load(tiny_gpt2_dir), tokens))  # still trained
+
+    folder = edit.save(tmp_path / "edit")
+    edit.revert(model)
+    state = hf_state_dict(model)
+    assert all(torch.equal(state[n], original[n]) for n in state)
+    assert weights_hash(model) == hash_before
+
+    fresh = mechedit.load(tiny_gpt2_dir)
+    with WeightEdit.load(folder).applied(fresh):
+        assert torch.equal(_logits(fresh, tokens), trained)
+
+
+def test_recording_refuses_nothing_changed_and_unknown_names(model, tokens):
+    with pytest.raises(ValueError, match="changed none of the 1 recorded"):
+        with WeightEdit.recording(model, ["transformer.h.0.mlp.c_fc.bias"]):
+            pass
+    with pytest.raises(KeyError, match="not editable HF parameters"):
+        with WeightEdit.recording(model, ["transformer.h.9.mlp.c_fc.bias"]):
+            pass
+    with pytest.raises(ValueError, match="not one string"):
+        with WeightEdit.recording(model, "transformer.h.0.mlp.c_fc.bias"):
+            pass
+
+
+def test_recording_a_diverged_run_is_refused_and_can_be_restored(model):
+    name = "transformer.h.0.mlp.c_fc.bias"
+    original = hf_parameter(model, name).detach().clone()
+    with pytest.raises(ValueError, match="finite values.*handle.restore"):
+        with WeightEdit.recording(model, [name]) as rec:
+            with torch.no_grad():
+                hf_parameter(model, name)[0] = float("nan")
+    assert rec.edit is None
+    rec.restore()
+    assert torch.equal(hf_parameter(model, name).detach(), original)
+
+
+@pytest.mark.skipif(
+    not hasattr(__import__("mechedit.hf", fromlist=["hf"]), "circuit_parameters"),
+    reason="mechedit.hf.circuit_parameters is added on another branch",
+)
+def test_recording_a_circuit_keeps_its_masks(model, tokens):
+    from mechedit.circuit import Circuit
+    from mechedit.components import Component
+
+    circuit = Circuit((Component("neuron", 1, neuron=7),))
+    with WeightEdit.recording(model, circuit) as rec:
+        params = {n: hf_parameter(model, n) for n in rec.masks}
+        loss = model(tokens, return_type="loss")
+        grads = torch.autograd.grad(loss, list(params.values()))
+        with torch.no_grad():
+            for (n, p), g in zip(params.items(), grads, strict=True):
+                p -= 0.5 * g * rec.masks[n]
+    for n in rec.edit.names:
+        changed = rec.edit.new_tensors[n] != rec.snapshot[n].cpu()
+        assert not (changed & ~rec.masks[n].cpu()).any()
+    rec.edit.revert(model)

@@ -1,10 +1,17 @@
-"""Edits: temporary activation edits (hooks) and permanent, revertible weight edits."""
+"""Edits: temporary activation edits (hooks) and permanent, revertible weight edits.
+
+Both kinds follow one protocol, ``Edit`` (``apply(model)``, ``revert(model)``,
+``applied(model)``, ``save(dir)``, ``load(dir)``); ``export.export_hf`` writes a model with a
+weight edit as a plain Hugging Face checkpoint.
+"""
 
 from mechedit.edit.activation import MODES, ActivationEdit, ablate, mean_activations
+from mechedit.edit.protocol import Edit, load_edit
 from mechedit.edit.weights import (
     BaseModelMismatchError,
     EditFormatError,
     EditStateError,
+    Recording,
     WeightEdit,
     zero_neurons,
 )
@@ -13,10 +20,13 @@ __all__ = [
     "MODES",
     "ActivationEdit",
     "BaseModelMismatchError",
+    "Edit",
     "EditFormatError",
     "EditStateError",
+    "Recording",
     "WeightEdit",
     "ablate",
+    "load_edit",
     "mean_activations",
     "zero_neurons",
 ]

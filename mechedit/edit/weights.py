@@ -7,7 +7,12 @@ edited result. Every edit kind is a thin constructor over that one form:
 * ``zero_neurons(model, neurons=[(layer, j), ...])`` zeroes MLP neurons in the weights;
 * ``WeightEdit.from_new_tensors(model, {hf_name: tensor})`` for any computed update (a PCGU
   partition step, a masked fine-tune's result);
-* ``WeightEdit.from_diff(before, after)`` for whatever differs between two models.
+* ``WeightEdit.from_diff(before, after)`` for whatever differs between two models;
+* ``with WeightEdit.recording(model, names) as rec: <train>`` then ``rec.edit`` for whatever a
+  training loop did to the named parameters (already applied; ``rec.edit.revert(model)``
+  restores the snapshot bit-exactly).
+
+New values must be finite: an edit holding NaN or infinity is refused when it is built.
 
 On disk an edit is a folder: ``tensors.safetensors`` (only the changed tensors, HF names) and
 ``manifest.json``::
@@ -126,6 +131,7 @@ class WeightEdit:
             )
         if not isinstance(base, Provenance) or not isinstance(result, Provenance):
             raise TypeError("base and result must be mechedit.provenance.Provenance objects")
+        _check_finite(new_tensors)
         self.kind = kind
         self.params: Mapping[str, Any] = MappingProxyType(params)
         self.architecture = architecture
@@ -193,7 +199,7 @@ class WeightEdit:
         changed: dict[str, Tensor] = {}
         seen: set[int] = set()
         for name, param in live_after.items():
-            if id(param) in seen or torch.equal(param.detach(), old[name].to(param.device)):
+            if id(param) in seen or bitwise_equal(param.detach(), old[name].to(param.device)):
                 continue
             seen.add(id(param))
             changed[name] = param.detach()
@@ -207,6 +213,58 @@ class WeightEdit:
             base=Provenance.of(before),
             result=Provenance.of(after),
         )
+
+    @classmethod
+    @contextmanager
+    def recording(
+        cls,
+        model: torch.nn.Module,
+        params: Iterable[str] | Circuit,
+        *,
+        kind: str = "recorded",
+        params_meta: Mapping[str, Any] | None = None,
+    ) -> Iterator[Recording]:
+        """Snapshot parameters, let any training run in the block, and record what it changed.
+
+        ``params`` names HF parameters (``hf_parameters(model)`` keys) or is a ``Circuit``, whose
+        parameters ``mechedit.hf.circuit_parameters(model, circuit)`` lists (its masks are kept
+        on the handle as ``masks``). Inside the block, change those parameters in place however
+        you like (an optimiser over them, ``copy_``); the snapshot is taken on entry. On a clean
+        exit the handle's ``edit`` is a ``WeightEdit`` (``kind``, ``params_meta`` as its params)
+        holding the new values of every recorded parameter that changed, with ``base`` = the
+        snapshot and ``result`` = the model now; it is **already applied** to ``model``, so the
+        model stays trained until ``handle.edit.revert(model)`` restores the snapshot
+        bit-exactly. Nothing is restored on exit; after an exception ``handle.restore()`` puts
+        the snapshot back. Changing other parameters in the block is not recorded (and makes
+        ``result`` describe them too): keep training to the recorded ones.
+        """
+        masks: dict[str, Tensor] | None = None
+        if isinstance(params, Circuit):
+            from mechedit.hf import circuit_parameters  # late: added to mechedit.hf in parallel
+
+            masks = dict(circuit_parameters(model, params))
+            names = list(masks)
+        elif isinstance(params, str):
+            raise ValueError(f"params must be a list of parameter names, not one string: [{params!r}]")
+        else:
+            names = list(dict.fromkeys(params))
+        if not names:
+            raise ValueError("nothing to record: params names no parameter")
+        live = hf_parameters(model)
+        unknown = [n for n in names if n not in live]
+        if unknown:
+            raise KeyError(
+                f"params names {unknown}, which are not editable HF parameters of this model; "
+                "see mechedit.hf.hf_parameters(model).keys()"
+            )
+        handle = Recording(
+            model=model,
+            snapshot={n: live[n].detach().clone() for n in names},
+            base=Provenance.of(model),
+            masks=masks,
+        )
+        yield handle
+        handle._finish(cls, kind=kind, params=params_meta or {})
 
     # --- what the edit holds ------------------------------------------------------------------
 
@@ -274,7 +332,7 @@ class WeightEdit:
             )
         live = hf_parameters(model)
         # Restoring over later changes would silently undo them too, so refuse.
-        moved = [n for n in self._new if not torch.equal(live[n].detach().cpu(), self._new[n])]
+        moved = [n for n in self._new if not bitwise_equal(live[n].detach().cpu(), self._new[n])]
         if moved:
             raise EditStateError(
                 f"parameters {moved} changed after this edit was applied (another edit or training "
@@ -360,6 +418,74 @@ class WeightEdit:
             raise EditFormatError(f"{folder}: {err}") from None
 
 
+class Recording:
+    """What ``WeightEdit.recording`` yields: the snapshot, and ``edit`` once the block has ended.
+
+    Attributes:
+        model: the recorded model.
+        snapshot: HF name -> the parameter's value on entry (a clone, on the model's device).
+        base: provenance of the model on entry.
+        masks: for a recorded ``Circuit``, HF name -> boolean mask of the entries it covers
+            (``mechedit.hf.circuit_parameters``); ``None`` for names.
+        edit: the resulting ``WeightEdit`` (applied to ``model``), ``None`` until a clean exit.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        snapshot: dict[str, Tensor],
+        base: Provenance,
+        masks: dict[str, Tensor] | None,
+    ) -> None:
+        self.model = model
+        self.snapshot = snapshot
+        self.base = base
+        self.masks = masks
+        self.edit: WeightEdit | None = None
+
+    def restore(self) -> None:
+        """Write the snapshot back into the model, bit-exactly (also after an exception)."""
+        if self.edit is not None and self.edit.is_applied:
+            self.edit.revert(self.model)
+            return
+        _write(hf_parameters(self.model), self.snapshot)
+
+    def _finish(self, cls: type[WeightEdit], *, kind: str, params: Mapping[str, Any]) -> None:
+        live = hf_parameters(self.model)
+        changed: dict[str, Tensor] = {}
+        seen: set[int] = set()
+        for name, old in self.snapshot.items():
+            param = live[name]
+            if id(param) in seen or bitwise_equal(param.detach(), old):
+                continue
+            seen.add(id(param))
+            changed[name] = param.detach()
+        if not changed:
+            raise ValueError(
+                f"the block changed none of the {len(self.snapshot)} recorded parameters: there "
+                "is no edit to record (did the optimiser get these parameters?)"
+            )
+        try:
+            edit = cls(
+                kind=kind,
+                params=params,
+                architecture=architecture(self.model),
+                new_tensors=changed,
+                base=self.base,
+                result=Provenance.of(self.model),
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"{err}. The model still holds the trained values; handle.restore() puts the "
+                "snapshot back"
+            ) from None
+        # The model already holds the result: mark it applied, with the snapshot to revert to.
+        edit._model = self.model
+        edit._originals = {n: self.snapshot[n] for n in changed}
+        self.edit = edit
+
+
 def zero_neurons(
     model: torch.nn.Module,
     neurons: Iterable[Sequence[int]] | Int[Tensor, "n 2"] | Circuit,
@@ -440,6 +566,36 @@ def _neuron_pairs(neurons: Iterable[Sequence[int]] | Tensor | Circuit) -> Tensor
     return torch.unique(pairs.long(), dim=0)  # unique(dim=0) also sorts by layer, then index
 
 
+def bitwise_equal(a: Tensor, b: Tensor) -> bool:
+    """True when two tensors have one shape and dtype and identical bits (NaN equals itself).
+
+    ``torch.equal`` says NaN != NaN and 0.0 == -0.0; restoring or comparing weights needs the
+    stored bits, so floating tensors are compared as integers of the same width.
+    """
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        if a.is_complex():
+            a, b = torch.view_as_real(a), torch.view_as_real(b)
+            width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(width), b.to(a.device).contiguous().view(width))
+    return torch.equal(a, b.to(a.device))
+
+
+def _check_finite(tensors: Mapping[str, Tensor]) -> None:
+    bad = {
+        n: int((~torch.isfinite(t)).sum())
+        for n, t in tensors.items()
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
+    }
+    if bad:
+        raise ValueError(
+            "an edit must hold finite values; NaN or infinite entries (count per tensor): "
+            f"{bad}. Check the update that produced them (a diverged training step?)"
+        )
+
+
 def _check_tensors(live: Mapping[str, Tensor], new: Mapping[str, Tensor], *, where: str) -> None:
     unknown = [n for n in new if n not in live]
     if unknown:
@@ -460,7 +616,7 @@ def _check_ties(live: Mapping[str, torch.nn.Parameter], new: Mapping[str, Tensor
     by_param: dict[int, str] = {}
     for name, tensor in new.items():
         other = by_param.setdefault(id(live[name]), name)
-        if other != name and not torch.equal(new[other], tensor):
+        if other != name and not bitwise_equal(new[other], tensor):
             raise ValueError(
                 f"{other!r} and {name!r} are one tied parameter but were given different values; "
                 "give only one of them"
@@ -551,6 +707,8 @@ __all__ = [
     "BaseModelMismatchError",
     "EditFormatError",
     "EditStateError",
+    "Recording",
     "WeightEdit",
+    "bitwise_equal",
     "zero_neurons",
 ]

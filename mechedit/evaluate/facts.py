@@ -36,8 +36,10 @@ from mechedit.artifacts import (
     write_json_atomic,
 )
 from mechedit.data import FactPrompt
-from mechedit.edit.weights import WeightEdit
+from mechedit.edit import Edit
+from mechedit.interventions import real_tokens
 from mechedit.metrics import perplexity, target_logprob, top1_correct
+from mechedit.models import model_device
 from mechedit.tokens import tokenize_facts
 
 REPORT_FORMAT = "mechedit.edit_report"
@@ -64,13 +66,19 @@ def _number_from_json(value: object, *, where: str) -> float:
 
 @torch.no_grad()
 def fact_item_scores(model: Any, facts: Sequence[FactPrompt], *, batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Per-fact ``[n]`` tensors: ``p_target``, ``accuracy`` (and ``p_new``, ``new_beats_true``)."""
+    """Per-fact ``[n]`` tensors: ``p_target``, ``accuracy`` (and ``p_new``, ``new_beats_true``).
+
+    Each batch runs inside ``real_tokens(batch)``, so an applied activation edit at ``pos=-1``
+    edits every prompt's own last token. Tensors are on the model's device.
+    """
     if not facts:
         raise ValueError("no facts to score")
+    device = model_device(model)
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(facts), batch_size):
         batch = tokenize_facts(model, list(facts[start : start + batch_size]))
-        logits = model(batch.tokens)
+        with real_tokens(batch):
+            logits = model(batch.tokens.to(device))
         lp_true = target_logprob(logits, batch.target_ids, batch.last_positions)
         row = {
             "p_target": lp_true.exp(),
@@ -177,24 +185,18 @@ class EditReport:
         return cls(tuple(rows), data["context"])
 
 
-Edit = Any  # a WeightEdit, an ActivationEdit (or any context manager), or a callable returning one
-
-
 @contextlib.contextmanager
-def _applied(model: Any, edit: Edit) -> Iterator[None]:
-    if isinstance(edit, WeightEdit):
+def _applied(model: Any, edit: Edit | Callable[[], contextlib.AbstractContextManager[Any]]) -> Iterator[None]:
+    if isinstance(edit, Edit):
         with edit.applied(model):
-            yield
-    elif hasattr(edit, "__enter__") and hasattr(edit, "__exit__"):
-        with edit:
             yield
     elif callable(edit):
         with edit():
             yield
     else:
         raise TypeError(
-            "edit must be a WeightEdit, an activation edit such as ablate(model, circuit), or a "
-            f"callable returning a context manager; got {type(edit).__name__}"
+            "edit must be an Edit (a WeightEdit, or an activation edit such as "
+            f"ablate(model, circuit)) or a callable returning a context manager; got {type(edit).__name__}"
         )
 
 
@@ -208,7 +210,7 @@ def _measure(model, suites: dict[str, Sequence[FactPrompt]], texts: Sequence[str
 def evaluate_fact_edit(
     model: Any,
     *,
-    edit: Edit,
+    edit: Edit | Callable[[], contextlib.AbstractContextManager[Any]],
     edited: Sequence[FactPrompt],
     paraphrases: Sequence[FactPrompt] = (),
     neighbours: Sequence[FactPrompt] = (),
@@ -220,7 +222,8 @@ def evaluate_fact_edit(
 ) -> EditReport:
     """Measure every suite on ``model`` as it is, then with ``edit`` applied, and report both.
 
-    ``edit`` is a ``WeightEdit``, an activation edit (``ablate(model, circuit)``), or a
+    ``edit`` is an ``Edit`` (``mechedit.edit.Edit``: a ``WeightEdit`` or an activation edit
+    such as ``ablate(model, circuit)``), applied with ``edit.applied(model)``, or a
     zero-argument callable returning a context manager. The model is left exactly as it was
     given. ``extra`` adds named fact suites (e.g. the same subject's other facts). Empty suites
     are skipped.

@@ -31,6 +31,7 @@ from mechedit.components import hook_name
 from mechedit.data import FactPrompt
 from mechedit.gradients import activations_and_gradients
 from mechedit.metrics import target_logprob
+from mechedit.models import model_device
 from mechedit.provenance import Provenance
 from mechedit.scores import Scores
 from mechedit.tokens import subject_token_positions, tokenize_facts
@@ -65,8 +66,11 @@ class NeuronAttributionConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def _subject_mask(model: Any, facts: Sequence[FactPrompt], shape: tuple[int, int]) -> torch.Tensor:
-    mask = torch.zeros(shape)
+def _subject_mask(
+    model: Any, facts: Sequence[FactPrompt], shape: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """``[batch, pos]`` float: 1 at each prompt's subject tokens (built on ``device``)."""
+    mask = torch.zeros(shape, device=device)
     for row, fact in enumerate(facts):
         if fact.subject is None:
             raise ValueError(f"positions='subject' needs a subject on every prompt; {fact.prompt!r} has none")
@@ -75,22 +79,26 @@ def _subject_mask(model: Any, facts: Sequence[FactPrompt], shape: tuple[int, int
 
 
 def _predicted_drop(model: Any, facts: Sequence[FactPrompt], layers: list[int], cfg: NeuronAttributionConfig) -> torch.Tensor:
-    """``[len(layers), d_mlp]``: mean over ``facts`` of the first-order drop in target log-prob."""
+    """``[len(layers), d_mlp]`` (CPU): mean over ``facts`` of the first-order drop in target log-prob."""
     names = [hook_name("neuron", layer) for layer in layers]
-    total = torch.zeros(len(layers), model.cfg.d_mlp)
+    device = model_device(model)
+    total = torch.zeros(len(layers), model.cfg.d_mlp, device=device)
     for start in range(0, len(facts), cfg.batch_size):
         chunk = list(facts[start : start + cfg.batch_size])
         batch = tokenize_facts(model, chunk)
-        where = _subject_mask(model, chunk, tuple(batch.tokens.shape)) if cfg.positions == "subject" else torch.ones(batch.tokens.shape)
+        tokens = batch.tokens.to(device)
+        shape = tuple(tokens.shape)
+        where = _subject_mask(model, chunk, shape, device) if cfg.positions == "subject" else torch.ones(shape, device=device)
 
         def metric(logits, batch=batch):
             return target_logprob(logits, batch.target_ids, batch.last_positions).sum()
 
-        cap = activations_and_gradients(model, batch.tokens, names, metric)
+        cap = activations_and_gradients(model, tokens, names, metric)
         for i, name in enumerate(names):
             # effect of zeroing = (0 - a) * grad, summed over batch and positions
-            total[i] -= einsum(cap.activations[name], cap.gradients[name], where, "b p n, b p n, b p -> n").float()
-    return -total / len(facts)
+            acts, grads = cap.activations[name], cap.gradients[name]
+            total[i] -= einsum(acts, grads, where.to(acts), "b p n, b p n, b p -> n").to(total)
+    return (-total / len(facts)).cpu()
 
 
 def neuron_attribution(

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechedit.edit.weights import BaseModelMismatchError, WeightEdit
+from mechedit.edit.weights import BaseModelMismatchError, WeightEdit, bitwise_equal
 from mechedit.hf import architecture, hf_config, hf_model, hf_parameters, hf_state_dict
 from mechedit.provenance import Provenance, state_dict_hash
 
@@ -57,7 +57,7 @@ def export_hf(
     fresh.load_state_dict(state, strict=True)
     written = fresh.state_dict()
     # Tied names load into one tensor: unequal values would be silently overwritten by the last.
-    lost = [n for n, t in state.items() if not torch.equal(written[n], t.to(written[n].device))]
+    lost = [n for n, t in state.items() if not bitwise_equal(written[n], t.to(written[n].device))]
     if lost:
         raise ValueError(
             f"parameters {lost} did not survive loading into a fresh {type(template).__name__} "
