@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from mechedit.data import (
+from mechedit.prompts import (
     FactPrompt,
     PaddingSide,
     PromptPair,

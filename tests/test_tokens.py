@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechedit.data import FactPrompt, PromptPair
+from mechedit.prompts import FactPrompt, PromptPair
 from mechedit.tokens import (
     answer_id,
     answer_ids,

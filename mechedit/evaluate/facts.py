@@ -27,9 +27,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mechedit.data import FactPrompt
 from mechedit.edit.weights import WeightEdit
 from mechedit.metrics import perplexity, target_logprob, top1_correct
+from mechedit.prompts import FactPrompt
 from mechedit.tokens import tokenize_facts
 
 REPORT_FORMAT = "mechedit.edit_report"
