@@ -27,7 +27,7 @@ from mechedit.zoo.measure import Encoder, fact_accuracy, measure_world
 from mechedit.zoo.metadata import FILENAME as METADATA
 from mechedit.zoo.metadata import read_metadata, stamp, world_from_metadata, world_metadata
 from mechedit.zoo.tokenizer import build_tokenizer, save_tokenizer
-from mechedit.zoo.world import World, WorldConfig
+from mechedit.zoo.world import World, WorldConfig, load_occupations
 
 
 @dataclass(frozen=True)
@@ -158,9 +158,11 @@ def train_factworld(
     """Train the fact-world model from scratch and save it (HF checkpoint + ``metadata.json``).
 
     Returns the metadata written, including the measured ``metrics`` (see ``measure_world``) and
-    ``train_seconds``. ``occupations`` defaults to WinoGender's list (see ``world.default_occupations``).
+    ``train_seconds``. ``occupations`` defaults to WinoGender's list (``world.load_occupations()``).
     """
     tc = train_config or TrainConfig()
+    if occupations is None:
+        occupations = load_occupations()
     world = World.generate(world_config or WorldConfig(seed=tc.seed), occupations=occupations)
     _deterministic(tc.seed, tc.threads)
     tokenizer = build_tokenizer(world.vocabulary())
