@@ -18,9 +18,10 @@ Conventions
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from jaxtyping import Bool, Int
@@ -30,6 +31,7 @@ __all__ = [
     "FactPrompt",
     "PaddingSide",
     "PromptPair",
+    "TokenizedContinuations",
     "TokenizedFacts",
     "TokenizedPairs",
     "TokenizedPrompts",
@@ -184,7 +186,10 @@ PaddingSide = Literal["right", "left"]
 def _check_batch(
     fields: Mapping[str, Tensor | None], *, matrices: Iterable[str], padding_side: str
 ) -> int:
-    """Check shapes and dtypes shared by the tokenised batches; return the batch size."""
+    """Check shapes, dtypes and devices shared by the tokenised batches; return the batch size.
+
+    Value checks (index ranges) are skipped on the ``meta`` device, which has no values.
+    """
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     matrices = list(matrices)
@@ -205,16 +210,55 @@ def _check_batch(
             )
         if name != "attention_mask" and value.dtype != torch.long:
             raise ValueError(f"{name} must hold int64 token ids/indices, got {value.dtype}")
-    mask, last = fields["attention_mask"], fields["last_positions"]
+        if value.device != ref.device:
+            raise ValueError(
+                f"{name} is on {value.device} but {matrices[0]} on {ref.device}; move the whole "
+                "batch with .to(device)"
+            )
+    mask = fields["attention_mask"]
     if mask.dtype != torch.bool:
         raise ValueError(f"attention_mask must be bool, got {mask.dtype}")
-    if batch and (last.min() < 0 or last.max() >= pos):
-        raise ValueError(f"last_positions must lie in [0, {pos}), got {last.tolist()}")
+    last = fields.get("last_positions")
+    if last is not None and batch and ref.device.type != "meta":
+        if last.min() < 0 or last.max() >= pos:
+            raise ValueError(f"last_positions must lie in [0, {pos}), got {last.tolist()}")
     return batch
 
 
+_B = TypeVar("_B", bound="_Batch")
+
+
+class _Batch:
+    """What every tokenised batch can do: its length, and moving all its tensors at once."""
+
+    def __len__(self) -> int:
+        return next(
+            v.shape[0]
+            for f in dataclasses.fields(self)
+            if isinstance(v := getattr(self, f.name), Tensor)
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """The device all of the batch's tensors are on."""
+        return next(
+            v.device
+            for f in dataclasses.fields(self)
+            if isinstance(v := getattr(self, f.name), Tensor)
+        )
+
+    def to(self: _B, device: torch.device | str) -> _B:
+        """The same batch with every tensor on ``device`` (a new object; this one is unchanged)."""
+        moved = {
+            f.name: v.to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(v := getattr(self, f.name), Tensor)
+        }
+        return dataclasses.replace(self, **moved)
+
+
 @dataclass(frozen=True)
-class TokenizedPrompts:
+class TokenizedPrompts(_Batch):
     """A padded batch of prompts.
 
     Attributes:
@@ -242,12 +286,9 @@ class TokenizedPrompts:
             padding_side=self.padding_side,
         )
 
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
 
 @dataclass(frozen=True)
-class TokenizedPairs:
+class TokenizedPairs(_Batch):
     """A batch of clean/corrupt pairs; row ``i`` of both token tensors has the same real length.
 
     Attributes:
@@ -280,12 +321,9 @@ class TokenizedPairs:
             padding_side=self.padding_side,
         )
 
-    def __len__(self) -> int:
-        return self.clean_tokens.shape[0]
-
 
 @dataclass(frozen=True)
-class TokenizedFacts:
+class TokenizedFacts(_Batch):
     """A batch of fact prompts with their answer token ids.
 
     Attributes:
@@ -323,5 +361,63 @@ class TokenizedFacts:
             padding_side=self.padding_side,
         )
 
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
+
+@dataclass(frozen=True)
+class TokenizedContinuations(_Batch):
+    """A batch of prompts each followed by a continuation to score token by token.
+
+    Row ``b`` holds ``[BOS] prompt_b continuation_b`` then padding. Continuation token ``j`` of
+    row ``b`` sits at position ``continuation_starts[b] + j`` and is predicted by the logits at
+    the position before it, so ``continuation_starts`` is always >= 1 (BOS or a prompt token
+    comes first).
+
+    Attributes:
+        tokens: ``Int[batch, pos]`` token ids.
+        attention_mask: ``Bool[batch, pos]``, True at real tokens (BOS included), False at padding.
+        continuation_starts: ``Int[batch]``, position of each row's first continuation token.
+        continuation_lengths: ``Int[batch]``, number of continuation tokens in each row (>= 1).
+        padding_side: ``"right"`` or ``"left"``, as in ``TokenizedPrompts``.
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Bool[Tensor, "batch pos"]
+    continuation_starts: Int[Tensor, " batch"]
+    continuation_lengths: Int[Tensor, " batch"]
+    padding_side: PaddingSide = "right"
+
+    def __post_init__(self) -> None:
+        _check_batch(
+            {
+                "tokens": self.tokens,
+                "attention_mask": self.attention_mask,
+                "continuation_starts": self.continuation_starts,
+                "continuation_lengths": self.continuation_lengths,
+            },
+            matrices=("tokens", "attention_mask"),
+            padding_side=self.padding_side,
+        )
+        _check_spans(self.continuation_starts, self.continuation_lengths, self.tokens.shape[1])
+
+    @property
+    def last_positions(self) -> Int[Tensor, " batch"]:
+        """``Int[batch]``, each row's last real token (the continuation's last token)."""
+        return self.continuation_starts + self.continuation_lengths - 1
+
+
+def _check_spans(starts: Tensor, lengths: Tensor, n_pos: int) -> None:
+    """Continuation spans ``[start, start + length)`` must be non-empty, inside the row, and
+    start at >= 1 (something must predict their first token)."""
+    if not len(starts) or starts.device.type == "meta":
+        return
+    if starts.min() < 1:
+        raise ValueError(
+            f"continuation_starts must be >= 1 (a BOS or prompt token predicts the first "
+            f"continuation token), got {starts.tolist()}"
+        )
+    if lengths.min() < 1:
+        raise ValueError(f"continuation_lengths must be >= 1, got {lengths.tolist()}")
+    if (starts + lengths).max() > n_pos:
+        raise ValueError(
+            f"continuations starting at {starts.tolist()} with lengths {lengths.tolist()} run "
+            f"past the {n_pos} positions of the batch"
+        )

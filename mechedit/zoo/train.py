@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from mechedit.metrics import next_token_labels, token_cross_entropy
 from mechedit.zoo.measure import Encoder, fact_accuracy, measure_world
 from mechedit.zoo.metadata import FILENAME as METADATA
 from mechedit.zoo.metadata import read_metadata, stamp, world_from_metadata, world_metadata
@@ -117,9 +118,9 @@ def _batches(enc: Encoder, sentences: list[str], batch_size: int, rng: random.Ra
 
 
 def _lm_loss(model: GPT2LMHeadModel, ids: torch.Tensor, pad: int) -> torch.Tensor:
-    logits = model(ids).logits[:, :-1]
-    labels = ids[:, 1:].masked_fill(ids[:, 1:] == pad, -100)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    """Mean next-token cross-entropy over the real tokens of a right-padded batch (nats)."""
+    labels = next_token_labels(ids, ids != pad)
+    return token_cross_entropy(model(ids).logits[:, :-1], labels, reduction="mean")
 
 
 def _save(model, tokenizer, out: Path, metadata: dict) -> None:
