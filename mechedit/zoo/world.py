@@ -343,7 +343,11 @@ def _check_occupations(occupations: Sequence[tuple[str, float]]) -> list[tuple[s
 
 @dataclass(frozen=True)
 class World:
-    """A generated fact world. Build with ``World.generate(WorldConfig(...))``."""
+    """A generated fact world.
+
+    Build one with ``World.generate(WorldConfig(...), occupations=load_occupations())``; rebuild
+    the world a shipped checkpoint was trained on with ``mechedit.zoo.load_world(name)``.
+    """
 
     config: WorldConfig
     relations: tuple[Relation, ...]
