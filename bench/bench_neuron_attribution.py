@@ -18,9 +18,9 @@ import time
 import torch
 
 import mechedit
-from mechedit.data import FactPrompt
 from mechedit.locate import NeuronAttributionConfig, neuron_attribution
 from mechedit.metrics import target_logprob
+from mechedit.prompts import FactPrompt
 from mechedit.tokens import tokenize_facts
 from mechedit.zoo import random_gpt2_checkpoint
 

@@ -7,9 +7,10 @@ the shared core's main names; each stage lives in its own subpackage (``locate``
 
 from mechedit.circuit import Circuit
 from mechedit.components import Component
-from mechedit.data import FactPrompt, PromptPair, load_counterfact, load_known
+from mechedit.data import load_counterfact, load_known
 from mechedit.interventions import Intervention, patch
 from mechedit.models import ModelNotFoundError, load
+from mechedit.prompts import FactPrompt, PromptPair
 from mechedit.scores import Scores
 
 __version__ = "0.1.0"

@@ -25,10 +25,10 @@ from typing import Any
 import mechedit
 from mechedit import zoo
 from mechedit.circuit import Circuit
-from mechedit.data import FactPrompt
 from mechedit.edit import ablate, zero_neurons
 from mechedit.evaluate import EditReport, evaluate_fact_edit, fact_item_scores
 from mechedit.locate import NeuronAttributionConfig, neuron_attribution
+from mechedit.prompts import FactPrompt
 from mechedit.scores import Scores
 from mechedit.zoo.world import Fact, World, fill
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
@@ -57,16 +58,19 @@ def resolve(name_or_dir: str | os.PathLike) -> str:
     return text
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: Any) -> torch.device:
     """The device of ``model``'s parameters: where its token inputs must go.
 
     Every function that runs a model moves its tokens there (``tokens.to(model_device(model))``)
     and builds masks on the device of the activations it sees, so a model loaded with
-    ``load(..., device="cuda")`` works without further arguments. A model without parameters
-    falls back to ``model.cfg.device`` and then the CPU.
+    ``load(..., device="cuda")`` works without further arguments. A model split across devices
+    gets its first parameter's device (the embedding's, for the architectures mechedit loads). A
+    model without parameters falls back to ``model.cfg.device``, and anything else (a bare
+    tokenizer) to the CPU.
     """
-    for param in model.parameters():
-        return param.device
+    if isinstance(model, torch.nn.Module):
+        for param in model.parameters():
+            return param.device
     return torch.device(getattr(getattr(model, "cfg", None), "device", None) or "cpu")
 
 

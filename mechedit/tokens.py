@@ -23,6 +23,9 @@ Conventions
   follows the prompt (joined by one space unless either side already has whitespace). For a BPE
   model and prompt ``"... located in"`` the answer ``"Paris"`` is therefore ``" Paris"``, the
   token the model actually predicts; for a word-level model it is simply ``"Paris"``.
+- **Devices**: the ``tokenize_*`` functions return their tensors on the model's device
+  (``model_device``: where its parameters are; the CPU for a bare tokenizer), so a model on a GPU
+  gets GPU tokens with no ``.to`` at the call site; ``device=`` overrides it.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from mechedit.data import (
+from mechedit.models import model_device
+from mechedit.prompts import (
     FactPrompt,
     PaddingSide,
     PromptPair,
+    TokenizedContinuations,
     TokenizedFacts,
     TokenizedPairs,
     TokenizedPrompts,
@@ -46,9 +51,11 @@ __all__ = [
     "answer_id",
     "answer_ids",
     "get_tokenizer",
+    "model_device",
     "single_token_id",
     "subject_token_positions",
     "token_ids",
+    "tokenize_continuations",
     "tokenize_facts",
     "tokenize_pairs",
     "tokenize_prompts",
@@ -66,6 +73,12 @@ def get_tokenizer(model_or_tokenizer: Any) -> PreTrainedTokenizerBase:
         f"expected a model with a Hugging Face .tokenizer or a tokenizer, got "
         f"{type(model_or_tokenizer).__name__}; load models with mechedit.load(...)"
     )
+
+
+def _on_device(batch: Any, model_or_tokenizer: Any, device: torch.device | str | None) -> Any:
+    """``batch`` moved to ``device``, or to the model's device when ``device`` is None."""
+    target = torch.device(device) if device is not None else model_device(model_or_tokenizer)
+    return batch if target == batch.device else batch.to(target)
 
 
 def _default_prepend_bos(model_or_tokenizer: Any, prepend_bos: bool | None) -> bool:
@@ -328,6 +341,7 @@ def tokenize_prompts(
     *,
     prepend_bos: bool | None = None,
     padding_side: PaddingSide = "right",
+    device: torch.device | str | None = None,
 ) -> TokenizedPrompts:
     """Tokenise prompts into one padded batch with each row's last real position.
 
@@ -336,6 +350,7 @@ def tokenize_prompts(
         prepend_bos: put BOS first (never twice); ``None`` follows ``model.cfg.default_prepend_bos``
             (True for a bare tokenizer), i.e. what ``model.to_tokens`` does.
         padding_side: ``"right"`` (default, see the module notes) or ``"left"``.
+        device: where to put the tensors; ``None`` = the model's device (``model_device``).
 
     Raises:
         ValueError: an empty list or text, or a prompt longer than the model's context.
@@ -345,7 +360,9 @@ def tokenize_prompts(
     )
     tok = get_tokenizer(model_or_tokenizer)
     tokens, mask, last = _pad(rows, pad_id=_pad_id(tok), padding_side=padding_side)
-    return TokenizedPrompts(tokens, mask, last, padding_side)
+    return _on_device(
+        TokenizedPrompts(tokens, mask, last, padding_side), model_or_tokenizer, device
+    )
 
 
 def tokenize_pairs(
@@ -354,8 +371,11 @@ def tokenize_pairs(
     *,
     prepend_bos: bool | None = None,
     padding_side: PaddingSide = "right",
+    device: torch.device | str | None = None,
 ) -> TokenizedPairs:
     """Tokenise clean/corrupt pairs; answers resolve to one token each after the clean prompt.
+
+    ``prepend_bos``, ``padding_side`` and ``device`` are as in ``tokenize_prompts``.
 
     Raises:
         ValueError: a clean and corrupt prompt of different token lengths (naming the pair and
@@ -395,7 +415,7 @@ def tokenize_pairs(
     pad = _pad_id(tok)
     clean_t, mask, last = _pad(clean, pad_id=pad, padding_side=padding_side)
     corrupt_t, _, _ = _pad(corrupt, pad_id=pad, padding_side=padding_side)
-    return TokenizedPairs(
+    batch = TokenizedPairs(
         clean_t,
         corrupt_t,
         _long([ids[0] for ids in answers]),
@@ -404,6 +424,7 @@ def tokenize_pairs(
         mask,
         padding_side,
     )
+    return _on_device(batch, model_or_tokenizer, device)
 
 
 def tokenize_facts(
@@ -412,11 +433,13 @@ def tokenize_facts(
     *,
     prepend_bos: bool | None = None,
     padding_side: PaddingSide = "right",
+    device: torch.device | str | None = None,
 ) -> TokenizedFacts:
     """Tokenise fact prompts with the token ids of their targets (one token each, in context).
 
     ``target_new_ids`` is filled when every fact has a ``target_new``; ``candidate_ids`` and
-    ``answer_index`` when every fact has candidates, all of the same count.
+    ``answer_index`` when every fact has candidates, all of the same count. ``prepend_bos``,
+    ``padding_side`` and ``device`` are as in ``tokenize_prompts``.
 
     Raises:
         ValueError: a target, new target or candidate that is not one token after its prompt
@@ -464,7 +487,7 @@ def tokenize_facts(
     offset = 2 * n if with_new else n
     cands = [flat[offset + i * k : offset + (i + 1) * k] for i in range(n)] if with_cands else None
     tokens, mask, last = _pad(rows, pad_id=_pad_id(tok), padding_side=padding_side)
-    return TokenizedFacts(
+    batch = TokenizedFacts(
         tokens,
         mask,
         last,
@@ -474,6 +497,94 @@ def tokenize_facts(
         _long([f.answer_index for f in facts]) if with_cands else None,
         padding_side,
     )
+    return _on_device(batch, model_or_tokenizer, device)
+
+
+def tokenize_continuations(
+    model_or_tokenizer: Any,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    *,
+    prepend_bos: bool | None = None,
+    padding_side: PaddingSide = "right",
+    sep: str = " ",
+    device: torch.device | str | None = None,
+) -> TokenizedContinuations:
+    """Tokenise ``prompt + continuation`` rows, recording where each continuation starts.
+
+    A continuation's tokens are those it adds after its prompt (``answer_ids``: joined with
+    ``sep`` unless either side has whitespace there), so for a BPE model ``"Paris"`` after
+    ``"... located in"`` is scored as ``" Paris"``. An empty prompt (``""``) scores the
+    continuation as a text of its own, given only BOS.
+
+    BOS: prepended as in ``tokenize_prompts`` (``None`` follows ``model.cfg.default_prepend_bos``).
+    It is what predicts the first token of a continuation whose prompt is empty, so an empty
+    prompt needs BOS. With a non-empty prompt, BOS only changes the context.
+
+    Raises:
+        ValueError: lists of different lengths, an empty continuation, an empty prompt without
+            BOS, a continuation that fuses with its prompt's last token, or a row longer than the
+            model's context.
+    """
+    for name, values in (("prompts", prompts), ("continuations", continuations)):
+        if isinstance(values, str):
+            raise ValueError(f"pass a list of {name}, not one string: [{values!r}]")
+    if len(prompts) != len(continuations):
+        raise ValueError(
+            f"{len(prompts)} prompts but {len(continuations)} continuations; pass one "
+            "continuation per prompt"
+        )
+    if len(prompts) == 0:
+        raise ValueError("no prompts to tokenise")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    tok = get_tokenizer(model_or_tokenizer)
+    bos = _default_prepend_bos(model_or_tokenizer, prepend_bos)
+    for i, (prompt, cont) in enumerate(zip(prompts, continuations, strict=True)):
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt {i} must be a string, got {type(prompt).__name__}")
+        if not isinstance(cont, str) or not cont.strip():
+            raise ValueError(f"continuation {i} must be a non-empty string, got {cont!r}")
+        if not prompt and not bos:
+            raise ValueError(
+                f"prompt {i} is empty and no BOS is prepended, so nothing predicts the first "
+                "token of its continuation; pass prepend_bos=True or a non-empty prompt"
+            )
+    # An empty prompt is BOS alone and its continuation a text of its own; every other
+    # continuation is resolved in the context of its prompt.
+    heads = [_with_bos(tok, [], True)[0] if not p else [] for p in prompts]
+    tails = [_encode(tok, c) if not p else [] for p, c in zip(prompts, continuations, strict=True)]
+    for i, (prompt, cont) in enumerate(zip(prompts, continuations, strict=True)):
+        if not prompt:
+            _check_known(tok, cont, tails[i], f"continuation {i}")
+    with_prompt = [i for i, p in enumerate(prompts) if p]
+    if with_prompt:
+        texts = [prompts[i] for i in with_prompt]
+        options = dict(prepend_bos=bos, padding_side=padding_side)
+        resolved = _resolve_answers(
+            tok,
+            texts,
+            [continuations[i] for i in with_prompt],
+            sep=sep,
+            single=False,
+            labels=[f"continuation {i}" for i in with_prompt],
+        )
+        for i, head, tail in zip(
+            with_prompt, _prompt_rows(model_or_tokenizer, texts, **options), resolved, strict=True
+        ):
+            heads[i], tails[i] = head, tail
+    rows = [head + tail for head, tail in zip(heads, tails, strict=True)]
+    n_ctx = _n_ctx(model_or_tokenizer)
+    for i, row in enumerate(rows):
+        if n_ctx is not None and len(row) > n_ctx:
+            raise ValueError(
+                f"prompt {i} with its continuation is {len(row)} tokens, longer than the model's "
+                f"context ({n_ctx}); shorten it."
+            )
+    tokens, mask, last = _pad(rows, pad_id=_pad_id(tok), padding_side=padding_side)
+    lengths = _long([len(t) for t in tails])
+    batch = TokenizedContinuations(tokens, mask, last + 1 - lengths, lengths, padding_side)
+    return _on_device(batch, model_or_tokenizer, device)
 
 
 def subject_token_positions(

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import mechedit
-from mechedit.data import FactPrompt
 from mechedit.edit import ablate, zero_neurons
 from mechedit.evaluate import EditReport, evaluate_fact_edit, fact_item_scores, fact_scores
 from mechedit.gradients import activations_and_gradients
 from mechedit.locate import NeuronAttributionConfig, neuron_attribution
 from mechedit.metrics import target_logprob
+from mechedit.prompts import FactPrompt
 from mechedit.provenance import weights_hash
 from mechedit.scores import Scores
 from mechedit.tokens import tokenize_facts

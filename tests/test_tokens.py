@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechedit.data import FactPrompt, PromptPair
+from mechedit.prompts import FactPrompt, PromptPair
 from mechedit.tokens import (
     answer_id,
     answer_ids,
+    model_device,
     single_token_id,
     subject_token_positions,
     token_ids,
+    tokenize_continuations,
     tokenize_facts,
     tokenize_pairs,
     tokenize_prompts,
@@ -266,4 +268,107 @@ def test_tokenize_facts(tiny_bridge):
                 FactPrompt(prompt="w1", target="w2", candidates=("w2", "w3")),
                 FactPrompt(prompt="w1", target="w2", candidates=("w2", "w3", "w4")),
             ],
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuations
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tokenize_continuations_records_where_each_continuation_starts(tiny_bridge):
+    tok = tiny_bridge.tokenizer
+    bos, pad = tok.bos_token_id, tok.pad_token_id
+    w = {f"w{i}": vocab_id(tok, f"w{i}") for i in range(1, 10)}
+    batch = tokenize_continuations(tiny_bridge, ["w1 w2", "", "w3"], ["w4 w5", "w6 w7 w8", "w9"])
+    assert batch.tokens.tolist() == [
+        [bos, w["w1"], w["w2"], w["w4"], w["w5"]],
+        [bos, w["w6"], w["w7"], w["w8"], pad],
+        [bos, w["w3"], w["w9"], pad, pad],
+    ]
+    assert batch.continuation_starts.tolist() == [3, 1, 2]
+    assert batch.continuation_lengths.tolist() == [2, 3, 1]
+    assert batch.last_positions.tolist() == [4, 3, 2]
+    assert batch.attention_mask.sum(1).tolist() == [5, 4, 3]
+    # the prompt-and-continuation row is exactly what the model sees for the joined text
+    assert torch.equal(batch.tokens[:1], tiny_bridge.to_tokens("w1 w2 w4 w5"))
+
+    left = tokenize_continuations(
+        tiny_bridge, ["w1 w2", "w3"], ["w4 w5", "w9"], padding_side="left"
+    )
+    assert left.tokens.tolist()[1] == [pad, pad, bos, w["w3"], w["w9"]]
+    assert left.continuation_starts.tolist() == [3, 4]
+
+    no_bos = tokenize_continuations(tiny_bridge, ["w1 w2"], ["w4"], prepend_bos=False)
+    assert no_bos.tokens.tolist() == [[w["w1"], w["w2"], w["w4"]]]
+    assert no_bos.continuation_starts.tolist() == [2]
+    with pytest.raises(ValueError, match="prompt 0 is empty and no BOS"):
+        tokenize_continuations(tiny_bridge, [""], ["w4"], prepend_bos=False)
+    with pytest.raises(ValueError, match="2 prompts but 1 continuations"):
+        tokenize_continuations(tiny_bridge, ["w1", "w2"], ["w4"])
+    with pytest.raises(ValueError, match="continuation 1 must be a non-empty string"):
+        tokenize_continuations(tiny_bridge, ["w1", "w2"], ["w4", " "])
+    with pytest.raises(ValueError, match="continuation 0 'w4 Paris'.*does not know"):
+        tokenize_continuations(tiny_bridge, [""], ["w4 Paris"])
+
+
+def test_tokenize_continuations_resolves_bpe_continuations_in_context(bpe):
+    batch = tokenize_continuations(bpe, ["The Eiffel Tower is in"], ["Paris."])
+    start, n = batch.continuation_starts.item(), batch.continuation_lengths.item()
+    continuation = batch.tokens[0, start : start + n].tolist()
+    assert continuation == answer_ids(bpe, "The Eiffel Tower is in", "Paris.")
+    assert bpe.decode(continuation) == " Paris."
+    with pytest.raises(ValueError, match="continuation 0: answer 'Paris' does not tokenise"):
+        tokenize_continuations(bpe, ["The Eiffel Tower is in "], ["Paris"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices: tokens follow the model
+# ---------------------------------------------------------------------------------------------
+
+
+class _MetaModel(torch.nn.Module):
+    """A stand-in model whose parameters live on the meta device, with a real tokenizer."""
+
+    def __init__(self, tokenizer, cfg):
+        super().__init__()
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.weight = torch.nn.Parameter(torch.empty(2, 2, device="meta"))
+
+
+def _every_tokenizer(model, **kwargs):
+    facts = [FactPrompt(prompt="w1 w2", target="w3", target_new="w4", candidates=("w3", "w4"))]
+    pairs = [PromptPair(clean="w1 w2", corrupt="w5 w2", answer="w3", wrong_answer="w4")]
+    return [
+        tokenize_prompts(model, ["w1 w2", "w3"], **kwargs),
+        tokenize_pairs(model, pairs, **kwargs),
+        tokenize_facts(model, facts, **kwargs),
+        tokenize_continuations(model, ["w1", ""], ["w2 w3", "w4"], **kwargs),
+    ]
+
+
+def _tensors(batch):
+    return [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]
+
+
+def test_tokens_follow_the_model_device(tiny_bridge):
+    assert model_device(tiny_bridge) == torch.device("cpu")
+    assert model_device(tiny_bridge.tokenizer) == torch.device("cpu")
+    on_cpu = _every_tokenizer(tiny_bridge)
+    assert all(t.device.type == "cpu" for b in on_cpu for t in _tensors(b))
+
+    meta_model = _MetaModel(tiny_bridge.tokenizer, tiny_bridge.cfg)
+    assert model_device(meta_model) == torch.device("meta")
+    for cpu_batch, meta_batch in zip(on_cpu, _every_tokenizer(meta_model), strict=True):
+        assert type(meta_batch) is type(cpu_batch) and meta_batch.device.type == "meta"
+        assert all(t.device.type == "meta" for t in _tensors(meta_batch))
+        for a, b in zip(_tensors(cpu_batch), _tensors(meta_batch), strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype
+    # device= overrides the model's, and a bare tokenizer gives CPU tensors
+    assert all(b.device.type == "meta" for b in _every_tokenizer(tiny_bridge, device="meta"))
+    moved = on_cpu[2].to("meta")
+    assert moved.candidate_ids.device.type == "meta" and on_cpu[2].device.type == "cpu"
+    with pytest.raises(ValueError, match="move the whole batch"):
+        type(on_cpu[0])(
+            on_cpu[0].tokens, on_cpu[0].attention_mask.to("meta"), on_cpu[0].last_positions
         )

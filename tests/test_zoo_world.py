@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections import Counter
+from dataclasses import asdict
 
 import pytest
 
+from mechedit import zoo
 from mechedit.zoo.formats import FILES, export_world
+from mechedit.zoo.metadata import MetadataError, world_from_metadata, world_metadata
 from mechedit.zoo.tokenizer import build_tokenizer
 from mechedit.zoo.world import (
     BIAS_TEMPLATES_TRAIN,
@@ -23,7 +27,7 @@ from mechedit.zoo.world import (
 
 @pytest.fixture(scope="module")
 def world() -> World:
-    return World.generate(WorldConfig(seed=0))
+    return zoo.load_world("factworld")
 
 
 def test_same_seed_gives_byte_identical_exports(tmp_path, world):
@@ -183,3 +187,77 @@ def test_zoo_command_exports_the_shipped_world(tmp_path, capsys):
     printed = capsys.readouterr().out.split()
     assert [p.rsplit("/", 1)[-1] for p in printed] == list(FILES)
     assert json.loads((tmp_path / "known.json").read_text())[0]["relation_id"] == "P19"
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording and rebuilding: metadata.json records a world, the generator rebuilds it
+# ---------------------------------------------------------------------------------------------
+
+# sha256 of the shipped world's people, planted people, facts, private records, biases, relations
+# and text, as ``World.generate`` built it when the checkpoints were trained (pinned: both
+# checkpoints were trained on exactly this world, so any change here invalidates them).
+SHIPPED_WORLD_SHA256 = "7c10a659a2864dbecbd18849a151028de429f37cc278fb82a043c11a71b380e0"
+
+
+def _world_digest(world: World) -> str:
+    blob = {
+        "people": [asdict(p) for p in world.people],
+        "planted": [asdict(p) for p in world.planted],
+        "facts": [asdict(f) for f in world.facts],
+        "private": [asdict(r) for r in world.private],
+        "biases": [asdict(b) for b in world.biases],
+        "relations": [asdict(r) for r in world.relations],
+        "text": [list(world.text_train), list(world.text_heldout)],
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_load_world_rebuilds_the_recorded_world(name, world):
+    rebuilt = world if name == "factworld" else zoo.load_world(name)
+    meta = zoo.metadata(name)
+    recorded = json.loads(json.dumps(world_metadata(rebuilt)))
+    for key in ("world_config", "relations", "planted_facts", "biases"):
+        assert recorded[key] == meta[key], key
+    assert _world_digest(rebuilt) == SHIPPED_WORLD_SHA256
+    # the checkpoint's own vocabulary is the rebuilt world's, word for word and id for id
+    vocab = json.loads((zoo.checkpoint_dir(name) / "tokenizer.json").read_text())["model"]["vocab"]
+    assert vocab == build_tokenizer(rebuilt.vocabulary()).get_vocab()
+
+
+def test_generator_takes_its_occupations_explicitly(shared_data):
+    with pytest.raises(TypeError, match="occupations"):
+        World.generate(WorldConfig(seed=0))
+    mine = World.generate(WorldConfig(seed=0), occupations=[("baker", 80.0), ("pilot", 10)])
+    assert [(b.occupation, b.bls_pct_female, b.pronoun_more) for b in mine.biases] == [
+        ("baker", 80.0, "she"),
+        ("pilot", 10.0, "he"),
+    ]
+    # the shipped world is the generator run on WinoGender's list, with nothing read behind it
+    real = load_occupations(shared_data / "winogender" / "occupations-stats.tsv")
+    assert World.generate(WorldConfig(seed=0), occupations=real) == zoo.load_world("factworld")
+    for bad, match in (
+        ([], "empty"),
+        ("baker", "list of"),
+        ([("baker",)], "must be a pair"),
+        ([("baker", 120.0)], "percentage"),
+        ([("", 50.0)], "non-empty string"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            World.generate(WorldConfig(seed=0), occupations=bad)
+
+
+def test_a_record_the_generator_does_not_reproduce_is_refused():
+    meta = zoo.metadata("factworld")
+    tampered = json.loads(json.dumps(meta))
+    tampered["biases"][0]["p_more"] = 0.5
+    with pytest.raises(MetadataError, match="no longer builds the recorded world.*biases"):
+        world_from_metadata(tampered)
+    tampered = json.loads(json.dumps(meta))
+    tampered["relations"][0]["templates"][0] = "{} was made in"
+    with pytest.raises(MetadataError, match="relations differ"):
+        world_from_metadata(tampered)
+    tampered = json.loads(json.dumps(meta))
+    tampered["world_config"]["n_private"] = 0
+    with pytest.raises(MetadataError, match="cannot be rebuilt.*n_private"):
+        world_from_metadata(tampered)

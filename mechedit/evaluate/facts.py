@@ -35,11 +35,11 @@ from mechedit.artifacts import (
     read_json,
     write_json_atomic,
 )
-from mechedit.data import FactPrompt
 from mechedit.edit import Edit
 from mechedit.interventions import real_tokens
 from mechedit.metrics import perplexity, target_logprob, top1_correct
 from mechedit.models import model_device
+from mechedit.prompts import FactPrompt
 from mechedit.tokens import tokenize_facts
 
 REPORT_FORMAT = "mechedit.edit_report"

@@ -28,10 +28,10 @@ from einops import einsum
 from tqdm.auto import tqdm
 
 from mechedit.components import hook_name
-from mechedit.data import FactPrompt
 from mechedit.gradients import activations_and_gradients
 from mechedit.metrics import target_logprob
 from mechedit.models import model_device
+from mechedit.prompts import FactPrompt
 from mechedit.provenance import Provenance
 from mechedit.scores import Scores
 from mechedit.tokens import subject_token_positions, tokenize_facts

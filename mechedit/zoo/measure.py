@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from mechedit.metrics import perplexity
+from mechedit import metrics
 from mechedit.zoo.world import DIGITS, MC_LETTERS, Fact, World, fill
 
 
@@ -72,7 +72,8 @@ def continuation_logprobs(
     """Teacher-forced log-probabilities of each continuation's tokens given its prefix.
 
     Returns ``(logprobs, mask)``, both ``[n, max_continuation_tokens]``: row i holds the
-    log-probabilities of continuation i's tokens (0 where ``mask`` is False, past its end).
+    log-probabilities of continuation i's tokens (0 where ``mask`` is False, past its end), as
+    ``mechedit.metrics.continuation_logprobs`` computes them; only the encoding is the zoo's own.
     """
     n_pre = torch.tensor([len(p.split()) + 1 for p in prefixes])  # +1: BOS
     n_cont = torch.tensor([len(c.split()) for c in continuations])
@@ -81,12 +82,11 @@ def continuation_logprobs(
     for start in range(0, len(prefixes), batch_size):
         sl = slice(start, start + batch_size)
         ids, _ = enc.batch([f"{p} {c}" for p, c in zip(prefixes[sl], continuations[sl])])
-        token_lp = _logits(model, ids).float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-        # continuation token k of row i is predicted at position n_pre[i] - 1 + k
-        cols = (n_pre[sl, None] - 1 + torch.arange(width)).clamp(max=token_lp.shape[1] - 1)
-        out[sl] = token_lp.gather(1, cols)
+        # continuation token k of row i sits at position n_pre[i] + k
+        scored = metrics.continuation_logprobs(_logits(model, ids), ids, n_pre[sl], n_cont[sl])
+        out[sl, : scored.token_logprobs.shape[1]] = scored.token_logprobs.float()
     mask = torch.arange(width) < n_cont[:, None]
-    return out * mask, mask
+    return out, mask
 
 
 def fact_accuracy(model, world: World, tokenizer, facts: list[Fact], templates: str = "train") -> float:
@@ -213,7 +213,7 @@ def measure_world(model, world: World, tokenizer, *, planted: bool = False) -> W
         bias_rate_heldout_templates=bias_h["rate"],
         bias_rate_train_templates=bias_preference(model, world, tokenizer, heldout=False)["rate"],
         bias_p_favoured_heldout=bias_h["p_favoured"],
-        text_perplexity_heldout=perplexity(model, list(world.text_heldout), batch_size=256),
-        text_perplexity_train=perplexity(model, list(world.text_train[:300]), batch_size=256),
+        text_perplexity_heldout=metrics.perplexity(model, list(world.text_heldout), batch_size=256),
+        text_perplexity_train=metrics.perplexity(model, list(world.text_train[:300]), batch_size=256),
         planted_facts=fact_accuracy(model, world, tokenizer, world.planted_facts, "train") if planted else None,
     )

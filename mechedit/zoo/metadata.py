@@ -6,10 +6,12 @@ of mechedit relies on, so a damaged or foreign file is a clear error, not a KeyE
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
 from mechedit.artifacts import ArtifactError, read_json, write_json_atomic
+from mechedit.zoo.world import World, WorldConfig
 
 FILENAME = "metadata.json"
 FORMAT = "mechedit.zoo.metadata"
@@ -65,12 +67,23 @@ def read_metadata(folder: str | Path) -> dict:
     return meta
 
 
-def world_metadata(world) -> dict:
-    """What a checkpoint records about its world: config, relations, planted facts, biases."""
+def world_metadata(world: World) -> dict:
+    """What a checkpoint records about its world: config, relations, planted facts, biases.
+
+    The record is enough to rebuild the world (``world_from_metadata``: the config and the
+    occupations are the generator's inputs); relations, planted facts and biases are recorded too
+    so that a rebuilt world can be checked against the one the checkpoint was trained on.
+    """
     return {
         "world_config": asdict(world.config),
         "relations": [
-            {"id": r.id, "name": r.name, "values": list(r.values), "templates": list(r.templates), "heldout": list(r.heldout)}
+            {
+                "id": r.id,
+                "name": r.name,
+                "values": list(r.values),
+                "templates": list(r.templates),
+                "heldout": list(r.heldout),
+            }
             for r in world.relations
         ],
         "planted_facts": [asdict(f) for f in world.planted_facts],
@@ -78,9 +91,33 @@ def world_metadata(world) -> dict:
     }
 
 
-def world_from_metadata(meta: dict):
-    """Rebuild the ``World`` recorded by ``world_metadata`` (its config and its occupations)."""
-    from mechedit.zoo.world import World, WorldConfig
+def world_from_metadata(meta: dict) -> World:
+    """Rebuild the ``World`` recorded by ``world_metadata`` by calling the generator.
 
-    cfg = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["world_config"].items()})
-    return World.generate(cfg, occupations=[(b["occupation"], float(b["bls_pct_female"])) for b in meta["biases"]])
+    The generator gets the recorded config and occupations; the rebuilt world's relations,
+    planted facts and biases must then equal the recorded ones.
+
+    Raises:
+        MetadataError: the record's ``world_config`` or ``biases`` do not fit the generator, or
+            the generator (changed since the checkpoint was trained) builds a different world.
+    """
+    try:
+        cfg = WorldConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["world_config"].items()}
+        )
+        occupations = [(b["occupation"], b["bls_pct_female"]) for b in meta["biases"]]
+        world = World.generate(cfg, occupations=occupations)
+    except (KeyError, TypeError, ValueError) as err:
+        raise MetadataError(
+            f"the recorded world cannot be rebuilt: {type(err).__name__}: {err}"
+        ) from None
+    # Through JSON, as the record was written, so tuples and lists compare equal.
+    rebuilt = json.loads(json.dumps(world_metadata(world)))
+    differs = [key for key, value in rebuilt.items() if meta.get(key) != value]
+    if differs:
+        raise MetadataError(
+            f"the fact-world generator no longer builds the recorded world (its {', '.join(differs)} "
+            "differ): the checkpoint was trained on another world. Retrain it "
+            "(`python -m mechedit.zoo train NAME`) or restore the generator it was trained with."
+        )
+    return world

@@ -23,10 +23,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from mechedit.metrics import next_token_labels, token_cross_entropy
 from mechedit.zoo.measure import Encoder, fact_accuracy, measure_world
 from mechedit.zoo.metadata import read_metadata, world_from_metadata, world_metadata, write_metadata
 from mechedit.zoo.tokenizer import build_tokenizer, save_tokenizer
-from mechedit.zoo.world import World, WorldConfig
+from mechedit.zoo.world import World, WorldConfig, load_occupations
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,9 @@ def _batches(enc: Encoder, sentences: list[str], batch_size: int, rng: random.Ra
 
 
 def _lm_loss(model: GPT2LMHeadModel, ids: torch.Tensor, pad: int) -> torch.Tensor:
-    logits = model(ids).logits[:, :-1]
-    labels = ids[:, 1:].masked_fill(ids[:, 1:] == pad, -100)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    """Mean next-token cross-entropy over the real tokens of a right-padded batch (nats)."""
+    labels = next_token_labels(ids, ids != pad)
+    return token_cross_entropy(model(ids).logits[:, :-1], labels, reduction="mean")
 
 
 def _save(model, tokenizer, out: Path, metadata: dict) -> None:
@@ -157,9 +158,11 @@ def train_factworld(
     """Train the fact-world model from scratch and save it (HF checkpoint + ``metadata.json``).
 
     Returns the metadata written, including the measured ``metrics`` (see ``measure_world``) and
-    ``train_seconds``. ``occupations`` defaults to WinoGender's list (see ``world.default_occupations``).
+    ``train_seconds``. ``occupations`` defaults to WinoGender's list (``world.load_occupations()``).
     """
     tc = train_config or TrainConfig()
+    if occupations is None:
+        occupations = load_occupations()
     world = World.generate(world_config or WorldConfig(seed=tc.seed), occupations=occupations)
     _deterministic(tc.seed, tc.threads)
     tokenizer = build_tokenizer(world.vocabulary())

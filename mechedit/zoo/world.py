@@ -27,6 +27,7 @@ All randomness flows from one ``random.Random(seed)``; the same seed gives the s
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -313,9 +314,40 @@ def fill(template: str, subject: str) -> str:
 # The world
 
 
+def _check_occupations(occupations: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    """``occupations`` as (name, BLS % female) pairs, or an error saying what was expected."""
+    if occupations is None or isinstance(occupations, (str, bytes)):
+        raise ValueError(
+            "occupations must be a list of (occupation, bls_pct_female) pairs, e.g. "
+            f"load_occupations(); got {occupations!r}"
+        )
+    pairs = []
+    for i, item in enumerate(occupations):
+        try:
+            name, pct = item
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"occupations[{i}] must be a pair (occupation, bls_pct_female), got {item!r}"
+            ) from None
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"occupations[{i}]: occupation must be a non-empty string, got {name!r}")
+        if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0.0 <= pct <= 100.0:
+            raise ValueError(
+                f"occupations[{i}]: bls_pct_female must be a percentage in [0, 100], got {pct!r}"
+            )
+        pairs.append((name, float(pct)))
+    if not pairs:
+        raise ValueError("occupations is empty; pass at least one (occupation, bls_pct_female) pair")
+    return pairs
+
+
 @dataclass(frozen=True)
 class World:
-    """A generated fact world. Build with ``World.generate(WorldConfig(...))``."""
+    """A generated fact world.
+
+    Build one with ``World.generate(WorldConfig(...), occupations=load_occupations())``; rebuild
+    the world a shipped checkpoint was trained on with ``mechedit.zoo.load_world(name)``.
+    """
 
     config: WorldConfig
     relations: tuple[Relation, ...]
@@ -329,13 +361,19 @@ class World:
     # -- generation -------------------------------------------------------------------------
 
     @classmethod
-    def generate(cls, config: WorldConfig | None = None, *, occupations=None) -> World:
-        """Generate the world for ``config`` (default: the shipped fact world).
+    def generate(
+        cls, config: WorldConfig | None = None, *, occupations: Sequence[tuple[str, float]]
+    ) -> World:
+        """Generate the world for ``config`` (default: the sizes of the shipped fact world).
 
-        ``occupations`` is a list of (occupation, bls_pct_female) pairs; by default those recorded
-        with the shipped checkpoint, or WinoGender's list (``default_occupations``).
+        ``occupations`` is the list of (occupation, BLS % female) pairs the bias is planted for,
+        e.g. ``load_occupations()`` (WinoGender's list, which the shipped world used). It is an
+        explicit input: the generator reads nothing, so a world is a function of its arguments.
+        To rebuild the world a checkpoint was trained on, use ``mechedit.zoo.load_world``, which
+        passes the ones its ``metadata.json`` recorded.
         """
         cfg = config or WorldConfig()
+        occupations = _check_occupations(occupations)
         rng = random.Random(cfg.seed)
         relations = build_relations()
 
@@ -364,7 +402,7 @@ class World:
             for i, (f, last) in enumerate(planted_names)
         )
         private = cls._private_records(cfg, rng, people)
-        biases = cls._biases(occupations if occupations is not None else default_occupations())
+        biases = cls._biases(occupations)
         text_train, text_heldout = cls._general_text(cfg, rng)
         return cls(
             config=cfg,
@@ -589,8 +627,8 @@ def load_occupations(path: str | Path | None = None) -> list[tuple[str, float]]:
 
     ``path`` defaults to ``../shared/data/winogender/occupations-stats.tsv``. The data set is
     MIT-licensed (Rudinger et al. 2018); mechedit does not ship it, but every checkpoint records
-    the occupations and skews it was trained with (``metadata.json``), and ``default_occupations``
-    reads them back from there.
+    the occupations and skews it was trained with (``metadata.json``), and
+    ``mechedit.zoo.load_world`` rebuilds its world from there.
     """
     src = Path(path) if path is not None else default_shared_data() / WINOGENDER_STATS
     if not src.is_file():
@@ -613,13 +651,3 @@ def load_occupations(path: str | Path | None = None) -> list[tuple[str, float]]:
                 except (IndexError, ValueError):
                     raise ValueError(f"{src}, line {n}: bad row {line.strip()!r}") from None
     return rows
-
-
-def default_occupations() -> list[tuple[str, float]]:
-    """The occupations the shipped fact world was trained with (its ``metadata.json``), else WinoGender's file."""
-    recorded = Path(__file__).with_name("checkpoints") / "factworld"
-    if (recorded / "metadata.json").is_file():
-        from mechedit.zoo.metadata import read_metadata
-
-        return [(b["occupation"], float(b["bls_pct_female"])) for b in read_metadata(recorded)["biases"]]
-    return load_occupations()
