@@ -152,7 +152,10 @@ def hf_parameters(bridge: Any, *, tied_aliases: bool = False) -> dict[str, torch
     shadows with its own copies (a bridge booted without ``mechedit.load`` on GPT-NeoX), whose
     edits it would not see.
     """
-    mapping = _map(bridge)
+    return _parameters(_map(bridge), tied_aliases=tied_aliases)
+
+
+def _parameters(mapping: _Mapping, *, tied_aliases: bool) -> dict[str, torch.nn.Parameter]:
     params: dict[str, torch.nn.Parameter] = {}
     seen: set[int] = set()
     for name, tensor in mapping.tensors.items():
@@ -173,14 +176,16 @@ def hf_tied_names(model: Any) -> dict[str, str]:
     ``model`` is a bridge or a plain HF model.
     """
     if _is_hf_model(model):
-        named = model.named_parameters(remove_duplicate=False)
-    else:
-        named = (
-            (n, t) for n, t in _map(model).tensors.items() if isinstance(t, torch.nn.Parameter)
-        )
+        return _tied_names(model.named_parameters(remove_duplicate=False))
+    return _tied_names(_map(model).tensors.items())
+
+
+def _tied_names(named: Iterable[tuple[str, Tensor]]) -> dict[str, str]:
     first: dict[int, str] = {}
     aliases: dict[str, str] = {}
     for name, tensor in named:
+        if not isinstance(tensor, torch.nn.Parameter):
+            continue
         canonical = first.setdefault(id(tensor), name)
         if canonical != name:
             aliases[name] = canonical
@@ -530,10 +535,16 @@ def _dims(hf: Any) -> _Dims:
     return _Dims(int(config.num_hidden_layers), n_heads, int(n_kv), int(d_head))
 
 
-def _canonical_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
+def _parameter_view(
+    model: Any,
+) -> tuple[dict[str, torch.nn.Parameter], dict[str, str], frozenset[str]]:
+    """Canonical parameters (HF order), tied aliases -> canonical name, and shadowed names."""
     if _is_hf_model(model):
-        return dict(model.named_parameters())  # tied weights once, under the first name
-    return hf_parameters(model)
+        params = dict(model.named_parameters())  # tied weights once, under the first name
+        return params, _tied_names(model.named_parameters(remove_duplicate=False)), frozenset()
+    mapping = _map(model)
+    params = _parameters(mapping, tied_aliases=False)
+    return params, _tied_names(mapping.tensors.items()), mapping.shadowed
 
 
 def _span(starts: Tensor, width: int) -> Tensor:
@@ -598,11 +609,9 @@ def circuit_parameters(
     hf = model if _is_hf_model(model) else hf_model(model)
     arch = layout(model)
     dims = _dims(hf)
-    params = _canonical_parameters(model)
-    aliases = hf_tied_names(model)
+    params, aliases, shadowed = _parameter_view(model)
     components = [circuit] if isinstance(circuit, Component) else list(circuit)
 
-    shadowed = frozenset() if _is_hf_model(model) else _map(model).shadowed
     for linear in arch.linears:
         if not {linear.weight.format(layer=0)} & (set(params) | shadowed):
             raise RuntimeError(

@@ -84,6 +84,31 @@ def resolve(name_or_dir: str | os.PathLike) -> str:
     return text
 
 
+def _check_tokenizer(bridge: TransformerBridge, target: str) -> None:
+    """Refuse a tokenizer that cannot encode prompts for this model.
+
+    A one-entry tokenizer (no vocabulary found) turns every prompt into token 0; one with more
+    entries than the model embeds (e.g. ``tokenizer.json`` without ``tokenizer_config.json``, where
+    transformers guesses a tokenizer class and adds its own special tokens) yields ids the model has
+    no embedding for.
+    """
+    tokenizer = bridge.tokenizer
+    size = 0 if tokenizer is None else len(tokenizer)
+    d_vocab = int(bridge.cfg.d_vocab)
+    if 1 < size <= d_vocab:
+        return
+    problem = (
+        f"a tokenizer of {size} entries, so every prompt would become token 0"
+        if size <= 1
+        else f"a tokenizer of {size} entries, more than the {d_vocab} tokens the model embeds"
+    )
+    raise TokenizerNotFoundError(
+        f"{target!r} loaded with {problem}. Put the model's complete tokenizer files beside its "
+        "weights: tokenizer.json with tokenizer_config.json (or the vocab files), e.g. with "
+        "tokenizer.save_pretrained(dir)."
+    )
+
+
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
 
@@ -131,12 +156,7 @@ def load(
             "`huggingface-cli download gpt2 --local-dir ./gpt2`) and pass that directory, "
             "or use a zoo name: " + ", ".join(zoo.NAMES) + f". (Underlying error: {err})"
         ) from None
-    if bridge.tokenizer is None or len(bridge.tokenizer) <= 1:
-        raise TokenizerNotFoundError(
-            f"{target!r} loaded with a tokenizer of {0 if bridge.tokenizer is None else 1} entries, "
-            "so every prompt would become token 0; put the model's tokenizer files "
-            "(tokenizer.json or vocab files) beside its weights"
-        )
+    _check_tokenizer(bridge, target)
     # Training or editing the HF tensors must reach what the bridge computes (GPT-NeoX's split q/k/v).
     bind_fused_qkv(bridge)
     if os.fspath(name_or_dir) in zoo.NAMES:

@@ -286,3 +286,25 @@ def test_one_training_step_through_the_bridge_exports_exactly(arch, tmp_path):
     fresh = mechedit.load(folder)
     with replay.applied(fresh):
         assert (_logits(fresh, tokens) - trained).abs().max().item() <= 1e-5
+
+
+def test_bert_zeroed_neurons_export_and_reload_in_transformers(tmp_path):
+    from transformers import BertForMaskedLM
+
+    from mechedit.zoo.random_model import random_checkpoint
+
+    bridge = mechedit.load(random_checkpoint(tmp_path / "ckpt", "bert"))
+    tokens = bridge.to_tokens(PROMPTS)
+    edit = zero_neurons(bridge, [(0, 3), (1, 100), (1, 255)])
+    assert "bert.encoder.layer.1.intermediate.dense.weight" in edit.names
+    with edit.applied(bridge):
+        edited = _logits(bridge, tokens)
+    assert (edited - _logits(bridge, tokens)).abs().max().item() > 1e-5
+
+    out = export_hf(bridge, tmp_path / "export", edit=edit)
+    hf = BertForMaskedLM.from_pretrained(str(out), attn_implementation="eager").eval()
+    assert (_hf_logits(hf, tokens) - edited).abs().max().item() <= 1e-5
+
+    plain = export_hf(bridge, tmp_path / "plain")  # no edit: the model itself round-trips
+    hf = BertForMaskedLM.from_pretrained(str(plain), attn_implementation="eager").eval()
+    assert (_hf_logits(hf, tokens) - _logits(bridge, tokens)).abs().max().item() <= 1e-5
