@@ -10,16 +10,23 @@ Two kinds of knowledge live here:
   wrapper segments from the wrapped model's state-dict keys and keeping the names a freshly built HF
   model of the same class has recovers the plain HF state dict; every other key is an alias. The
   result is checked, not assumed: every HF key must be found and aliases of one key must be one
-  tensor. A bridge parameter sharing no storage with any HF tensor is a private copy the bridge
-  computes with (GPT-NeoX's split q/k/v): the HF tensors of its module are then "shadowed", and
-  ``hf_parameters`` leaves them out, because editing them would not change the bridge's outputs.
-  (TransformerLens's ``bridge._normalize_bridge_key_to_hf`` only renames block attributes such as
-  ``ln1 -> ln_1``; it keeps ``_original_component`` and the q/k/v/in/out aliases, so it is not used.)
+  tensor. Tied parameters (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) are listed
+  once, under their first name in HF state-dict order, wherever parameters are enumerated
+  (``hf_parameters``); ``hf_state_dict`` keeps every name for export. A bridge parameter sharing no
+  storage with any HF tensor is a private copy the bridge computes with (TransformerLens's split
+  q/k/v of GPT-NeoX's interleaved ``query_key_value``): the HF tensors of its module are then
+  "shadowed", and ``hf_parameters`` leaves them out, because editing them would not change the
+  bridge's outputs. ``mechedit.load`` removes such copies (``bind_fused_qkv``), so a loaded model
+  has none. (TransformerLens's ``bridge._normalize_bridge_key_to_hf`` only renames block attributes
+  such as ``ln1 -> ln_1``; it keeps ``_original_component`` and the q/k/v/in/out aliases, so it is
+  not used.)
 
-* **Neuron layouts.** Which slices of which HF tensors feed and leave MLP neuron ``(layer, j)``,
-  per architecture, as data in ``NEURON_LAYOUTS``. GPT-2's ``Conv1D`` stores weights as
-  ``[in, out]``; ``nn.Linear`` (GPT-NeoX, Llama, ...) stores ``[out, in]``; so the neuron axis is a
-  column in one and a row in the other. To support a new architecture, add one entry.
+* **Layouts.** Which entries of which HF tensors belong to an attention head, an MLP neuron, a
+  whole block or one output unit, per architecture, as data in ``LAYOUTS`` (GPT-2, GPT-NeoX, Llama,
+  BERT); ``NEURON_LAYOUTS``, ``mechedit.components.partition_sizes`` and ``circuit_parameters``
+  all read it. GPT-2's ``Conv1D`` stores weights as ``[in, out]``; ``nn.Linear`` (GPT-NeoX, Llama,
+  BERT) stores ``[out, in]``; so an output unit is a column in one and a row in the other. To
+  support a new architecture, add one entry.
 """
 
 from __future__ import annotations
@@ -30,12 +37,15 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 from transformers import PreTrainedModel
+
+if TYPE_CHECKING:
+    from mechedit.components import Component
 
 WRAPPER_SEGMENT = "_original_component"
 
@@ -570,7 +580,7 @@ def _qkv_units(attn: AttentionLayout, dims: _Dims, heads: Tensor) -> list[tuple[
 
 
 def circuit_parameters(
-    model: Any, circuit: Iterable[Any], *, norms: bool = False
+    model: Any, circuit: Iterable[Component] | Component, *, norms: bool = False
 ) -> dict[str, Tensor]:
     """The parameters a circuit covers: plain HF name -> boolean mask of the parameter's shape.
 
@@ -613,7 +623,7 @@ def circuit_parameters(
     components = [circuit] if isinstance(circuit, Component) else list(circuit)
 
     for linear in arch.linears:
-        if not {linear.weight.format(layer=0)} & (set(params) | shadowed):
+        if linear.weight.format(layer=0) not in params.keys() | shadowed:
             raise RuntimeError(
                 f"LAYOUTS[{type(hf).__name__!r}] names {linear.weight!r}, which this model lacks; "
                 "fix that entry in mechedit/hf.py"
