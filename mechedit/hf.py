@@ -780,7 +780,7 @@ def _modules_by_parameter(hf: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return owners
 
 
-def bind_fused_qkv(bridge: Any) -> int:
+def bind_fused_qkv(bridge: Any, *, views: bool = False) -> int:
     """Make the bridge's split q/k/v read the fused HF q/k/v tensor; returns the layers rebound.
 
     TransformerLens splits a fused q/k/v projection into three ``nn.Linear`` it computes with. For
@@ -790,6 +790,13 @@ def bind_fused_qkv(bridge: Any) -> int:
     every copy (only where it does not share storage with the fused tensor) by a ``_FusedPart``
     gathered from ``LAYOUTS``'s units on each forward, checked equal to the copy it replaces.
     Architectures with separate q/k/v, or none in ``LAYOUTS``, are left as they are.
+
+    ``views=True`` rebinds GPT-2's views too. They already train and edit correctly (one storage),
+    but their gradients land on the views' own ``nn.Parameter`` objects, not on ``c_attn.weight``;
+    rebinding sends them to ``c_attn.weight``, for code that takes gradients by HF name. It is not
+    the default because it removes the views from ``bridge.named_parameters()``, which changes
+    ``mechedit.provenance.weights_hash`` of every GPT-2 (and so the recorded provenance of shipped
+    circuits).
     """
     arch_name = architecture(bridge)
     if arch_name not in LAYOUTS or LAYOUTS[arch_name].attn.fused is None:
@@ -809,8 +816,10 @@ def bind_fused_qkv(bridge: Any) -> int:
         storage = fused.weight.untyped_storage().data_ptr()
         for p, letter in enumerate("qkv"):
             old = getattr(attn, letter).original_component
-            if old.weight.untyped_storage().data_ptr() == storage:
-                continue  # already a view of the fused tensor (GPT-2)
+            if isinstance(old, _FusedPart) or (
+                not views and old.weight.untyped_storage().data_ptr() == storage
+            ):
+                continue  # already reads the fused tensor (GPT-2's views, or bound before)
             new = _FusedPart(fused, parts[p].to(fused.weight.device), in_out=fused_linear.in_out)
             with torch.no_grad():
                 same = torch.equal(new.weight, old.weight) and (

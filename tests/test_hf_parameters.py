@@ -379,3 +379,21 @@ def test_bad_circuits_are_clear_errors(bridges):
             circuit_parameters(bridge, [component])
     with pytest.raises(KeyError, match="LAYOUTS"):
         layout("MambaForCausalLM")
+
+
+def test_binding_gpt2s_qkv_views_sends_gradients_to_c_attn(tmp_path):
+    from mechedit.hf import bind_fused_qkv, hf_parameter
+
+    model = mechedit.load(random_checkpoint(tmp_path, "gpt2"))
+    c_attn = hf_parameter(model, "transformer.h.0.attn.c_attn.weight")
+    before = _run(model)
+    assert bind_fused_qkv(model) == 0  # loaded: views already share c_attn's storage
+    model(_tokens(model)).sum().backward()
+    assert c_attn.grad is None  # ... but the views' own Parameters take the gradient
+    model.zero_grad(set_to_none=True)
+
+    assert bind_fused_qkv(model, views=True) == 2
+    assert bind_fused_qkv(model, views=True) == 0  # idempotent
+    assert torch.equal(_run(model), before)
+    model(_tokens(model)).sum().backward()
+    assert c_attn.grad is not None and c_attn.grad.abs().sum() > 0
