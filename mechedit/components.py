@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from mechedit.hf import hf_parameters
+from mechedit.hf import LAYOUTS, ArchitectureLayout, hf_parameters
 
 
 @dataclass(frozen=True)
@@ -298,11 +298,14 @@ def index_size(model: Any, site: str) -> int | None:
 
 
 def parameter_names(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The parameters ``partition`` components name, by name.
+    """The parameters ``partition`` components name, by name, each parameter once.
 
     For a TransformerBridge: the plain Hugging Face names (``transformer.h.0.mlp.c_fc.weight``),
     aliases removed, from ``mechedit.hf.hf_parameters`` — the names weight edits and exports use.
-    For any other module: its ``named_parameters``.
+    For any other module: its ``named_parameters``. Tied parameters appear once, under their
+    canonical name, the first in HF state-dict order: GPT-2's ``transformer.wte.weight`` (not
+    ``lm_head.weight``), BERT's ``bert.embeddings.word_embeddings.weight`` and
+    ``cls.predictions.bias``; see ``mechedit.hf.hf_tied_names``.
     """
     if hasattr(model, "original_model"):
         return hf_parameters(model)
@@ -321,19 +324,33 @@ def _owners(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def partition_sizes(model: torch.nn.Module) -> dict[str, int]:
-    """Number of output units of every parameter in ``parameter_names(model)``.
+    """Number of output units of every parameter in ``parameter_names(model)`` (tied ones once).
 
     A unit is one output feature of the parameter's layer, whatever the storage layout: a row of
     an ``nn.Linear`` weight ``[out, in]``, a column of a HF GPT-2 ``Conv1D`` weight ``[in, out]``,
-    one element of a bias or norm vector, one row (token or position) of an embedding table.
+    one element of a bias or norm vector, one row (token or position) of an embedding table. For
+    an architecture in ``mechedit.hf.LAYOUTS`` the axis comes from that table (the one neuron
+    layouts and ``circuit_parameters`` use); for any other module, from its type (``Conv1D``).
     """
-    owners = _owners(model)
+    arch = _layout_or_none(model)
+    owners = {} if arch is not None else _owners(model)
     sizes = {}
     for name, tensor in parameter_names(model).items():
-        # Conv1D stores weights [in, out]: its output units are columns.
-        conv_weight = isinstance(owners.get(name), Conv1D) and name.endswith(".weight")
-        sizes[name] = int(tensor.shape[1 if conv_weight else 0]) if tensor.ndim else 1
+        if not tensor.ndim:
+            sizes[name] = 1
+            continue
+        if arch is not None:
+            axis = arch.output_axis(name, tensor.ndim)
+        else:
+            # Conv1D stores weights [in, out]: its output units are columns.
+            axis = int(isinstance(owners.get(name), Conv1D) and name.endswith(".weight"))
+        sizes[name] = int(tensor.shape[axis])
     return sizes
+
+
+def _layout_or_none(model: torch.nn.Module) -> ArchitectureLayout | None:
+    hf = getattr(model, "original_model", model)
+    return LAYOUTS.get(type(hf).__name__)
 
 
 def partition_size(model: torch.nn.Module, param: str) -> int:

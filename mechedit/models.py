@@ -14,12 +14,39 @@ from typing import Any
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from mechedit.hf import bind_fused_qkv
+
 # A hub id is "name" or "org/name" made of these characters; anything else must be a local path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
 class ModelNotFoundError(FileNotFoundError):
     """A model name that is neither a zoo name, a local checkpoint directory nor a reachable hub id."""
+
+
+class TokenizerNotFoundError(ModelNotFoundError):
+    """A local checkpoint directory without the tokenizer files its prompts need."""
+
+
+# Any one of these makes a loadable tokenizer: a fast tokenizer's tokenizer.json, a BPE vocab
+# (vocab.json + merges.txt, GPT-2 style), a WordPiece vocab.txt (BERT), or a SentencePiece model.
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """Refuse a checkpoint folder without tokenizer files.
+
+    Without them transformers silently builds a tokenizer with a single entry, so every prompt
+    becomes token 0 and every result is meaningless.
+    """
+    if any((folder / name).is_file() for name in _TOKENIZER_FILES) or any(folder.glob("*.model")):
+        return
+    raise TokenizerNotFoundError(
+        f"{folder} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}); loading it would "
+        "turn every prompt into token 0. Save the tokenizer the model was trained with beside the "
+        "weights: tokenizer.save_pretrained(dir), or copy tokenizer.json and tokenizer_config.json "
+        "(or vocab.json + merges.txt) from the original checkpoint into the folder."
+    )
 
 
 def resolve(name_or_dir: str | os.PathLike) -> str:
@@ -74,6 +101,31 @@ def model_device(model: Any) -> torch.device:
     return torch.device(getattr(getattr(model, "cfg", None), "device", None) or "cpu")
 
 
+def _check_tokenizer(bridge: TransformerBridge, target: str) -> None:
+    """Refuse a tokenizer that cannot encode prompts for this model.
+
+    A one-entry tokenizer (no vocabulary found) turns every prompt into token 0; one with more
+    entries than the model embeds (e.g. ``tokenizer.json`` without ``tokenizer_config.json``, where
+    transformers guesses a tokenizer class and adds its own special tokens) yields ids the model has
+    no embedding for.
+    """
+    tokenizer = bridge.tokenizer
+    size = 0 if tokenizer is None else len(tokenizer)
+    d_vocab = int(bridge.cfg.d_vocab)
+    if 1 < size <= d_vocab:
+        return
+    problem = (
+        f"a tokenizer of {size} entries, so every prompt would become token 0"
+        if size <= 1
+        else f"a tokenizer of {size} entries, more than the {d_vocab} tokens the model embeds"
+    )
+    raise TokenizerNotFoundError(
+        f"{target!r} loaded with {problem}. Put the model's complete tokenizer files beside its "
+        "weights: tokenizer.json with tokenizer_config.json (or the vocab files), e.g. with "
+        "tokenizer.save_pretrained(dir)."
+    )
+
+
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
 
@@ -93,14 +145,22 @@ def load(
         device: where to put the model; ``None`` lets TransformerLens choose (CPU here).
         dtype: parameter dtype (float32 by default, so weight edits are exact).
 
+    The bridge computes with the HF tensors themselves: where TransformerLens would compute
+    attention with private copies of a fused q/k/v weight (GPT-NeoX), ``bind_fused_qkv`` makes it
+    read the fused tensor, so training through the bridge and ``export_hf`` agree.
+
     Raises:
         ModelNotFoundError: the name is not local and the hub cannot provide it; the message says
             how to pass a directory instead.
+        TokenizerNotFoundError: a local folder without tokenizer files (``tokenizer.json`` or a
+            vocab file); the message says how to add them.
     """
     from mechedit import zoo
 
     target = resolve(name_or_dir)
     local = Path(target).is_dir()
+    if local:
+        _check_tokenizer_files(Path(target))
     try:
         bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
     except OSError as err:
@@ -113,8 +173,9 @@ def load(
             "`huggingface-cli download gpt2 --local-dir ./gpt2`) and pass that directory, "
             "or use a zoo name: " + ", ".join(zoo.NAMES) + f". (Underlying error: {err})"
         ) from None
-    from mechedit import zoo
-
+    _check_tokenizer(bridge, target)
+    # Training or editing the HF tensors must reach what the bridge computes (GPT-NeoX's split q/k/v).
+    bind_fused_qkv(bridge)
     if os.fspath(name_or_dir) in zoo.NAMES:
         # record the portable zoo name, not this machine's path, in provenance and circuit files
         bridge.cfg.model_name = os.fspath(name_or_dir)

@@ -215,7 +215,8 @@ def test_partition_units_follow_meaning_not_layout(tiny_bridge):
 
 def test_partition_names_are_plain_hf_names(tiny_bridge):
     names = comp.parameter_names(tiny_bridge)
-    assert "transformer.h.0.mlp.c_fc.weight" in names and "lm_head.weight" in names
+    assert "transformer.h.0.mlp.c_fc.weight" in names and "transformer.wte.weight" in names
+    assert "lm_head.weight" not in names  # tied to transformer.wte.weight: listed once
     # the bridge's aliases of the same tensors are not separate partitions
     assert not any("_original_component" in n or ".attn.q." in n or ".mlp.in." in n for n in names)
     sizes = comp.partition_sizes(tiny_bridge)

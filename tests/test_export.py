@@ -75,9 +75,11 @@ def test_hf_state_dict_has_plain_names_and_shares_storage(tiny_bridge, tiny_gpt2
     assert set(state) - set(on_disk) == {"lm_head.weight"}
     assert all(torch.equal(state[n], t) for n, t in on_disk.items())
 
-    params = hf_parameters(tiny_bridge)
+    params = hf_parameters(tiny_bridge, tied_aliases=True)
     for name, tensor in state.items():
         assert tensor.data_ptr() == params[name].data_ptr()
+    # by default each parameter once: the tied lm_head under its canonical name
+    assert list(hf_parameters(tiny_bridge)) == [n for n in state if n != "lm_head.weight"]
     # The bridge's q view shares storage with c_attn: an edit of c_attn reaches it.
     wrapped = dict(tiny_bridge.original_model.named_parameters())
     q = wrapped["transformer.h.0._original_component.attn.q._original_component.weight"]
@@ -238,11 +240,75 @@ def test_neuron_zeroing_and_export_on_linear_layout_models(arch, tmp_path):
 
 
 def test_weights_the_bridge_copies_cannot_be_edited(tmp_path):
-    """The GPT-NeoX bridge computes attention with its own q/k/v copies, not query_key_value."""
-    bridge = mechedit.load(_tiny_checkpoint(tmp_path / "ckpt", "gpt_neox"))
+    """A NeoX bridge booted directly computes attention with its own q/k/v copies, not
+    query_key_value; mechedit.load makes it compute with query_key_value itself."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    folder = _tiny_checkpoint(tmp_path / "ckpt", "gpt_neox")
+    name = "gpt_neox.layers.0.attention.query_key_value.weight"
+    raw = TransformerBridge.boot_transformers(str(folder))
     with pytest.raises(KeyError, match="own copies"):
-        hf_parameter(bridge, "gpt_neox.layers.0.attention.query_key_value.weight")
-    assert "gpt_neox.layers.0.attention.query_key_value.weight" in hf_state_dict(bridge)
+        hf_parameter(raw, name)
+    assert name in hf_state_dict(raw)
+
+    bridge = mechedit.load(folder)
+    tokens = bridge.to_tokens(PROMPTS)
+    before = _logits(bridge, tokens)
+    assert (before - _logits(raw, tokens)).abs().max().item() == 0.0  # same function
+    qkv = hf_parameter(bridge, name)
+    with torch.no_grad():
+        qkv.mul_(0.5)
+    assert (_logits(bridge, tokens) - before).abs().max().item() > 1e-3  # the edit is seen
+
+
+# --- training through the bridge reaches the exported tensors ------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
+def test_one_training_step_through_the_bridge_exports_exactly(arch, tmp_path):
+    """GPT-NeoX's bridge used to train private q/k/v copies: the export was 0.19 off in logits."""
+    from mechedit.zoo.random_model import random_checkpoint
+
+    folder = random_checkpoint(tmp_path / "ckpt", arch)
+    bridge = mechedit.load(folder)
+    tokens = bridge.to_tokens(PROMPTS)
+    before = _logits(bridge, tokens)
+
+    optimizer = torch.optim.SGD(bridge.parameters(), lr=1.0)
+    bridge(tokens).log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None]).mean().neg().backward()
+    optimizer.step()
+    trained = _logits(bridge, tokens)
+    assert (trained - before).abs().max().item() > 1e-2  # the step changed the model
+
+    exported = _hf_logits(export_hf(bridge, tmp_path / "export"), tokens)
+    assert (exported - trained).abs().max().item() <= 1e-5
+
+    replay = WeightEdit.from_diff(mechedit.load(folder), bridge)
+    fresh = mechedit.load(folder)
+    with replay.applied(fresh):
+        assert (_logits(fresh, tokens) - trained).abs().max().item() <= 1e-5
+
+
+def test_bert_zeroed_neurons_export_and_reload_in_transformers(tmp_path):
+    from transformers import BertForMaskedLM
+
+    from mechedit.zoo.random_model import random_checkpoint
+
+    bridge = mechedit.load(random_checkpoint(tmp_path / "ckpt", "bert"))
+    tokens = bridge.to_tokens(PROMPTS)
+    edit = zero_neurons(bridge, [(0, 3), (1, 100), (1, 255)])
+    assert "bert.encoder.layer.1.intermediate.dense.weight" in edit.names
+    with edit.applied(bridge):
+        edited = _logits(bridge, tokens)
+    assert (edited - _logits(bridge, tokens)).abs().max().item() > 1e-5
+
+    out = export_hf(bridge, tmp_path / "export", edit=edit)
+    hf = BertForMaskedLM.from_pretrained(str(out), attn_implementation="eager").eval()
+    assert (_hf_logits(hf, tokens) - edited).abs().max().item() <= 1e-5
+
+    plain = export_hf(bridge, tmp_path / "plain")  # no edit: the model itself round-trips
+    hf = BertForMaskedLM.from_pretrained(str(plain), attn_implementation="eager").eval()
+    assert (_hf_logits(hf, tokens) - _logits(bridge, tokens)).abs().max().item() <= 1e-5
 
 
 def test_the_core_imports_no_stage_and_export_lives_with_the_edits():

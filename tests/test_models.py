@@ -43,3 +43,28 @@ def test_a_file_instead_of_a_directory_is_a_clear_error(tiny_gpt2_dir):
 def test_unknown_zoo_name_lists_the_zoo():
     with pytest.raises(KeyError, match="factworld-planted"):
         zoo.checkpoint_dir("factworld-large")
+
+
+@pytest.mark.parametrize("left", [(), ("tokenizer_config.json",)])
+def test_a_checkpoint_without_tokenizer_files_is_refused(tiny_gpt2_dir, tmp_path, left):
+    """transformers would build a one-entry tokenizer and every prompt would become token 0."""
+    import shutil
+
+    from mechedit.models import TokenizerNotFoundError
+
+    for name in ("config.json", "model.safetensors", *left):
+        shutil.copy(tiny_gpt2_dir / name, tmp_path / name)
+    with pytest.raises(TokenizerNotFoundError) as err:
+        mechedit.load(tmp_path)
+    message = str(err.value)
+    assert "tokenizer.json" in message and "vocab.json" in message
+    assert "tokenizer.save_pretrained" in message
+    assert isinstance(err.value, ModelNotFoundError)
+
+    # tokenizer.json alone: transformers guesses GPT-2's class and adds a token the model lacks
+    shutil.copy(tiny_gpt2_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    if not left:
+        with pytest.raises(TokenizerNotFoundError, match="more than the 64 tokens"):
+            mechedit.load(tmp_path)
+        shutil.copy(tiny_gpt2_dir / "tokenizer_config.json", tmp_path / "tokenizer_config.json")
+    assert mechedit.load(tmp_path).to_str_tokens("w1 w2") == ["<bos>", "w1", "w2"]

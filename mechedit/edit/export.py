@@ -101,7 +101,7 @@ def _state_with_edit(
             f"is {source.weights_hash} (neither the edit's base nor its result). Export its base "
             "model, or pass check_base=False to write the edit's tensors over this model anyway."
         )
-    live = hf_parameters(model)
+    live = hf_parameters(model, tied_aliases=True)
     unknown = [n for n in edit.names if n not in live]
     if unknown:
         raise KeyError(f"the edit names {unknown}, which are not editable parameters of this model")

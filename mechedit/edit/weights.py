@@ -55,7 +55,8 @@ from mechedit.artifacts import (
     write_tensors,
 )
 from mechedit.circuit import Circuit
-from mechedit.hf import architecture, hf_parameters, neuron_layout
+from mechedit.components import Component
+from mechedit.hf import architecture, circuit_parameters, hf_parameters
 from mechedit.provenance import Provenance, weights_hash
 
 FORMAT = "mechedit.weight_edit"
@@ -157,7 +158,7 @@ class WeightEdit:
         ``model`` is not changed: the result hash is measured by writing the tensors in, hashing,
         and restoring the originals. Shapes and dtypes must equal the parameters'.
         """
-        live = hf_parameters(model)
+        live = hf_parameters(model, tied_aliases=True)
         _check_tensors(live, new_tensors, where="new_tensors")
         _check_ties(live, new_tensors)
         base = Provenance.of(model)
@@ -304,7 +305,7 @@ class WeightEdit:
                 "or load a second copy (WeightEdit.load) to apply it to another model"
             )
         self._check_architecture(model)
-        live = hf_parameters(model)
+        live = hf_parameters(model, tied_aliases=True)
         _check_tensors(live, self._new, where="this edit")
         if check_base:
             found = weights_hash(model)
@@ -330,7 +331,7 @@ class WeightEdit:
             raise EditStateError(
                 "this edit was applied to a different model object; revert it on that model"
             )
-        live = hf_parameters(model)
+        live = hf_parameters(model, tied_aliases=True)
         # Restoring over later changes would silently undo them too, so refuse.
         moved = [n for n in self._new if not bitwise_equal(live[n].detach().cpu(), self._new[n])]
         if moved:
@@ -495,7 +496,8 @@ def zero_neurons(
     ``neurons`` may also be a ``Circuit`` of ``neuron`` components without pinned positions.
 
     For each neuron it zeroes every slice ``mechedit.hf.NEURON_LAYOUTS`` lists for the model's
-    architecture. For GPT-2 (``Conv1D``, weights ``[in, out]``): column ``j`` of
+    architecture (the masks ``mechedit.hf.circuit_parameters`` gives for the neurons). For GPT-2
+    (``Conv1D``, weights ``[in, out]``): column ``j`` of
     ``transformer.h.{layer}.mlp.c_fc.weight`` ``[d_model, d_mlp]``, entry ``j`` of ``c_fc.bias``
     ``[d_mlp]`` and row ``j`` of ``mlp.c_proj.weight`` ``[d_mlp, d_model]``; ``c_proj.bias`` is
     shared and kept. The effect equals zeroing ``blocks.{layer}.mlp.hook_post[..., j]``.
@@ -513,21 +515,11 @@ def zero_neurons(
             f"neurons {out_of_range} are outside this model: layers are 0..{cfg.n_layers - 1} "
             f"and neuron indices 0..{cfg.d_mlp - 1}"
         )
-    layout = neuron_layout(model)
+    masks = circuit_parameters(
+        model, [Component("neuron", layer, neuron=j) for layer, j in pairs.tolist()]
+    )
     live = hf_parameters(model)
-    new: dict[str, Tensor] = {}
-    for layer in pairs[:, 0].unique().tolist():
-        index = pairs[pairs[:, 0] == layer, 1]
-        for piece in layout.slices:
-            name = piece.name(layer)
-            tensor = live[name].detach()
-            if tensor.shape[piece.dim] != cfg.d_mlp:
-                raise RuntimeError(
-                    f"NEURON_LAYOUTS[{architecture(model)!r}] says dim {piece.dim} of {name} "
-                    f"indexes neurons, but it has size {tensor.shape[piece.dim]}, not d_mlp="
-                    f"{cfg.d_mlp}; fix that entry in mechedit/hf.py"
-                )
-            new[name] = piece.zeroed(tensor, index)
+    new = {name: live[name].detach().masked_fill(mask, 0.0) for name, mask in masks.items()}
     return WeightEdit.from_new_tensors(
         model, new, kind="zero_neurons", params={"neurons": pairs.tolist()}
     )

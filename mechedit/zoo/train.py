@@ -251,8 +251,12 @@ def train_factworld(
 
 
 def _mlp_parameters(model: GPT2LMHeadModel, layer: int) -> dict[str, torch.nn.Parameter]:
-    prefix = f"transformer.h.{layer}.mlp."
-    return {n: p for n, p in model.named_parameters() if n.startswith(prefix)}
+    """The parameters of block ``layer``'s MLP (whole tensors; its norm excluded), by HF name."""
+    from mechedit.components import Component
+    from mechedit.hf import circuit_parameters
+
+    params = dict(model.named_parameters())
+    return {name: params[name] for name in circuit_parameters(model, [Component("mlp", layer)])}
 
 
 def plant_facts(
