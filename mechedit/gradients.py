@@ -210,7 +210,7 @@ def activations_and_gradients(
 
 
 def _selected_parameters(model: Any, param_names: Sequence[str]) -> dict[str, torch.nn.Parameter]:
-    from mechedit.hf import hf_parameter, hf_parameters
+    from mechedit.hf import hf_parameters, hf_state_dict
 
     if isinstance(param_names, str):
         raise ValueError(f"param_names must be a list of names, got the string {param_names!r}")
@@ -224,11 +224,13 @@ def _selected_parameters(model: Any, param_names: Sequence[str]) -> dict[str, to
         if name in available:
             selected[name] = available[name]
             continue
-        if bridge:
-            try:
-                hf_parameter(model, name)  # raises the specific reason (shadowed, unknown)
-            except KeyError as err:
-                raise ValueError(err.args[0]) from None
+        if bridge and name in hf_state_dict(model):
+            # an HF tensor the bridge does not compute with (GPT-NeoX attention) or a buffer
+            raise ValueError(
+                f"parameter {name!r} gets no gradient through this bridge: the bridge computes "
+                "with its own copies of this module's weights (or it is a buffer), so the HF "
+                "tensor is not in the forward pass"
+            )
         near = difflib.get_close_matches(name, list(available), n=5, cutoff=0.6)
         hint = f"; closest: {', '.join(near)}" if near else ""
         raise ValueError(f"parameter {name!r} is not in this model{hint}")
@@ -256,7 +258,9 @@ def parameter_gradients(
     """
     require_eval_mode(model, what="parameter_gradients", needs_grad=True)
     selected = _selected_parameters(model, param_names)
-    unique = list({id(p): p for p in selected.values()}.values())
+    targets = list({id(p): p for p in selected.values()}.values())
+    leaves = _storage_sharers(model, targets)
+    unique = list({id(p): p for group in leaves for p in group}.values())
     flags = [p.requires_grad for p in unique]
     try:
         for p in unique:
@@ -268,8 +272,9 @@ def parameter_gradients(
     finally:
         for p, flag in zip(unique, flags):
             p.requires_grad_(flag)
-    by_id = {id(p): g for p, g in zip(unique, grads)}
-    unused = [n for n, p in selected.items() if by_id[id(p)] is None]
+    by_leaf = {id(p): g for p, g in zip(unique, grads)}
+    by_target = {id(t): _assemble(t, group, by_leaf) for t, group in zip(targets, leaves)}
+    unused = [n for n, p in selected.items() if by_target[id(p)] is None]
     if unused:
         raise RuntimeError(
             f"the gradient of {unused} came back None: the metric does not depend on these "
@@ -278,8 +283,52 @@ def parameter_gradients(
         )
     return ParameterGradients(
         value=value.item(),
-        gradients={n: by_id[id(p)].detach() for n, p in selected.items()},
+        gradients={n: by_target[id(p)] for n, p in selected.items()},
     )
+
+
+def _storage_sharers(model: Any, targets: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Per target tensor: every parameter of the bridge (or the HF model) viewing its memory.
+
+    The bridge computes GPT-2 attention with its own ``q``/``k``/``v`` parameters, which are
+    views into the HF ``c_attn`` tensors' memory but separate autograd leaves: the gradient
+    with respect to ``c_attn`` is the sum of theirs, placed where they sit in its memory.
+    """
+    by_storage: dict[int, list[torch.Tensor]] = {}
+    seen: set[int] = set()
+    for root in (model, getattr(model, "original_model", None)):
+        if not isinstance(root, torch.nn.Module):
+            continue
+        for _, param in root.named_parameters(remove_duplicate=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                by_storage.setdefault(param.untyped_storage().data_ptr(), []).append(param)
+    return [
+        by_storage.get(t.untyped_storage().data_ptr(), [t]) or [t]
+        for t in targets
+    ]
+
+
+def _assemble(
+    target: torch.Tensor, leaves: Sequence[torch.Tensor], grads: dict[int, torch.Tensor | None]
+) -> torch.Tensor | None:
+    """d metric / d ``target``: each leaf's gradient added where that leaf sits in target's memory."""
+    if all(grads[id(leaf)] is None for leaf in leaves):
+        return None
+    total = torch.zeros(target.numel(), dtype=target.dtype, device=target.device)
+    flat_target = total.as_strided(target.size(), target.stride(), 0) if target.is_contiguous() else None
+    if flat_target is None:
+        raise RuntimeError("parameter_gradients needs contiguous parameters; got a strided one")
+    for leaf in leaves:
+        grad = grads[id(leaf)]
+        if grad is None:
+            continue
+        offset = leaf.storage_offset() - target.storage_offset()
+        last = offset + sum((size - 1) * stride for size, stride in zip(leaf.size(), leaf.stride()))
+        if offset < 0 or last >= target.numel():
+            continue  # shares the storage but lies outside this tensor (another parameter's slice)
+        total.as_strided(leaf.size(), leaf.stride(), offset).add_(grad.detach())
+    return flat_target.detach()
 
 
 __all__ = [
