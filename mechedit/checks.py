@@ -78,7 +78,8 @@ class HookCheck:
         identities: every equation checked (residual sums, block chaining, embeddings, bridge
             logits against the HF model run on its own), with max errors.
         shape_problems: hooks whose tensor shape differs from the site table's ``dims``.
-        notes: what was deliberately not checked and why (e.g. BERT's post-LN sums).
+        notes: what was deliberately not checked and why (BERT's post-LN sums, the table's
+            edit caveats).
     """
 
     architecture: str
@@ -180,6 +181,11 @@ def check_hooks(
       pre-LN architectures;
     - the bridge's logits equal those of the HF model class run on the same tensors without the
       bridge (``model.original_model`` would run the bridge's hooks too);
+    - edited runs: with seeded noise added at one site (``resid_pre``, ``resid_mid``,
+      ``attn_out``, ``mlp_out``) in every layer, each equation with that site as an input must
+      still hold, i.e. an edit at the hook flows on as its name says. Sites with an
+      ``edit_caveats`` entry in the table are skipped and named in ``notes`` (on GPT-2 and Llama
+      an edit at ``hook_resid_mid`` reaches only the MLP: measured, see ``ARCHITECTURES``);
     - every available site's hook tensor has the shape the site table's ``dims`` give.
 
     Errors are max absolute differences; an identity passes under ``atol + rtol * scale``
@@ -232,27 +238,60 @@ def check_hooks(
     def a(site: str, layer: int = 0) -> torch.Tensor:
         return acts[(site, layer)]
 
+    # Residual equations as data: (inputs, output), each a (site, layer) key.
+    equations: list[tuple[list[tuple[str, int]], tuple[str, int]]] = []
     for layer in range(n_layers):
         if residual == "sequential":
-            check(f"L{layer}: resid_pre + attn_out == resid_mid", a("resid_pre", layer) + a("attn_out", layer), a("resid_mid", layer))
-            check(f"L{layer}: resid_mid + mlp_out == resid_post", a("resid_mid", layer) + a("mlp_out", layer), a("resid_post", layer))
+            equations.append(([("resid_pre", layer), ("attn_out", layer)], ("resid_mid", layer)))
+            equations.append(([("resid_mid", layer), ("mlp_out", layer)], ("resid_post", layer)))
         elif residual == "parallel":
-            check(
-                f"L{layer}: resid_pre + attn_out + mlp_out == resid_post",
-                a("resid_pre", layer) + a("attn_out", layer) + a("mlp_out", layer),
-                a("resid_post", layer),
-            )
-        elif residual == "post_ln":
-            block, raw = model.blocks[layer], post_ln[layer]
-            with torch.no_grad():
-                dtype = next(block.parameters()).dtype
-                mid = block.ln1((a("resid_pre", layer) + raw["attn_add"]).to(dtype))
-                post = block.ln2(raw["sum"].to(dtype))
-            check(f"L{layer}: hook_attn_out == LN1(resid_pre + attn.o.hook_out)", raw["attn_out"], mid)
-            check(f"L{layer}: hook_resid_mid == hook_attn_out + mlp_out", raw["attn_out"] + a("mlp_out", layer), raw["sum"])
-            check(f"L{layer}: resid_post == LN2(hook_resid_mid)", a("resid_post", layer), post)
+            equations.append(([("resid_pre", layer), ("attn_out", layer), ("mlp_out", layer)], ("resid_post", layer)))
+        if layer + 1 < n_layers and residual != "unknown":
+            equations.append(([("resid_post", layer)], ("resid_pre", layer + 1)))
+
+    def label(inputs: list[tuple[str, int]], output: tuple[str, int]) -> str:
+        layer = inputs[0][1]
+        if output[1] != layer:
+            return f"L{layer}: resid_post == L{output[1]} resid_pre"
+        return f"L{layer}: {' + '.join(s for s, _ in inputs)} == {output[0]}"
+
+    for inputs, output in equations:
+        check(label(inputs, output), sum(a(*key) for key in inputs), a(*output))
+    for layer in range(n_layers) if residual == "post_ln" else []:
+        block, raw = model.blocks[layer], post_ln[layer]
+        with torch.no_grad():
+            dtype = next(block.parameters()).dtype
+            mid = block.ln1((a("resid_pre", layer) + raw["attn_add"]).to(dtype))
+            post = block.ln2(raw["sum"].to(dtype))
+        check(f"L{layer}: hook_attn_out == LN1(resid_pre + attn.o.hook_out)", raw["attn_out"], mid)
+        check(f"L{layer}: hook_resid_mid == hook_attn_out + mlp_out", raw["attn_out"] + a("mlp_out", layer), raw["sum"])
+        check(f"L{layer}: resid_post == LN2(hook_resid_mid)", a("resid_post", layer), post)
         if layer + 1 < n_layers:
             check(f"L{layer}: resid_post == L{layer + 1} resid_pre", a("resid_post", layer), a("resid_pre", layer + 1))
+
+    # Edited runs: a hook means its name only if an edit there flows on as the name says. Add
+    # noise at one site in every layer; each equation with that site as an input must still hold.
+    caveats = comp.edit_caveats(model)
+    for site in ("resid_pre", "resid_mid", "attn_out", "mlp_out"):
+        if residual not in ("sequential", "parallel") or site not in sites:
+            continue
+        if site in caveats:
+            notes.append(f"{site} edits not checked: {caveats[site]}")
+            continue
+        generator = torch.Generator().manual_seed(0)
+
+        def nudge(activation: torch.Tensor, hook: Any) -> torch.Tensor:  # noqa: ARG001
+            noise = torch.randn(activation.shape, generator=generator, dtype=torch.float64)
+            return activation + noise.to(activation.device, activation.dtype)
+
+        edits = [(comp.hook_name(site, layer), nudge) for layer in range(n_layers)]
+        with model.hooks(fwd_hooks=edits):
+            edited = capture_activations(model, tokens, list(dict.fromkeys(names.values())))
+        for inputs, output in equations:
+            if site in (s for s, _ in inputs) and output[0] != site:
+                lhs = sum(edited.activations[names[key]].double() for key in inputs)
+                check(f"{label(inputs, output)} (with {site} edited)", lhs, edited.activations[names[output]].double())
+
     if residual in ("sequential", "parallel"):
         has_pos = "pos_embed" in sites
         embedded = a("embed") + (a("pos_embed") if has_pos else 0)

@@ -157,12 +157,16 @@ class ArchitectureSites:
         parallel_flag: a HF config attribute that, when true, makes the block ``"parallel"``
             instead of ``residual`` (GPT-NeoX's ``use_parallel_residual``); ``None`` if fixed.
         missing: sites the architecture does not compute, with the reason (shown in errors).
+        edit_caveats: sites that read correctly but whose hook, when edited (or differentiated),
+            does not act on everything the name suggests, with the explanation. Measured with
+            ``mechedit.checks.check_hooks``'s edited runs.
     """
 
     name: str
     residual: str
     parallel_flag: str | None = None
     missing: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    edit_caveats: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
         if self.residual not in ("sequential", "parallel", "post_ln"):
@@ -188,6 +192,14 @@ class ArchitectureSites:
         return missing
 
 
+_MLP_INPUT_ONLY = (
+    "{name}'s bridge places hook_resid_mid on the MLP's LayerNorm input (ln2.hook_in): reading it "
+    "gives the residual between attention and MLP, but an edit there (and so the gradient "
+    "there) reaches only the MLP, not the residual stream that resid_post adds mlp_out to; "
+    "edit resid_pre / attn_out / resid_post instead, or add the resid_post gradient for the "
+    "total derivative"
+)
+
 _ROTARY = (
     "{name} encodes positions by rotating queries and keys inside attention (rotary "
     "embeddings); it has no position-embedding table, so there is no pos_embed"
@@ -196,7 +208,11 @@ _ROTARY = (
 # Keyed by HF architecture (the model class name, as in config.json's "architectures").
 ARCHITECTURES: Mapping[str, ArchitectureSites] = MappingProxyType(
     {
-        "GPT2LMHeadModel": ArchitectureSites("GPT-2", "sequential"),
+        "GPT2LMHeadModel": ArchitectureSites(
+            "GPT-2",
+            "sequential",
+            edit_caveats=MappingProxyType({"resid_mid": _MLP_INPUT_ONLY.format(name="GPT-2")}),
+        ),
         "GPTNeoXForCausalLM": ArchitectureSites(
             "GPT-NeoX",
             "sequential",
@@ -204,7 +220,10 @@ ARCHITECTURES: Mapping[str, ArchitectureSites] = MappingProxyType(
             missing=MappingProxyType({"pos_embed": _ROTARY.format(name="GPT-NeoX")}),
         ),
         "LlamaForCausalLM": ArchitectureSites(
-            "Llama", "sequential", missing=MappingProxyType({"pos_embed": _ROTARY.format(name="Llama")})
+            "Llama",
+            "sequential",
+            missing=MappingProxyType({"pos_embed": _ROTARY.format(name="Llama")}),
+            edit_caveats=MappingProxyType({"resid_mid": _MLP_INPUT_ONLY.format(name="Llama")}),
         ),
         # Post-LayerNorm. Measured on the bridge (mechedit.checks.check_hooks verifies it):
         # hook_attn_out = LN1(resid_pre + attention output), hook_resid_mid = hook_attn_out +
@@ -264,6 +283,12 @@ def missing_sites(model: Any) -> dict[str, str]:
         for site, spec in SITES.items()
         if spec.hook is not None and hook_name(site, 0) not in hooks
     }
+
+
+def edit_caveats(model: Any) -> dict[str, str]:
+    """Site -> why an edit or gradient at its hook does not act on all the name suggests."""
+    arch = architecture_sites(model)
+    return {} if arch is None else dict(arch.edit_caveats)
 
 
 def available_sites(model: Any) -> tuple[str, ...]:
@@ -706,6 +731,7 @@ __all__ = [
     "check_layer",
     "hook_name",
     "index_size",
+    "edit_caveats",
     "hook_site_problem",
     "missing_sites",
     "parameter_names",
