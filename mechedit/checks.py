@@ -280,7 +280,7 @@ def check_hooks(
             continue
         generator = torch.Generator().manual_seed(0)
 
-        def nudge(activation: torch.Tensor, hook: Any) -> torch.Tensor:  # noqa: ARG001
+        def nudge(activation: torch.Tensor, hook: Any, generator=generator) -> torch.Tensor:  # noqa: ARG001
             noise = torch.randn(activation.shape, generator=generator, dtype=torch.float64)
             return activation + noise.to(activation.device, activation.dtype)
 

@@ -69,7 +69,6 @@ from transformers.pytorch_utils import Conv1D
 
 from mechedit.hf import hf_parameters
 
-
 RESID_DIMS = ("batch", "pos", "d_model")
 HEAD_DIMS = ("batch", "pos", "head", "d_head")
 PATTERN_DIMS = ("batch", "head", "pos", "key_pos")
