@@ -255,6 +255,15 @@ ARCHITECTURES: Mapping[str, ArchitectureSites] = MappingProxyType(
                     ),
                 }
             ),
+            edit_caveats=MappingProxyType(
+                {
+                    "attn": (
+                        "activation edits of the whole attention block act on hook_attn_out, "
+                        "which on BERT is the normalised residual LN1(resid_pre + attention "
+                        "output), not the block's output; weight edits of the block are fine"
+                    ),
+                }
+            ),
         ),
     }
 )

@@ -105,6 +105,10 @@ def _keeper(stored: dict[str, torch.Tensor], name: str, *, differentiable: bool)
         if not differentiable:
             stored[name] = activation.detach().clone()
             return None
+        if not activation.is_floating_point():
+            raise ValueError(
+                f"hook {name!r} holds {activation.dtype} values (token ids?), which have no gradient"
+            )
         if activation.requires_grad:
             # A new graph node, so the gradient covers only what flows through this hook: the
             # tensor handed over can also feed other paths (``ln1.hook_in`` is the residual).
@@ -175,7 +179,10 @@ def activations_and_gradients(
     log-probability). Only the activations are differentiated: no parameter gradient is computed
     or stored (``.grad`` stays as it was), and frozen parameters (``requires_grad=False``) are
     fine. ``tokens`` are moved to the model's device. Works at every hook that feeds the logits,
-    converted ones (``attn.hook_z``, ``attn.hook_q``) included.
+    converted ones (``attn.hook_z``, ``attn.hook_q``) included. The gradient is that of an edit
+    *at the hook*: where a hook feeds only part of what its name suggests, so does the gradient
+    (on GPT-2 and Llama, ``hook_resid_mid`` feeds only the MLP; add the ``resid_post`` gradient
+    for the total derivative; see ``components.edit_caveats``).
 
     Raises:
         RuntimeError: the model is in training mode, or this runs inside

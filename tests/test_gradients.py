@@ -257,6 +257,8 @@ def test_bad_metrics_and_hooks_are_named(models):
         activations_and_gradients(model, tokens, ["hook_embed"], lambda lg: lg.log_softmax(-1))
     with pytest.raises(ValueError, match="does not depend on the logits"):
         activations_and_gradients(model, tokens, ["hook_embed"], lambda lg: torch.tensor(lg.sum().item()))
+    with pytest.raises(ValueError, match=r"'embed\.hook_in' holds torch\.int64 values \(token ids\?\)"):
+        activations_and_gradients(model, tokens, ["embed.hook_in"], lambda lg: lg.sum())
     with pytest.raises(ValueError, match=r"closest: blocks\.0\.attn\.hook_z"):
         activations_and_gradients(model, tokens, ["blocks.0.attn.hook_zz"], lambda lg: lg.sum())
     neox = models["neox"]
