@@ -99,7 +99,8 @@ def _components():
     index = st.integers(0, 5000)
     pos = st.none() | st.integers(-64, 63)
     plain = st.builds(
-        lambda site, lay, p: Component(site, lay, pos=p),
+        # embed / pos_embed live at layer 0 only
+        lambda site, lay, p: Component(site, lay if SITES[site].per_layer else 0, pos=p),
         st.sampled_from([s for s, spec in SITES.items() if spec.index is None]),
         layer,
         pos,

@@ -12,9 +12,14 @@ from mechedit.components import SITES, Component
 HOOKED_SITES = [site for site, spec in SITES.items() if spec.hook is not None]
 
 
+def _layers(site, n_layers):
+    """Layers a site has: every block, or only 0 for the embeddings (computed before the blocks)."""
+    return range(n_layers) if SITES[site].per_layer else [0]
+
+
 @pytest.mark.parametrize("site", HOOKED_SITES)
 def test_every_site_hook_exists_for_every_layer(tiny_bridge, site):
-    for layer in range(tiny_bridge.cfg.n_layers):
+    for layer in _layers(site, tiny_bridge.cfg.n_layers):
         name = comp.hook_name(site, layer)
         assert name in tiny_bridge.hook_dict
         assert comp.check_hook_name(tiny_bridge, name) == name
@@ -26,7 +31,7 @@ def test_hook_names_on_a_three_layer_model_built_here(tmp_path):
 
     model = mechedit.load(random_gpt2_checkpoint(tmp_path, n_layer=3, n_embd=32, n_head=2))
     for site in HOOKED_SITES:
-        for layer in range(3):
+        for layer in _layers(site, 3):
             assert comp.hook_name(site, layer) in model.hook_dict
     with pytest.raises(
         ValueError, match=r"layer 3 out of range: the model has 3 layers \(0\.\.2\)"
@@ -44,23 +49,31 @@ def test_hook_names_on_the_fact_world():
         pytest.skip(f"fact world checkpoint not built yet: {err}")
     model = mechedit.load(folder)
     for site in HOOKED_SITES:
-        for layer in range(model.cfg.n_layers):
+        for layer in _layers(site, model.cfg.n_layers):
             assert comp.hook_name(site, layer) in model.hook_dict
 
 
 def test_hook_tensors_have_the_documented_shapes(tiny_bridge):
     cfg = tiny_bridge.cfg
     tokens = tiny_bridge.to_tokens("w1 w2 w3")
-    names = [comp.hook_name(site, 1) for site in HOOKED_SITES]
+    layer = {site: 1 if SITES[site].per_layer else 0 for site in HOOKED_SITES}
+    names = [comp.hook_name(site, layer[site]) for site in HOOKED_SITES]
     _, cache = tiny_bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
-    expected_tail = {
-        "head": (cfg.n_heads, cfg.d_head),
-        "neuron": (cfg.d_mlp,),
-        "neuron_pre": (cfg.d_mlp,),
+    expected = {
+        "head": (1, 4, cfg.n_heads, cfg.d_head),
+        "q": (1, 4, cfg.n_heads, cfg.d_head),
+        "k": (1, 4, cfg.n_heads, cfg.d_head),
+        "v": (1, 4, cfg.n_heads, cfg.d_head),
+        "pattern": (1, cfg.n_heads, 4, 4),  # head axis before the query positions
+        "neuron": (1, 4, cfg.d_mlp),
+        "neuron_pre": (1, 4, cfg.d_mlp),
     }
     for site in HOOKED_SITES:
-        shape = tuple(cache[comp.hook_name(site, 1)].shape)
-        assert shape == (1, 4, *expected_tail.get(site, (cfg.d_model,))), site
+        shape = tuple(cache[comp.hook_name(site, layer[site])].shape)
+        assert shape == expected.get(site, (1, 4, cfg.d_model)), site
+        sizes = {"batch": 1, "pos": 4, "key_pos": 4, "d_model": cfg.d_model, "d_head": cfg.d_head,
+                 "head": cfg.n_heads, "neuron": cfg.d_mlp}
+        assert shape == tuple(sizes[d] for d in SITES[site].dims), site  # the table's layout
 
 
 def test_hook_name_examples_and_axes():

@@ -14,14 +14,16 @@ import torch
 
 import mechedit
 from mechedit.components import Component
-from mechedit.data import FactPrompt
 from mechedit.edit import ablate
 from mechedit.models import model_device
+from mechedit.prompts import FactPrompt
 
 # the modules (mechedit.locate re-exports a function under the module's name)
 activation = importlib.import_module("mechedit.edit.activation")
 facts = importlib.import_module("mechedit.evaluate.facts")
 attribution = importlib.import_module("mechedit.locate.neuron_attribution")
+gradients = importlib.import_module("mechedit.gradients")
+tokens = importlib.import_module("mechedit.tokens")
 
 FACTS = [
     FactPrompt(prompt="w1 w2 w3", target="w4", subject="w2"),
@@ -45,7 +47,7 @@ def spied(tiny_gpt2_dir, monkeypatch):
 
     monkeypatch.setattr(model, "forward", recording_forward)
     fake = torch.device("meta")
-    for module in (activation, facts, attribution):
+    for module in (activation, facts, attribution, gradients, tokens):
         monkeypatch.setattr(module, "model_device", lambda m: fake)
     return model, seen
 

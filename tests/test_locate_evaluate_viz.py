@@ -66,9 +66,16 @@ def test_gradient_capture_rejects_bad_hooks_and_frozen_models(model, tiny_gpt2_d
     tokens = tokenize_facts(model, FACTS[:1]).tokens
     with pytest.raises(ValueError, match="mlp.hook_post"):
         activations_and_gradients(model, tokens, ["blocks.0.mlp.hook_postt"], lambda lg: lg.sum())
+    # frozen parameters are fine: only activations are differentiated (tests/test_gradients.py)
     frozen = mechedit.load(tiny_gpt2_dir).requires_grad_(False)
-    with pytest.raises(RuntimeError, match="requires_grad"):
-        activations_and_gradients(frozen, tokens, ["blocks.0.mlp.hook_post"], lambda lg: lg.sum())
+    cap = activations_and_gradients(frozen, tokens, ["blocks.0.mlp.hook_post"], lambda lg: lg.sum())
+    assert cap.gradients["blocks.0.mlp.hook_post"].abs().sum() > 0
+    model.train()
+    try:
+        with pytest.raises(RuntimeError, match=r"neuron_attribution needs the model in evaluation mode.*model\.eval\(\)"):
+            neuron_attribution(model, FACTS, progress=False)
+    finally:
+        model.eval()
 
 
 def test_neuron_attribution_predicts_the_exact_ablation_effect(model):

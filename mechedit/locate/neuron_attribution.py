@@ -27,6 +27,7 @@ import torch
 from einops import einsum
 from tqdm.auto import tqdm
 
+from mechedit.checks import require_eval_mode
 from mechedit.components import hook_name
 from mechedit.gradients import activations_and_gradients
 from mechedit.metrics import target_logprob
@@ -115,6 +116,7 @@ def neuron_attribution(
     (see the module docstring for the formula and sign); select with ``scores.top_k(k)``.
     """
     cfg = config or NeuronAttributionConfig()
+    require_eval_mode(model, what="neuron_attribution", needs_grad=True)
     if not forget:
         raise ValueError("forget is empty: give the fact prompts whose target should be removed")
     layers = list(range(model.cfg.n_layers)) if cfg.layers is None else list(cfg.layers)
