@@ -14,7 +14,7 @@ from mechedit.zoo.metadata import read_metadata, world_from_metadata
 from mechedit.zoo.random_model import random_gpt2_checkpoint
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
-NAMES: tuple[str, ...] = ("factworld", "factworld-planted")
+NAMES: tuple[str, ...] = ("factworld", "factworld-planted", "factworld-planted-subject")
 
 
 def checkpoint_dir(name: str) -> Path:
