@@ -19,7 +19,6 @@ from mechedit import zoo
 from mechedit.circuit import Circuit
 from mechedit.components import Component
 
-
 PLANTED = ("factworld-planted", "factworld-planted-subject")
 
 
@@ -45,7 +44,7 @@ def write_library(out_dir: str | Path = "circuits", *, progress: bool = True) ->
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [planted_ground_truth(name).save(out / f"{name}_ground_truth.json") for name in PLANTED]
+    written = [planted_ground_truth(name).save(out / f"{name}_ground_truth.json") for name in PLANTED if name in zoo.NAMES]
     with tempfile.TemporaryDirectory() as tmp:
         result = run_demo(DemoConfig(out_dir=tmp), progress=progress)
         written.append(Path(shutil.copy(result.paths["circuit"], out / "factworld_demo.json")))

@@ -86,6 +86,12 @@ def test_position_groups_follow_the_subject():
     assert [masks[g, 1].nonzero().flatten().tolist() for g in range(len(POSITIONS))] == [[4], [5], [], [6]]
 
 
+# the shipped subject-mode model: these run as soon as it is in zoo.NAMES (see MODEL_CARD.md)
+shipped_subject = pytest.mark.skipif(
+    "factworld-planted-subject" not in zoo.NAMES, reason="factworld-planted-subject is not shipped yet (MODEL_CARD.md)"
+)
+
+
 def _changed_tensors(name: str) -> set[str]:
     base = load_file(zoo.checkpoint_dir("factworld") / "model.safetensors")
     planted = load_file(zoo.checkpoint_dir(name) / "model.safetensors")
@@ -93,6 +99,7 @@ def _changed_tensors(name: str) -> set[str]:
     return {k for k in base if not torch.equal(base[k], planted[k])}
 
 
+@shipped_subject
 def test_shipped_subject_model_boots_offline_and_holds_its_planted_facts():
     meta = zoo.metadata("factworld-planted-subject")
     layer = meta["planted_layer"]
@@ -116,6 +123,7 @@ def _contrast_on_a_few_facts(name: str):
     return grids, zoo.metadata(name)["planted_layer"]
 
 
+@shipped_subject
 def test_subject_models_planted_mlp_acts_at_the_subjects_last_token():
     grids, layer = _contrast_on_a_few_facts("factworld-planted-subject")
     assert grids.peak("contrast") == (layer, "subject_last")
