@@ -35,7 +35,7 @@ def _train(args: argparse.Namespace) -> None:
             tc = replace(tc, threads=args.threads)
         meta = train_factworld(out, train_config=tc, occupations=load_occupations(args.winogender))
     else:
-        pc = PlantConfig(at=args.at or ("subject" if args.name == "factworld-planted-subject" else "all"))
+        pc = PlantConfig.for_mode(args.at or ("subject" if args.name == "factworld-planted-subject" else "all"))
         if args.layer is not None:
             pc = replace(pc, layer=args.layer)
         if args.threads is not None:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--out", help="checkpoint folder to write (default: the shipped one)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--threads", type=int, help="torch threads (results are reproducible per thread count)")
-    t.add_argument("--layer", type=int, help="planted models: the MLP layer that learns the new facts (default 2)")
+    t.add_argument("--layer", type=int, help="planted models: the MLP layer that learns the new facts (default 2, subject mode 1)")
     t.add_argument(
         "--at",
         choices=["all", "subject"],
