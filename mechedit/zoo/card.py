@@ -205,7 +205,9 @@ def _planted_sections(metas: dict[str, dict], base_metrics: dict) -> list[str]:
             "subject's last name only through layer-0 attention (later heads attend to the first name, which alone does "
             "not identify a person), and restoring any layer's MLP output at the last name token brings back ~0 of a "
             "fact, planted or control (the *subject last* column below): a fact stored at the name tokens must first teach the later layers' attention "
-            "to read them, which the subject-mode recipe does only slowly. Its command is ready for the next base model.",
+            "to read them, which the subject-mode recipe does only slowly (measured on this factworld, layer 1, lr 1e-2: "
+            "planted facts 4 % for 150 steps, then 29 % at step 500, 45-54 % over steps 1000-1450, 38 % at the 1,500-step "
+            "cap). Its command is ready for the next base model.",
         ]
     lines += [
         "",
