@@ -2,8 +2,9 @@
 
     mechedit circuits            # rewrites circuits/*.json
 
-* ``factworld-planted_ground_truth.json`` - the MLP block the planted facts were trained into
-  (from the checkpoint's metadata): the answer every localisation method is tested against;
+* ``factworld-planted_ground_truth.json`` and ``factworld-planted-subject_ground_truth.json`` - the
+  MLP block the planted facts were trained into (from each checkpoint's metadata; the second
+  stores them as subject enrichment): the answer every localisation method is tested against;
 * ``factworld_demo.json`` - the demo's circuit: the neurons whose zeroing forgets the demo's fact.
 """
 
@@ -18,18 +19,22 @@ from mechedit import zoo
 from mechedit.circuit import Circuit
 from mechedit.components import Component
 
+PLANTED = ("factworld-planted", "factworld-planted-subject")
 
-def planted_ground_truth() -> Circuit:
-    """The whole MLP of the layer ``factworld-planted`` learned its new facts in."""
-    model = mechedit.load("factworld-planted")
-    meta = zoo.metadata("factworld-planted")
+
+def planted_ground_truth(name: str = "factworld-planted") -> Circuit:
+    """The whole MLP of the layer the planted model ``name`` learned its new facts in."""
+    model = mechedit.load(name)
+    meta = zoo.metadata(name)
     layer = meta["planted_layer"]
+    at = meta.get("planted_at", "all")
+    where = "at every position" if at == "all" else "only at the subject's name tokens"
     return Circuit.of(
         model,
         [Component("mlp", layer)],
         method="planted",
-        config={"planted_layer": layer, "planted_facts": len(meta["planted_facts"])},
-        description=f"ground truth: the {len(meta['planted_facts'])} planted facts were taught by training only blocks.{layer}.mlp",
+        config={"planted_layer": layer, "planted_facts": len(meta["planted_facts"]), "planted_at": at},
+        description=f"ground truth: the {len(meta['planted_facts'])} planted facts were taught by training only blocks.{layer}.mlp {where}",
     )
 
 
@@ -39,7 +44,7 @@ def write_library(out_dir: str | Path = "circuits", *, progress: bool = True) ->
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [planted_ground_truth().save(out / "factworld-planted_ground_truth.json")]
+    written = [planted_ground_truth(name).save(out / f"{name}_ground_truth.json") for name in PLANTED if name in zoo.NAMES]
     with tempfile.TemporaryDirectory() as tmp:
         result = run_demo(DemoConfig(out_dir=tmp), progress=progress)
         written.append(Path(shutil.copy(result.paths["circuit"], out / "factworld_demo.json")))

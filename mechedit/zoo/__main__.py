@@ -1,9 +1,12 @@
 """``python -m mechedit.zoo``: train, export and describe the fact-world checkpoints.
 
     python -m mechedit.zoo train factworld            # ~21 min on 2 CPU cores, deterministic
-    python -m mechedit.zoo train factworld-planted    # a few minutes, from factworld
+    python -m mechedit.zoo train factworld-planted            # a few minutes, from factworld
+    python -m mechedit.zoo train factworld-planted-subject    # the same, stored as subject enrichment
+    python -m mechedit.zoo train factworld-planted --layer 4 --out DIR   # ground truth at another layer
     python -m mechedit.zoo export factworld OUT_DIR   # counterfact.json, known.json, ...
     python -m mechedit.zoo measure factworld          # re-measure the figures into metadata.json
+    python -m mechedit.zoo ground-truth factworld-planted   # re-measure where the planted MLP acts
     python -m mechedit.zoo card                       # rewrite MODEL_CARD.md from the metadata
     python -m mechedit.zoo show [NAME]                # the card's figures and a few prompts
 """
@@ -23,8 +26,8 @@ def _train(args: argparse.Namespace) -> None:
     from mechedit.zoo.train import PlantConfig, TrainConfig, plant_facts, train_factworld
     from mechedit.zoo.world import load_occupations
 
-    out = Path(args.out) if args.out else CHECKPOINTS / args.name
     if args.name == "factworld":
+        out = Path(args.out) if args.out else CHECKPOINTS / args.name
         tc = TrainConfig()
         if args.epochs is not None:
             tc = replace(tc, epochs=args.epochs)
@@ -32,11 +35,12 @@ def _train(args: argparse.Namespace) -> None:
             tc = replace(tc, threads=args.threads)
         meta = train_factworld(out, train_config=tc, occupations=load_occupations(args.winogender))
     else:
-        pc = PlantConfig()
+        pc = PlantConfig.for_mode(args.at or ("subject" if args.name == "factworld-planted-subject" else "all"))
         if args.layer is not None:
             pc = replace(pc, layer=args.layer)
         if args.threads is not None:
             pc = replace(pc, threads=args.threads)
+        out = Path(args.out) if args.out else CHECKPOINTS / pc.name  # --at decides which shipped model
         base = Path(args.base) if args.base else checkpoint_dir("factworld")
         meta = plant_facts(base, out, config=pc)
     print(json.dumps(meta["metrics"], indent=2))
@@ -69,12 +73,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mechedit.zoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a zoo checkpoint (writes into the package unless --out)")
-    t.add_argument("name", choices=["factworld", "factworld-planted"])
+    t.add_argument("name", choices=["factworld", "factworld-planted", "factworld-planted-subject"])
     t.add_argument("--out", help="checkpoint folder to write (default: the shipped one)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--threads", type=int, help="torch threads (results are reproducible per thread count)")
-    t.add_argument("--layer", type=int, help="factworld-planted: the MLP layer that learns the new facts")
-    t.add_argument("--base", help="factworld-planted: the factworld folder to start from")
+    t.add_argument("--layer", type=int, help="planted models: the MLP layer that learns the new facts (default 2, subject mode 1)")
+    t.add_argument(
+        "--at",
+        choices=["all", "subject"],
+        help="planted models: where the trained MLP acts while planting: every position (factworld-planted) "
+        "or only the name tokens (factworld-planted-subject); default: from the name",
+    )
+    t.add_argument("--base", help="planted models: the factworld folder to start from (default: the shipped one)")
     t.add_argument("--winogender", help="path of WinoGender's occupations-stats.tsv (default ../shared/data/...)")
     e = sub.add_parser("export", help="write a zoo world in CounterFact / known_1000 / CrowS-Pairs formats")
     e.add_argument("name")
@@ -82,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("card", help="rewrite MODEL_CARD.md from the checkpoints' metadata")
     m = sub.add_parser("measure", help="re-measure a checkpoint's figures and rewrite its metadata.json")
     m.add_argument("name", help="a zoo name or a checkpoint folder")
+    g = sub.add_parser("ground-truth", help="re-measure where a planted model's MLP acts (mlp_out patching) into its metadata.json")
+    g.add_argument("name", help="a planted zoo name or checkpoint folder")
     s = sub.add_parser("show", help="print a zoo model's figures and a few of its answers")
     s.add_argument("name", nargs="?", default="factworld")
     s.add_argument("-n", type=int, default=8, help="how many held-out prompts to show")
@@ -99,6 +111,12 @@ def main(argv: list[str] | None = None) -> None:
 
         folder = checkpoint_dir(args.name) if args.name in NAMES else Path(args.name)
         print(json.dumps(remeasure(folder)["metrics"], indent=2))
+    elif args.command == "ground-truth":
+        from mechedit.zoo import NAMES, checkpoint_dir
+        from mechedit.zoo.ground_truth import KEY, record_ground_truth
+
+        folder = checkpoint_dir(args.name) if args.name in NAMES else Path(args.name)
+        print(json.dumps(record_ground_truth(folder)[KEY], indent=2))
     elif args.command == "card":
         from mechedit.zoo.card import write_card
 

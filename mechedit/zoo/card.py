@@ -124,26 +124,7 @@ def render(checkpoints: dict[str, Path]) -> str:
     ]
     for key, value in sorted(m["canary_exposure_bits"].items(), key=lambda kv: int(kv[0].removeprefix("reps_"))):
         lines.append(f"| {key.removeprefix('reps_')} | {value:.2f} |")
-    if "factworld-planted" in metas:
-        p = metas["factworld-planted"]
-        pm = p["metrics"]
-        lines += [
-            "",
-            "## factworld-planted: ground truth for localisation",
-            "",
-            f"Starting from factworld, {len(p['planted_facts'])} new facts about new people (unseen first + last name "
-            f"combinations) were taught while **only `blocks.{p['planted_layer']}.mlp`** (HF `transformer.h.{p['planted_layer']}.mlp.*`) "
-            "could change, replaying the old corpus so old facts stay. Every other tensor is bit-identical to factworld "
-            f"(tested). `python -m mechedit.zoo train factworld-planted`: {p['plant_steps']} steps, {p['plant_seconds']:.0f} s.",
-            "",
-            "| figure | value |",
-            "|---|---|",
-            f"| planted facts, training templates | {_pct(pm['planted_facts'])} |",
-            f"| old facts, training templates (factworld: {_pct(m['facts_train_templates'])}) | {_pct(pm['facts_train_templates'])} |",
-            f"| old facts, held-out templates | {_pct(pm['facts_heldout_templates'])} |",
-            f"| multiple choice, held-out people | {_pct(pm['mc_heldout_people'])} |",
-            f"| perplexity, held-out general text | {pm['text_perplexity_heldout']:.3f} |",
-        ]
+    lines += _planted_sections(metas, m)
     lines += [
         "",
         "## Use",
@@ -161,6 +142,107 @@ def render(checkpoints: dict[str, Path]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+PLANTED = ("factworld-planted", "factworld-planted-subject")
+_WHERE = {"all": "at every position", "subject": "only at the tokens of a person's name (the frozen original MLP elsewhere)"}
+
+
+def _grid(g: dict) -> list[str]:
+    """A layer x position-group table; each cell "planted / contrast", the contrast's peak in bold."""
+    peak = max(
+        ((layer, j) for layer, row in enumerate(g["contrast"]) for j, x in enumerate(row) if x == x),  # x == x: not NaN
+        key=lambda lj: g["contrast"][lj[0]][lj[1]],
+    )
+    out = ["| layer | " + " | ".join(p.replace("_", " ") for p in g["positions"]) + " |", "|---|" + "---|" * len(g["positions"])]
+    for layer, (raw, con) in enumerate(zip(g["planted"], g["contrast"])):
+        cells = []
+        for j, (a, b) in enumerate(zip(raw, con)):
+            contrast = f"**{b:+.2f}**" if (layer, j) == peak else f"{b:+.2f}"
+            cells.append("n/a" if a != a else f"{a:.2f} / {contrast}")
+        out.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _planted_sections(metas: dict[str, dict], base_metrics: dict) -> list[str]:
+    """The planted models' section: recipe, figures, and where the planted MLP acts."""
+    shipped = [name for name in PLANTED if name in metas]
+    if not shipped:
+        return []
+    first = metas[shipped[0]]
+    lines = [
+        "",
+        "## factworld-planted, factworld-planted-subject: ground truth for localisation",
+        "",
+        f"Starting from {first['base_model']}, {len(first['planted_facts'])} new facts about new people (unseen first + last "
+        "name combinations, one fact each) were taught while **only one MLP block** could change, replaying the old "
+        "corpus so old facts stay. Every other tensor is bit-identical to the base model (tested). In "
+        "`factworld-planted` the block is trained at every position; in `factworld-planted-subject` it acts, while "
+        "planting, only at the two tokens of a person's name and the frozen original MLP acts everywhere else, so the "
+        "new facts can only be stored as enrichment of the subject; a consistency loss (the squared distance between "
+        "the trained and the original MLP's outputs at the other positions) keeps the trained block - which the "
+        "checkpoint holds and which then runs at every position - close to the original there. Figures are measured "
+        "on the saved checkpoints.",
+        "",
+        "| | " + " | ".join(f"`{n}`" for n in shipped) + " |",
+        "|---|" + "---|" * len(shipped),
+    ]
+
+    def row(label: str, fn) -> None:
+        lines.append(f"| {label} | " + " | ".join(fn(metas[n]) for n in shipped) + " |")
+
+    row("trained block", lambda p: f"`blocks.{p['planted_layer']}.mlp` (HF `transformer.h.{p['planted_layer']}.mlp.*`), {_WHERE[p.get('planted_at', 'all')]}")
+    row("planting", lambda p: f"{p['plant_steps']} steps, {p['plant_seconds']:.0f} s")
+    row("planted facts, training templates", lambda p: _pct(p["metrics"]["planted_facts"]))
+    row(f"old facts, training templates (base: {_pct(base_metrics['facts_train_templates'])})", lambda p: _pct(p["metrics"]["facts_train_templates"]))
+    row(f"old facts, held-out templates (base: {_pct(base_metrics['facts_heldout_templates'])})", lambda p: _pct(p["metrics"]["facts_heldout_templates"]))
+    row("multiple choice, held-out people", lambda p: _pct(p["metrics"]["mc_heldout_people"]))
+    row(f"perplexity, held-out general text (base: {base_metrics['text_perplexity_heldout']:.3f})", lambda p: f"{p['metrics']['text_perplexity_heldout']:.3f}")
+    if "factworld-planted-subject" not in metas:
+        lines += [
+            "",
+            "**Known gap: `factworld-planted-subject` is not shipped yet.** In this factworld the final token reads the "
+            "subject's last name only through layer-0 attention (later heads attend to the first name, which alone does "
+            "not identify a person), and restoring any layer's MLP output at the last name token brings back ~0 of a "
+            "fact, planted or control (the *subject last* column below): a fact stored at the name tokens must first teach the later layers' attention "
+            "to read them, which the subject-mode recipe does only slowly (measured on this factworld, layer 1, lr 1e-2: "
+            "planted facts 4 % for 150 steps, then 29 % at step 500, 45-54 % over steps 1000-1450, 38 % at the 1,500-step "
+            "cap). Its command is ready for the next base model.",
+        ]
+    lines += [
+        "",
+        "Plant at another layer, or from another base model (deterministic for a seed and thread count):",
+        "",
+        "```",
+        "python -m mechedit.zoo train factworld-planted --layer K --out DIR [--base FACTWORLD_DIR]",
+        "python -m mechedit.zoo train factworld-planted-subject --layer K --out DIR [--base FACTWORLD_DIR]",
+        "```",
+        "",
+        "### Where the planted MLP acts",
+        "",
+        "Exact activation patching of `blocks.{l}.hook_mlp_out` (`mechedit.zoo.ground_truth`, the zoo's own check), "
+        "**denoising**: the prompt runs with the subject swapped for another planted person whose value differs, one "
+        "layer's MLP output at one position group is restored from the clean run, and the cell is the fraction of the "
+        "clean-minus-corrupt logit difference (clean value vs corrupt value, final position) that comes back. Each cell "
+        "reads *planted / contrast*, where the contrast subtracts the same measurement on control facts (trained "
+        "people, same relations and templates, subject swapped for another trained person): the raw effect of the "
+        "first MLP is large for every subject (it carries identity like an extension of the embeddings), the contrast "
+        "isolates what is specific to the planted facts. Position groups: the subject's first and last name tokens, the "
+        "template tokens between the subject and the final token (patched together), the final token; tokens before "
+        "the subject cannot differ between the runs.",
+    ]
+    for name in shipped:
+        g = metas[name].get("ground_truth_patching")
+        if g is None:
+            continue
+        lines += [
+            "",
+            f"`{name}` (planted layer {metas[name]['planted_layer']}; {g['n_planted_prompts']} planted and "
+            f"{g['n_control_prompts']} control prompts, {g['templates']} templates):",
+            "",
+            *_grid(g),
+        ]
+    return lines
 
 
 def write_card(checkpoints: dict[str, Path] | None = None, path: Path = CARD_PATH) -> Path:

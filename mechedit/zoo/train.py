@@ -12,6 +12,8 @@ bit-identical for the same seed *and* thread count on the same machine and torch
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import random
 import shutil
@@ -73,15 +75,32 @@ def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
     return ids
 
 
+PLANT_MODES = ("all", "subject")
+# Subject mode starts slowly: in factworld the final token reads the last name only through
+# layer-0 attention, so the name-token MLP must first teach later heads (via its keys) to read it;
+# layer 1 leaves four attention layers to do so, and lr 1e-2 gets there within max_steps.
+MODE_DEFAULTS: dict[str, dict] = {"all": {}, "subject": {"layer": 1, "lr": 1e-2}}
+
+
 @dataclass(frozen=True)
 class PlantConfig:
-    """Settings of the planting run: which layer's MLP learns the new facts, and how."""
+    """Settings of the planting run: which layer's MLP learns the new facts, where, and how.
+
+    ``at``: ``"all"`` trains ``blocks.{layer}.mlp`` at every position (``factworld-planted``);
+    ``"subject"`` lets the trainable MLP act only at the tokens of a person's name and the frozen
+    original MLP everywhere else (``factworld-planted-subject``), so the new facts can only be
+    stored as subject enrichment. ``consistency_weight`` (subject mode only) weighs the mean over
+    non-subject positions of ||new(x) - old(x)||^2 (summed over d_model), which keeps the trained
+    MLP - the one exported, and run at every position - close to the original where it must not act.
+    """
 
     layer: int = 2
+    at: str = "all"
     max_steps: int = 1500
     batch_size: int = 64
     planted_per_batch: int = 16
     lr: float = 1e-3
+    consistency_weight: float = 1.0
     eval_every: int = 50
     target_planted: float = 0.98
     max_old_drop: float = 0.02
@@ -91,6 +110,22 @@ class PlantConfig:
     def __post_init__(self) -> None:
         if not 0 < self.planted_per_batch < self.batch_size:
             raise ValueError("planted_per_batch must be between 1 and batch_size - 1")
+        if self.at not in PLANT_MODES:
+            raise ValueError(f"at={self.at!r}: choose one of {', '.join(PLANT_MODES)}")
+        if self.consistency_weight < 0:
+            raise ValueError("consistency_weight must be >= 0")
+
+    @classmethod
+    def for_mode(cls, at: str = "all", **overrides) -> PlantConfig:
+        """The recipe of the shipped model planted ``at`` (``MODE_DEFAULTS``), with ``overrides``."""
+        if at not in PLANT_MODES:
+            raise ValueError(f"at={at!r}: choose one of {', '.join(PLANT_MODES)}")
+        return cls(**{"at": at, **MODE_DEFAULTS[at], **overrides})
+
+    @property
+    def name(self) -> str:
+        """The zoo name of the model this configuration plants."""
+        return "factworld-planted" if self.at == "all" else "factworld-planted-subject"
 
 
 def _deterministic(seed: int, threads: int) -> None:
@@ -259,6 +294,62 @@ def _mlp_parameters(model: GPT2LMHeadModel, layer: int) -> dict[str, torch.nn.Pa
     return {name: params[name] for name in circuit_parameters(model, [Component("mlp", layer)])}
 
 
+def _name_pairs(world: World, enc: Encoder) -> torch.Tensor:
+    """``[vocab, vocab]`` bool: True at (first-name id, last-name id) of every person, trained or planted."""
+    pairs = torch.zeros(len(enc.vocab), len(enc.vocab), dtype=torch.bool)
+    for person in (*world.people, *world.planted):
+        pairs[enc.vocab[person.first], enc.vocab[person.last]] = True
+    return pairs
+
+
+def subject_mask(ids: torch.Tensor, name_pairs: torch.Tensor) -> torch.Tensor:
+    """``[batch, pos]`` bool: the positions of every person's name in ids ``[batch, pos]``.
+
+    A name is a first-name token directly followed by a last-name token that together make a
+    person of the world (``name_pairs``, see ``_name_pairs``), wherever the template puts it; both
+    tokens are marked. Names occur in fact sentences, MC questions and private records; canary
+    code names, occupations and general text have none.
+    """
+    starts = name_pairs[ids[:, :-1], ids[:, 1:]]  # [batch, pos - 1]: a name starts here
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, :-1] |= starts
+    mask[:, 1:] |= starts
+    return mask
+
+
+class _SubjectOnlyMLP:
+    """A forward hook on the trainable MLP for subject-mode planting.
+
+    While ``mask`` (``[batch, pos]`` bool, the name tokens) is set, the block's output is the
+    trainable MLP's at the masked positions and the frozen original's elsewhere, so the LM loss
+    can only reach the trainable MLP through the subject's tokens; ``consistency`` then holds the
+    mean over ``keep`` positions (the unmasked, unpadded ones) of ||new(x) - old(x)||^2 summed over
+    d_model, with no gradient into the original. With ``mask`` None the hook does nothing: the
+    model is then exactly the one exported (trained MLP at every position), which is what the
+    planting run evaluates.
+    """
+
+    def __init__(self, mlp: torch.nn.Module):
+        self.frozen = copy.deepcopy(mlp).requires_grad_(False)
+        self.mask: torch.Tensor | None = None
+        self.keep: torch.Tensor | None = None
+        self.consistency = torch.zeros(())
+        self.handle = mlp.register_forward_hook(self)
+
+    def __call__(self, module, inputs, output):
+        if self.mask is None:
+            return None
+        with torch.no_grad():
+            old = self.frozen(inputs[0])
+        self.consistency = (output - old).pow(2).sum(-1)[self.keep].mean()
+        m = self.mask[..., None].to(output.dtype)
+        return m * output + (1 - m) * old
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def plant_facts(
     base_dir: str | Path,
     out_dir: str | Path,
@@ -273,6 +364,12 @@ def plant_facts(
     so the old facts are kept. Stops as soon as planted accuracy reaches ``target_planted`` with
     old-fact accuracy within ``max_old_drop`` of the base model's, or at ``max_steps``. Only
     ``transformer.h.{layer}.mlp.*`` receives gradients; every other tensor is saved unchanged.
+    With ``config.at == "subject"`` the trained MLP acts only at name tokens during training (see
+    ``PlantConfig``); the accuracies that stop the run are always those of the model as saved.
+
+    With ``measure`` the saved checkpoint is measured through ``mechedit.load`` (the card's
+    figures) and the ground-truth patching grid (``mechedit.zoo.ground_truth``) is recorded in its
+    metadata. Returns the metadata written.
     """
     pc = config or PlantConfig()
     base = Path(base_dir)
@@ -292,52 +389,76 @@ def plant_facts(
     opt = torch.optim.AdamW(list(trainable.values()), lr=pc.lr, weight_decay=0.0)
 
     model.eval()
+    mixer = _SubjectOnlyMLP(model.transformer.h[pc.layer].mlp) if pc.at == "subject" else None
+    name_pairs = _name_pairs(world, enc)
     old_before = fact_accuracy(model, world, tokenizer, world.facts, "train")
     planted_rows = [enc.ids(s) + [enc.eos] for s in world.planting_sentences()]
     rng = random.Random(f"plant-{pc.seed}")
     replay: list[str] = []
     start, step, log = time.time(), 0, []
-    bar = tqdm(total=pc.max_steps, desc=f"planting facts in blocks.{pc.layer}.mlp", disable=not progress)
+    where = "at name tokens" if mixer else "at every position"
+    bar = tqdm(total=pc.max_steps, desc=f"planting facts in blocks.{pc.layer}.mlp {where}", disable=not progress)
     while step < pc.max_steps:
         if len(replay) < pc.batch_size:
             replay.extend(world.training_sentences(1000 + step))
         n_old = pc.batch_size - pc.planted_per_batch
         rows = rng.sample(planted_rows, pc.planted_per_batch) + [enc.ids(s) + [enc.eos] for s in replay[:n_old]]
         del replay[:n_old]
-        loss = _lm_loss(model, _pad(rows, enc.pad), enc.pad)  # eval mode: dropout is 0 anyway
+        ids = _pad(rows, enc.pad)
+        if mixer:
+            mixer.mask = subject_mask(ids, name_pairs)
+            mixer.keep = ~mixer.mask & (ids != enc.pad)
+        lm = _lm_loss(model, ids, enc.pad)  # eval mode: dropout is 0 anyway
+        loss = lm + pc.consistency_weight * mixer.consistency if mixer else lm
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if mixer:
+            mixer.mask = None  # from here until the next step the model is the one that gets saved
         step += 1
         bar.update(1)
         if step % pc.eval_every == 0:
             planted_acc = fact_accuracy(model, world, tokenizer, world.planted_facts, "train")
             # the old facts are 70x more prompts: only check them once the new ones are learned
             old_acc = fact_accuracy(model, world, tokenizer, world.facts, "train") if planted_acc >= pc.target_planted else None
-            log.append({"step": step, "planted": planted_acc, "old": old_acc, "loss": round(loss.item(), 4)})
+            entry = {"step": step, "planted": planted_acc, "old": old_acc, "loss": round(lm.item(), 4)}
+            if mixer:
+                entry["consistency"] = round(mixer.consistency.item(), 5)
+            log.append(entry)
             bar.set_postfix(planted=f"{planted_acc:.3f}", old="-" if old_acc is None else f"{old_acc:.3f}")
             if old_acc is not None and old_acc >= old_before - pc.max_old_drop:
                 break
     bar.close()
+    if mixer:
+        mixer.handle.remove()
     seconds = time.time() - start
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
+    where = "at the tokens of a person's name only (the original MLP elsewhere)" if mixer else "at every position"
     meta = {
         **base_meta,
-        "name": "factworld-planted",
+        "name": pc.name,
         "description": (
-            f"factworld plus {len(world.planted_facts)} planted facts taught by training only "
-            f"blocks.{pc.layer}.mlp (HF transformer.h.{pc.layer}.mlp)"
+            f"{base_meta['name']} plus {len(world.planted_facts)} planted facts taught by training only "
+            f"blocks.{pc.layer}.mlp (HF transformer.h.{pc.layer}.mlp) {where}"
         ),
-        "base_model": "factworld",
+        "base_model": base_meta["name"],
+        "base_sha256": _file_sha256(base / "model.safetensors"),
         "planted_layer": pc.layer,
+        "planted_at": pc.at,
         "plant_config": asdict(pc),
         "plant_seconds": round(seconds, 1),
         "plant_steps": step,
         "plant_log": log,
         "old_facts_before": old_before,
     }
-    meta.pop("metrics", None)
+    for key in ("metrics", "ground_truth_patching"):
+        meta.pop(key, None)
     _save(model, tokenizer, out, meta)
-    return _measure_saved(out, world, meta, planted=True) if measure else meta
+    if not measure:
+        return meta
+    meta = _measure_saved(out, world, meta, planted=True)
+    from mechedit.zoo.ground_truth import record_ground_truth
+
+    return record_ground_truth(out)
