@@ -552,9 +552,9 @@ class World:
         ``without_value`` as in ``mc_question``; the same ``seed`` draws the same distractors
         and templates whatever ``value_at`` is, so rotations ask the same question.
         """
-        people = self.planted if split == "planted" else [p for p in self.people if p.mc_split == split]
         if split not in ("train", "heldout", "planted"):
             raise ValueError(f"split must be 'train', 'heldout' or 'planted', not {split!r}")
+        people = self.planted if split == "planted" else [p for p in self.people if p.mc_split == split]
         rng = random.Random(f"mc-{self.config.seed}-{seed}-{split}")
         return [
             self.mc_question(Fact(p.name, rid, v), rng, split, value_at=value_at, without_value=without_value)
