@@ -124,7 +124,9 @@ def render(checkpoints: dict[str, Path]) -> str:
             "",
             "**Known gap: multiple choice is at chance** (25 % with four options): the model memorises the facts "
             "but does not learn, from the MC share of its corpus, to map a recalled value onto a lettered option. "
-            "The MC prompts are still exported (`mc.jsonl`) for models that do.",
+            "The MC prompts are still exported (`mc.jsonl`) for models that do. Continuing this model with the "
+            "options-first layout (the letter asked where training recalls the fact), with or without lookup "
+            "drills, also stayed at chance (issue 7's closing note has the measured attempts).",
         ]
     lines += [
         "",
