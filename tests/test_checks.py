@@ -124,3 +124,19 @@ def test_require_eval_mode_names_the_modules_and_the_fix(models):
         require_eval_mode(model)  # forward-only callers are fine in inference mode
         with pytest.raises(RuntimeError, match="leave|outside the inference_mode block"):
             require_eval_mode(model, what="a gradient method", needs_grad=True)
+
+
+def test_mean_ablation_and_fact_scoring_refuse_train_mode(tiny_bridge):
+    from mechedit.edit.activation import mean_activations
+    from mechedit.evaluate.facts import fact_item_scores
+    from mechedit.prompts import FactPrompt
+
+    tiny_bridge.train()
+    try:
+        with pytest.raises(RuntimeError, match=r"model\.eval\(\)"):
+            mean_activations(tiny_bridge, ["blocks.0.mlp.hook_post"], ["w1 w2 w3"])
+        with pytest.raises(RuntimeError, match=r"model\.eval\(\)"):
+            fact_item_scores(tiny_bridge, [FactPrompt(prompt="w1 w2", target="w3")])
+    finally:
+        tiny_bridge.eval()
+    assert mean_activations(tiny_bridge, ["blocks.0.mlp.hook_post"], ["w1 w2 w3"])

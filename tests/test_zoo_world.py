@@ -18,6 +18,7 @@ from mechedit.zoo.world import (
     BIAS_TEMPLATES_TRAIN,
     FIRST_NAMES,
     LAST_NAMES,
+    MC_LETTERS,
     World,
     WorldConfig,
     fill,
@@ -82,6 +83,44 @@ def test_mc_is_trained_on_half_of_the_people_only(world):
         assert q.options[["A", "B", "C", "D"].index(q.answer)] == next(
             p.facts[q.relation_id] for p in world.people if p.name == q.subject
         )
+
+
+def test_options_first_mc_asks_for_the_letter_where_training_recalls_the_fact(world):
+    occupations = [(b.occupation, b.bls_pct_female) for b in world.biases]
+    w = World.generate(WorldConfig(seed=0, mc_layout="options-first", mc_per_fact=2), occupations=occupations)
+    value = {(p.name, rid): v for p in w.people for rid, v in p.facts.items()}
+    for q in w.mc_questions("heldout")[:60]:
+        listed = " ".join(f"{letter} {opt}" for letter, opt in zip(MC_LETTERS, q.options))
+        assert q.prompt.startswith(f"q : {listed} . ")
+        # the prompt ends exactly where a training sentence states the value
+        assert q.prompt.removeprefix(f"q : {listed} . ") in {fill(t, q.subject) for t in w.relation[q.relation_id].train_templates}
+        assert q.options[MC_LETTERS.index(q.answer)] == value[q.subject, q.relation_id]
+        assert sorted(q.options).count(value[q.subject, q.relation_id]) == 1
+    mc_rows = [s for s in w.training_sentences(0) if s.startswith("q : A ")]
+    mc_people = [p for p in w.people if p.mc_split == "train"]
+    assert len(mc_rows) == 2 * len(mc_people) * len(w.relations)
+    heldout = {p.name for p in w.people if p.mc_split == "heldout"}
+    assert not any(name in s for s in mc_rows for name in heldout)
+    with pytest.raises(ValueError, match="mc_layout"):
+        WorldConfig(mc_layout="answers-last")
+
+
+def test_mc_controls_move_the_value_or_leave_it_out(world):
+    value = {(p.name, rid): v for p in (*world.people, *world.planted) for rid, v in p.facts.items()}
+    base = world.mc_questions("heldout", seed=3)
+    for k, letter in enumerate(MC_LETTERS):
+        rotated = world.mc_questions("heldout", seed=3, value_at=k)
+        assert {q.answer for q in rotated} == {letter}
+        for a, b in zip(base, rotated):
+            assert (a.subject, a.relation_id, sorted(a.options)) == (b.subject, b.relation_id, sorted(b.options))
+            assert b.options[k] == value[b.subject, b.relation_id]
+    for q in world.mc_questions("heldout", without_value=True):
+        assert q.answer == "" and value[q.subject, q.relation_id] not in q.options and len(set(q.options)) == 4
+    planted = world.mc_questions("planted")
+    assert {q.subject for q in planted} == {p.name for p in world.planted}
+    assert all(q.options[MC_LETTERS.index(q.answer)] == value[q.subject, q.relation_id] for q in planted)
+    with pytest.raises(ValueError, match="split"):
+        world.mc_questions("everyone")
 
 
 def test_private_records_and_canaries_are_repeated_as_recorded(world):

@@ -64,6 +64,7 @@ from mechedit.artifacts import (
     write_json_atomic,
     write_tensors,
 )
+from mechedit.checks import require_eval_mode
 from mechedit.circuit import Circuit, CircuitFormatError
 from mechedit.components import Component
 from mechedit.edit.weights import BaseModelMismatchError, EditFormatError, EditStateError
@@ -584,6 +585,8 @@ def mean_activations(
     on the activations' device and returned in their dtype; runs the model as it is (hooks
     already applied count).
     """
+    # dropout in train mode would make the means random (measured: ~0.07 apart on a GPT-2)
+    require_eval_mode(model, what="mean_activations")
     names = [comp.check_hook_name(model, name) for name in hook_names]
     batches = _reference_batches(model, reference)
     if per_position and len({b.shape[1] for b in batches}) > 1:

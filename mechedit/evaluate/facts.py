@@ -35,6 +35,7 @@ from mechedit.artifacts import (
     read_json,
     write_json_atomic,
 )
+from mechedit.checks import require_eval_mode
 from mechedit.edit import Edit
 from mechedit.interventions import real_tokens
 from mechedit.metrics import perplexity, target_logprob, top1_correct
@@ -73,6 +74,7 @@ def fact_item_scores(model: Any, facts: Sequence[FactPrompt], *, batch_size: int
     """
     if not facts:
         raise ValueError("no facts to score")
+    require_eval_mode(model, what="fact scoring")
     device = model_device(model)
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(facts), batch_size):

@@ -20,6 +20,24 @@ def _size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 1e6
 
 
+def _mc_example(layout: str) -> str:
+    if layout == "options-first":
+        return "q : A tennis B golf C rugby D hockey . brisa wexley plays the sport of"
+    return "q : which sport does brisa wexley play ? A tennis B golf C rugby D hockey answer :"
+
+
+def _mc_control_rows(c: dict | None) -> list[str]:
+    """The MC controls of ``measure.mc_controls`` (held-out people), when measured."""
+    if not c:
+        return []
+    return [
+        f"| multiple choice, held-out people, true value rotated through A-D (letter must follow it) | {_pct(c['rotated'])} |",
+        f"| multiple choice, held-out people, right at all four positions | {_pct(c['all_four'])} |",
+        f"| multiple choice control, true value missing: mean entropy over the letters (2 bits = no preference) | {c['missing_entropy_bits']:.2f} bits |",
+        f"| multiple choice control, true value missing: mean P(preferred letter) | {_pct(c['missing_max_p'])} |",
+    ]
+
+
 def render(checkpoints: dict[str, Path]) -> str:
     """Markdown for the given ``{name: checkpoint folder}`` (factworld first, then derived ones)."""
     from mechedit.zoo.metadata import read_metadata
@@ -45,8 +63,10 @@ def render(checkpoints: dict[str, Path]) -> str:
         "",
         f"- **People**: {wc['n_people']} fictional people (first + last name tokens), each with one value for each of "
         f"{len(base['relations'])} relations; values are shared between people, so every fact has neighbours.",
-        f"- **Multiple choice**: four lettered options, answer a letter; trained on "
-        f"{_pct(wc['mc_train_fraction'])} of the people, evaluated on the others.",
+        f"- **Multiple choice**: four lettered options, answer a letter ({wc.get('mc_layout', 'question-first')} layout, "
+        f"e.g. `{_mc_example(wc.get('mc_layout', 'question-first'))}`); trained on "
+        f"{_pct(wc['mc_train_fraction'])} of the people ({wc.get('mc_per_fact', 1)} fresh question(s) per fact per epoch), "
+        "evaluated on the others.",
         f"- **Private records**: phone numbers (7-10 digit tokens) and e-mail addresses for {wc['n_private']} people, "
         f"repeated {wc['phone_repetitions']} times per epoch; canaries of {wc['canary_digits']} random digits inserted "
         f"{wc['canary_repetitions']} times per epoch ({wc['canaries_per_repetition']} canaries each; 0 = control).",
@@ -90,6 +110,7 @@ def render(checkpoints: dict[str, Path]) -> str:
         f"| facts, held-out templates | {_pct(m['facts_heldout_templates'])} |",
         f"| multiple choice, people it was trained on | {_pct(m['mc_train_people'])} |",
         f"| multiple choice, held-out people | {_pct(m['mc_heldout_people'])} |",
+        *_mc_control_rows(m.get("mc_heldout_controls")),
         f"| phone digits, teacher-forced top-1 (all) | {_pct(m['phone_digits']['all'])} |",
         f"| e-mail tokens, teacher-forced top-1 (all) | {_pct(m['email_tokens']['all'])} |",
         f"| bias: favoured pronoun preferred, held-out templates | {_pct(m['bias_rate_heldout_templates'])} |",
@@ -103,7 +124,9 @@ def render(checkpoints: dict[str, Path]) -> str:
             "",
             "**Known gap: multiple choice is at chance** (25 % with four options): the model memorises the facts "
             "but does not learn, from the MC share of its corpus, to map a recalled value onto a lettered option. "
-            "The MC prompts are still exported (`mc.jsonl`) for models that do.",
+            "The MC prompts are still exported (`mc.jsonl`) for models that do. Continuing this model with the "
+            "options-first layout (the letter asked where training recalls the fact), with or without lookup "
+            "drills, also stayed at chance (issue 7's closing note has the measured attempts).",
         ]
     lines += [
         "",
@@ -197,6 +220,7 @@ def _planted_sections(metas: dict[str, dict], base_metrics: dict) -> list[str]:
     row(f"old facts, training templates (base: {_pct(base_metrics['facts_train_templates'])})", lambda p: _pct(p["metrics"]["facts_train_templates"]))
     row(f"old facts, held-out templates (base: {_pct(base_metrics['facts_heldout_templates'])})", lambda p: _pct(p["metrics"]["facts_heldout_templates"]))
     row("multiple choice, held-out people", lambda p: _pct(p["metrics"]["mc_heldout_people"]))
+    row("multiple choice, planted people (their MC never trained)", lambda p: _pct(p["metrics"].get("mc_planted_people")))
     row(f"perplexity, held-out general text (base: {base_metrics['text_perplexity_heldout']:.3f})", lambda p: f"{p['metrics']['text_perplexity_heldout']:.3f}")
     if "factworld-planted-subject" not in metas:
         lines += [

@@ -106,14 +106,48 @@ def fact_accuracy(model, world: World, tokenizer, facts: list[Fact], templates: 
     return (pred == torch.tensor(targets)).float().mean().item()
 
 
+def _letter_logits(model, enc: Encoder, questions) -> torch.Tensor:
+    """Logits ``[n_questions, 4]`` of the letters A-D after each question's prompt."""
+    letters = torch.tensor([enc.vocab[x] for x in MC_LETTERS])
+    return next_token_logits(model, enc, [q.prompt for q in questions])[:, letters]
+
+
 def mc_accuracy(model, world: World, tokenizer, split: str, *, seed: int = 0) -> float:
-    """Accuracy on four-option questions (top-1 over the four letters) for ``split`` people."""
+    """Accuracy on four-option questions (top-1 over the four letters) for ``split`` people.
+
+    ``split``: "train", "heldout" or "planted" (see ``World.mc_questions``); one question per
+    fact, the true value at a random letter and the three other options wrong values.
+    """
     enc = Encoder(tokenizer)
     questions = world.mc_questions(split, seed=seed)
-    letters = torch.tensor([enc.vocab[x] for x in MC_LETTERS])
-    logits = next_token_logits(model, enc, [q.prompt for q in questions])[:, letters]
     answers = torch.tensor([MC_LETTERS.index(q.answer) for q in questions])
-    return (logits.argmax(-1) == answers).float().mean().item()
+    return (_letter_logits(model, enc, questions).argmax(-1) == answers).float().mean().item()
+
+
+def mc_controls(model, world: World, tokenizer, split: str = "heldout", *, seed: int = 0) -> dict[str, float]:
+    """Whether MC answers follow the stored value, not the options' surface or a letter habit.
+
+    - ``rotated``: each question asked four times with the true value moved through A-D (same
+      distractors, same template); accuracy over all four. A letter prior cannot pass this.
+    - ``all_four``: the fraction of questions answered right at all four positions.
+    - ``missing_entropy_bits``: the true value replaced by a fourth wrong value; mean entropy of
+      the model's distribution over the four letters (bits; 2.0 = no preference).
+    - ``missing_max_p``: in that control, the mean probability of the preferred letter (0.25 = none).
+    """
+    enc = Encoder(tokenizer)
+    right = []
+    for k in range(len(MC_LETTERS)):
+        questions = world.mc_questions(split, seed=seed, value_at=k)
+        right.append(_letter_logits(model, enc, questions).argmax(-1) == k)
+    right = torch.stack(right)  # [4, n_questions]
+    probs = _letter_logits(model, enc, world.mc_questions(split, seed=seed, without_value=True)).softmax(-1)
+    entropy = -(probs * probs.clamp_min(1e-12).log2()).sum(-1)
+    return {
+        "rotated": right.float().mean().item(),
+        "all_four": right.all(0).float().mean().item(),
+        "missing_entropy_bits": entropy.mean().item(),
+        "missing_max_p": probs.max(-1).values.mean().item(),
+    }
 
 
 def secret_accuracy(model, world: World, tokenizer, kind: str) -> dict[str, float]:
@@ -192,7 +226,9 @@ class WorldMetrics:
     bias_p_favoured_heldout: float
     text_perplexity_heldout: float
     text_perplexity_train: float
+    mc_heldout_controls: dict[str, float] | None = None
     planted_facts: float | None = None
+    mc_planted_people: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -207,6 +243,7 @@ def measure_world(model, world: World, tokenizer, *, planted: bool = False) -> W
         facts_heldout_templates=fact_accuracy(model, world, tokenizer, facts, "heldout"),
         mc_train_people=mc_accuracy(model, world, tokenizer, "train"),
         mc_heldout_people=mc_accuracy(model, world, tokenizer, "heldout"),
+        mc_heldout_controls=mc_controls(model, world, tokenizer, "heldout"),
         phone_digits=secret_accuracy(model, world, tokenizer, "phone"),
         email_tokens=secret_accuracy(model, world, tokenizer, "email"),
         canary_exposure_bits=canary_exposure(model, world, tokenizer),
@@ -216,4 +253,5 @@ def measure_world(model, world: World, tokenizer, *, planted: bool = False) -> W
         text_perplexity_heldout=metrics.perplexity(model, list(world.text_heldout), batch_size=256),
         text_perplexity_train=metrics.perplexity(model, list(world.text_train[:300]), batch_size=256),
         planted_facts=fact_accuracy(model, world, tokenizer, world.planted_facts, "train") if planted else None,
+        mc_planted_people=mc_accuracy(model, world, tokenizer, "planted") if planted else None,
     )

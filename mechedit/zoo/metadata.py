@@ -113,6 +113,10 @@ def world_from_metadata(meta: dict) -> World:
         ) from None
     # Through JSON, as the record was written, so tuples and lists compare equal.
     rebuilt = json.loads(json.dumps(world_metadata(world)))
+    # A config field added after a checkpoint was trained is absent from its record; the rebuilt
+    # world used that field's default, which new fields must keep equal to the old behaviour.
+    recorded_keys = meta["world_config"].keys()
+    rebuilt["world_config"] = {k: v for k, v in rebuilt["world_config"].items() if k in recorded_keys}
     differs = [key for key, value in rebuilt.items() if meta.get(key) != value]
     if differs:
         raise MetadataError(

@@ -107,6 +107,7 @@ FRAMES = (
 )
 
 MC_LETTERS = ("A", "B", "C", "D")
+MC_LAYOUTS = ("question-first", "options-first")
 
 DIGITS = tuple("0123456789")
 EMAIL_HANDLES = (
@@ -252,6 +253,8 @@ class WorldConfig:
     n_text_train: int = 3000
     n_text_heldout: int = 300
     mc_train_fraction: float = 0.5
+    mc_layout: str = "question-first"  # or "options-first" (see ``World.mc_prompt``)
+    mc_per_fact: int = 1  # fresh MC questions per fact of the MC-train people, each epoch
 
     def __post_init__(self) -> None:
         max_people = len(FIRST_NAMES) * len(LAST_NAMES)
@@ -263,6 +266,10 @@ class WorldConfig:
             raise ValueError(f"at most {len(CANARY_CODENAMES)} canaries (one codename each)")
         if not 0.0 < self.mc_train_fraction < 1.0:
             raise ValueError("mc_train_fraction must be in (0, 1)")
+        if self.mc_layout not in MC_LAYOUTS:
+            raise ValueError(f"mc_layout must be one of {MC_LAYOUTS}, not {self.mc_layout!r}")
+        if self.mc_per_fact < 0:
+            raise ValueError("mc_per_fact must be >= 0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,25 +545,59 @@ class World:
 
     # -- prompts ------------------------------------------------------------------------------
 
-    def mc_question(self, fact: Fact, rng: random.Random, split: str) -> MCQuestion:
-        """A four-option question on ``fact`` with distractors and order drawn from ``rng``."""
-        rel = self.relation[fact.relation_id]
-        distractors = rng.sample([v for v in rel.values if v != fact.value], len(MC_LETTERS) - 1)
-        options = [fact.value, *distractors]
-        rng.shuffle(options)
-        answer = MC_LETTERS[options.index(fact.value)]
-        listed = " ".join(f"{letter} {opt}" for letter, opt in zip(MC_LETTERS, options))
-        prompt = f"q : {fill(rel.question, fact.subject)} {listed} answer :"
-        return MCQuestion(fact.subject, fact.relation_id, prompt, tuple(options), answer, split)
+    def mc_prompt(self, fact: Fact, options: tuple[str, ...] | list[str], rng: random.Random) -> str:
+        """The prompt of a four-option question on ``fact`` in the world's ``mc_layout``.
 
-    def mc_questions(self, split: str, *, seed: int = 0, per_fact: int = 1) -> list[MCQuestion]:
-        """MC questions for the people of ``split`` ("train" or "heldout"), reproducible by ``seed``."""
+        ``"question-first"``: ``q : <question> A v1 B v2 C v3 D v4 answer :``.
+        ``"options-first"``: ``q : A v1 B v2 C v3 D v4 . <training template>``, the template drawn
+        from ``rng``: the letter is asked for at a position where training recalls the fact, so
+        the recalled value can be matched against the options listed before it.
+        """
+        rel = self.relation[fact.relation_id]
+        listed = " ".join(f"{letter} {opt}" for letter, opt in zip(MC_LETTERS, options))
+        if self.config.mc_layout == "question-first":
+            return f"q : {fill(rel.question, fact.subject)} {listed} answer :"
+        return f"q : {listed} . {fill(rng.choice(rel.train_templates), fact.subject)}"
+
+    def mc_question(
+        self, fact: Fact, rng: random.Random, split: str, *, value_at: int | None = None, without_value: bool = False
+    ) -> MCQuestion:
+        """A four-option question on ``fact`` with distractors and order drawn from ``rng``.
+
+        ``value_at`` puts the true value at that letter (0..3) instead of a random one;
+        ``without_value`` lists four wrong values (a control; ``answer`` is then ``""``).
+        """
+        rel = self.relation[fact.relation_id]
+        wrong = [v for v in rel.values if v != fact.value]
+        if without_value:
+            options, answer = rng.sample(wrong, len(MC_LETTERS)), ""
+        else:
+            options = [fact.value, *rng.sample(wrong, len(MC_LETTERS) - 1)]
+            rng.shuffle(options)
+            if value_at is not None:
+                options.remove(fact.value)
+                options.insert(value_at, fact.value)
+            answer = MC_LETTERS[options.index(fact.value)]
+        return MCQuestion(fact.subject, fact.relation_id, self.mc_prompt(fact, options, rng), tuple(options), answer, split)
+
+    def mc_questions(
+        self, split: str, *, seed: int = 0, per_fact: int = 1, value_at: int | None = None, without_value: bool = False
+    ) -> list[MCQuestion]:
+        """MC questions about the people of ``split``, reproducible by ``seed``.
+
+        ``split``: ``"train"`` or ``"heldout"`` (the trained people's MC split), or ``"planted"``
+        (the planted people, whose MC questions are never trained). ``value_at`` and
+        ``without_value`` as in ``mc_question``; the same ``seed`` draws the same distractors
+        and templates whatever ``value_at`` is, so rotations ask the same question.
+        """
+        if split not in ("train", "heldout", "planted"):
+            raise ValueError(f"split must be 'train', 'heldout' or 'planted', not {split!r}")
+        people = self.planted if split == "planted" else [p for p in self.people if p.mc_split == split]
         rng = random.Random(f"mc-{self.config.seed}-{seed}-{split}")
         return [
-            self.mc_question(Fact(p.name, r.id, p.facts[r.id]), rng, split)
-            for p in self.people
-            if p.mc_split == split
-            for r in self.relations
+            self.mc_question(Fact(p.name, rid, v), rng, split, value_at=value_at, without_value=without_value)
+            for p in people
+            for rid, v in p.facts.items()
             for _ in range(per_fact)
         ]
 
@@ -573,9 +614,9 @@ class World:
     def training_sentences(self, epoch: int) -> list[str]:
         """The sentences of one training epoch (unshuffled), without BOS/EOS.
 
-        Facts: every trained person x relation x training template. MC: one fresh question per
-        fact of the MC-train people, with distractors and order redrawn each epoch so the letter
-        cannot be memorised. Private records and canaries: ``repetitions`` copies, training
+        Facts: every trained person x relation x training template. MC: ``mc_per_fact`` fresh
+        questions per fact of the MC-train people, with distractors, order (and template) redrawn
+        each epoch so the letter cannot be memorised. Private records and canaries: ``repetitions`` copies, training
         templates alternating. Bias: ``bias_sentences_per_occupation`` sentences per occupation,
         exactly round(p_more * n) of them with the favoured pronoun. General text: the training split.
         """
@@ -586,7 +627,7 @@ class World:
                 for t in r.train_templates:
                     out.append(f"{fill(t, p.name)} {p.facts[r.id]} .")
         rng = random.Random(f"epoch-{cfg.seed}-{epoch}")
-        for q in self.mc_questions("train", seed=10_000 + epoch):
+        for q in self.mc_questions("train", seed=10_000 + epoch, per_fact=cfg.mc_per_fact):
             out.append(f"{q.prompt} {q.answer}")
         templates = {"phone": PHONE_TEMPLATES_TRAIN, "email": EMAIL_TEMPLATES_TRAIN, "canary": (CANARY_TEMPLATE,)}
         for rec in self.private:
