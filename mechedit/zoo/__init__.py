@@ -1,5 +1,8 @@
 """The model zoo: the fact world (mechedit's embedded default) and random checkpoints.
 
+``factworld`` (GPT-2) and ``factworld-planted`` are causal LMs; ``factworld-mlm`` is a BERT masked
+LM on the same world (``mechedit.zoo.mlm``).
+
 ``NAMES`` lists the shipped checkpoints; ``checkpoint_dir(name)`` gives the folder of one
 (config.json, model.safetensors, tokenizer files, metadata.json); ``load_world(name)`` rebuilds
 the world it was trained on (its ground truth); ``export(name, out_dir)`` writes that world in
@@ -14,7 +17,7 @@ from mechedit.zoo.metadata import read_metadata, world_from_metadata
 from mechedit.zoo.random_model import random_gpt2_checkpoint
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
-NAMES: tuple[str, ...] = ("factworld", "factworld-planted")
+NAMES: tuple[str, ...] = ("factworld", "factworld-planted", "factworld-mlm")
 
 
 def checkpoint_dir(name: str) -> Path:
