@@ -343,9 +343,13 @@ def measure_mlm(model, world: World, tokenizer) -> MLMMetrics:
 
 @dataclass(frozen=True)
 class MLMShape:
-    """BERT hyper-parameters of ``factworld-mlm`` (the causal fact world's size)."""
+    """BERT hyper-parameters of ``factworld-mlm``: the causal fact world's width, 4 layers not 6.
 
-    n_layer: int = 6
+    Four layers keep the recipe within its time budget on a shared 2-core machine (a step costs
+    ~0.14 CPU-s against ~0.21 for six layers).
+    """
+
+    n_layer: int = 4
     d_model: int = 128
     n_head: int = 4
     d_mlp: int = 512
@@ -360,9 +364,9 @@ class MLMShape:
 class MLMTrainConfig:
     """Optimisation and masking settings. ``max_steps`` cuts a run short (tests of the recipe)."""
 
-    epochs: int = 30
+    epochs: int = 14
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 300
     weight_decay: float = 0.01
