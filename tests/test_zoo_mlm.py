@@ -101,6 +101,12 @@ def test_tiny_training_run_is_deterministic_and_boots_in_the_bridge(tiny_run, ti
     assert torch.allclose(mask_logits(bridge, bridge.tokenizer, rows), mask_logits(hf, bridge.tokenizer, rows), atol=1e-4)
 
 
+shipped = pytest.mark.skipif(
+    "factworld-mlm" not in zoo.NAMES,
+    reason="factworld-mlm is not shipped yet: train it with `python -m mechedit.zoo train factworld-mlm`, add it to zoo.NAMES",
+)
+
+
 @pytest.fixture(scope="module")
 def mlm():
     return mechedit.load("factworld-mlm")
@@ -111,6 +117,7 @@ def world():
     return zoo.load_world("factworld-mlm")
 
 
+@shipped
 def test_factworld_mlm_boots_offline_on_the_factworld_world(mlm, world):
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -124,6 +131,7 @@ def test_factworld_mlm_boots_offline_on_the_factworld_world(mlm, world):
     assert mlm.tokenizer.get_vocab() == mechedit.load("factworld").tokenizer.get_vocab()
 
 
+@shipped
 def test_factworld_mlm_fills_in_facts_secrets_and_the_planted_bias(mlm, world):
     sample = world.facts[::5]
     assert fact_fill_accuracy(mlm, world, mlm.tokenizer, sample, "train") >= 0.95
@@ -134,6 +142,7 @@ def test_factworld_mlm_fills_in_facts_secrets_and_the_planted_bias(mlm, world):
     assert canary["reps_20"] > canary["reps_0"]  # never-trained canaries are not recalled
 
 
+@shipped
 def test_masked_fill_in_through_to_tokens(mlm, world):
     fact = world.facts[0]
     prompt = f"{fill(world.relation[fact.relation_id].train_templates[0], fact.subject)} {MASK} ."

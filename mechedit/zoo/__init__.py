@@ -1,7 +1,7 @@
 """The model zoo: the fact world (mechedit's embedded default) and random checkpoints.
 
-``factworld`` (GPT-2) and ``factworld-planted`` are causal LMs; ``factworld-mlm`` is a BERT masked
-LM on the same world (``mechedit.zoo.mlm``).
+``factworld`` (GPT-2) and ``factworld-planted`` are causal LMs. ``mechedit.zoo.mlm`` trains
+``factworld-mlm``, a BERT masked LM on the same world; it joins ``NAMES`` once its checkpoint ships.
 
 ``NAMES`` lists the shipped checkpoints; ``checkpoint_dir(name)`` gives the folder of one
 (config.json, model.safetensors, tokenizer files, metadata.json); ``load_world(name)`` rebuilds
@@ -17,7 +17,7 @@ from mechedit.zoo.metadata import read_metadata, world_from_metadata
 from mechedit.zoo.random_model import random_gpt2_checkpoint
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
-NAMES: tuple[str, ...] = ("factworld", "factworld-planted", "factworld-mlm")
+NAMES: tuple[str, ...] = ("factworld", "factworld-planted")
 
 
 def checkpoint_dir(name: str) -> Path:
