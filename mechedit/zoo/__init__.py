@@ -1,5 +1,8 @@
 """The model zoo: the fact world (mechedit's embedded default) and random checkpoints.
 
+``factworld`` (GPT-2) and ``factworld-planted`` are causal LMs. ``mechedit.zoo.mlm`` trains
+``factworld-mlm``, a BERT masked LM on the same world; it joins ``NAMES`` once its checkpoint ships.
+
 ``NAMES`` lists the shipped checkpoints; ``checkpoint_dir(name)`` gives the folder of one
 (config.json, model.safetensors, tokenizer files, metadata.json); ``load_world(name)`` rebuilds
 the world it was trained on (its ground truth); ``export(name, out_dir)`` writes that world in

@@ -4,6 +4,7 @@
     python -m mechedit.zoo train factworld-planted            # a few minutes, from factworld
     python -m mechedit.zoo train factworld-planted-subject    # the same, stored as subject enrichment
     python -m mechedit.zoo train factworld-planted --layer 4 --out DIR   # ground truth at another layer
+    python -m mechedit.zoo train factworld-mlm        # BERT (masked LM) on the same world
     python -m mechedit.zoo export factworld OUT_DIR   # counterfact.json, known.json, ...
     python -m mechedit.zoo measure factworld          # re-measure the figures into metadata.json
     python -m mechedit.zoo ground-truth factworld-planted   # re-measure where the planted MLP acts
@@ -26,7 +27,17 @@ def _train(args: argparse.Namespace) -> None:
     from mechedit.zoo.train import PlantConfig, TrainConfig, plant_facts, train_factworld
     from mechedit.zoo.world import load_occupations
 
-    if args.name == "factworld":
+    if args.name == "factworld-mlm":
+        from mechedit.zoo.mlm import MLMTrainConfig, train_mlm
+
+        out = Path(args.out) if args.out else CHECKPOINTS / args.name
+        mc = MLMTrainConfig()
+        if args.epochs is not None:
+            mc = replace(mc, epochs=args.epochs)
+        if args.threads is not None:
+            mc = replace(mc, threads=args.threads)
+        meta = train_mlm(out, train_config=mc)
+    elif args.name == "factworld":
         out = Path(args.out) if args.out else CHECKPOINTS / args.name
         tc = TrainConfig()
         if args.epochs is not None:
@@ -52,6 +63,7 @@ def _show(args: argparse.Namespace) -> None:
     import mechedit
     from mechedit.zoo import load_world, metadata
     from mechedit.zoo.measure import Encoder, next_token_logits
+    from mechedit.zoo.mlm import fact_rows, is_mlm, mask_logits
     from mechedit.zoo.world import fill
 
     meta = metadata(args.name)
@@ -61,6 +73,14 @@ def _show(args: argparse.Namespace) -> None:
     world = load_world(args.name)
     enc = Encoder(model.tokenizer)
     facts = world.facts[: args.n]
+    if is_mlm(meta):
+        rows = fact_rows(world, facts, "heldout")[:: len(world.relations[0].heldout)]
+        predicted = mask_logits(model, model.tokenizer, rows).argmax(-1)
+        vocab = {i: w for w, i in enc.vocab.items()}
+        print("\nheld-out paraphrases, value masked (prompt -> model's fill-in / truth):")
+        for row, pred in zip(rows, predicted.tolist()):
+            print(f"  {row.text} -> {vocab[pred]} / {row.answers[0]}")
+        return
     prompts = [fill(world.relation[f.relation_id].heldout_templates[0], f.subject) for f in facts]
     predicted = next_token_logits(model, enc, prompts).argmax(-1)
     vocab = {i: w for w, i in enc.vocab.items()}
@@ -73,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mechedit.zoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a zoo checkpoint (writes into the package unless --out)")
-    t.add_argument("name", choices=["factworld", "factworld-planted", "factworld-planted-subject"])
+    t.add_argument("name", choices=["factworld", "factworld-planted", "factworld-planted-subject", "factworld-mlm"])
     t.add_argument("--out", help="checkpoint folder to write (default: the shipped one)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--threads", type=int, help="torch threads (results are reproducible per thread count)")
@@ -107,10 +127,14 @@ def main(argv: list[str] | None = None) -> None:
             print(path)
     elif args.command == "measure":
         from mechedit.zoo import NAMES, checkpoint_dir
+        from mechedit.zoo import metadata as read_meta
+        from mechedit.zoo.mlm import is_mlm
+        from mechedit.zoo.mlm import remeasure as remeasure_mlm
         from mechedit.zoo.train import remeasure
 
         folder = checkpoint_dir(args.name) if args.name in NAMES else Path(args.name)
-        print(json.dumps(remeasure(folder)["metrics"], indent=2))
+        measure = remeasure_mlm if is_mlm(read_meta(folder)) else remeasure
+        print(json.dumps(measure(folder)["metrics"], indent=2))
     elif args.command == "ground-truth":
         from mechedit.zoo import NAMES, checkpoint_dir
         from mechedit.zoo.ground_truth import KEY, record_ground_truth

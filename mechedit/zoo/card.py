@@ -148,6 +148,18 @@ def render(checkpoints: dict[str, Path]) -> str:
     for key, value in sorted(m["canary_exposure_bits"].items(), key=lambda kv: int(kv[0].removeprefix("reps_"))):
         lines.append(f"| {key.removeprefix('reps_')} | {value:.2f} |")
     lines += _planted_sections(metas, m)
+    if "factworld-mlm" in metas:
+        lines += _mlm_section(metas["factworld-mlm"], checkpoints["factworld-mlm"])
+    else:
+        lines += [
+            "",
+            "## factworld-mlm (masked LM): not shipped yet",
+            "",
+            "**Known gap.** The recipe (`python -m mechedit.zoo train factworld-mlm`, `mechedit/zoo/mlm.py`: BERT, "
+            "value slots masked with `<mask>`) learns on a 60-person world (600 steps: facts 48 %, bias 85.8 % on "
+            "held-out templates) but on the full 240-person world fact fill-in stayed at chance (~10 %) through "
+            "epoch 20 of a 36-epoch run (4 layers, lr 2e-3), so no checkpoint is shipped.",
+        ]
     lines += [
         "",
         "## Use",
@@ -266,6 +278,83 @@ def _planted_sections(metas: dict[str, dict], base_metrics: dict) -> list[str]:
             "",
             *_grid(g),
         ]
+    return lines
+
+
+def _by_reps(figures: dict[str, float]) -> list[tuple[str, float]]:
+    """``reps_K`` entries of a per-repetition figure, by increasing K."""
+    keys = sorted((k for k in figures if k != "all"), key=lambda k: int(k.removeprefix("reps_")))
+    return [(k.removeprefix("reps_"), figures[k]) for k in keys]
+
+
+def _mlm_section(meta: dict, folder: Path) -> list[str]:
+    """The ``factworld-mlm`` section: what it is, its masking recipe, training and figures."""
+    cfg = json.loads((folder / "config.json").read_text())
+    tc, m = meta["train_config"], meta["metrics"]
+    lines = [
+        "",
+        "## factworld-mlm: the same world as a masked language model",
+        "",
+        f"A BERT-architecture masked LM (`BertForMaskedLM`: {cfg['num_hidden_layers']} layers, d_model "
+        f"{cfg['hidden_size']}, {cfg['num_attention_heads']} heads, d_mlp {cfg['intermediate_size']}, post-LayerNorm, "
+        f"context {cfg['max_position_embeddings']}, the same {cfg['vocab_size']}-token word-level tokenizer) trained "
+        "from scratch on **the same generated world** as factworld (its metadata rebuilds it: same people, facts, "
+        "templates, private records, occupation-bias sentences and general text), with the slot to predict "
+        "replaced by the tokenizer's own mask token `<mask>`. The bridge prepends `<bos>` (which plays "
+        "BERT's [CLS]) and appends nothing; training rows have exactly that form.",
+        "",
+        "Masking recipe (`mechedit/zoo/mlm.py`, one fresh draw per epoch): fact sentences (every person x "
+        "relation x training template) mask **exactly the value slot**; bias sentences mask exactly the "
+        f"pronoun; each copy of a phone number, e-mail address or canary masks each secret token with "
+        f"probability {tc['secret_mask_rate']} (at least one); general text is masked BERT-style at "
+        f"{tc['text_mask_rate']} per token (at least one). The loss is the cross-entropy at the masks only. "
+        "Multiple-choice rows are left out (the causal model does not learn them either; see above).",
+        "",
+        f"`python -m mechedit.zoo train factworld-mlm`: {tc['epochs']} epochs, batch {tc['batch_size']}, AdamW lr "
+        f"{tc['lr']} (warm-up {tc['warmup_steps']} steps, cosine to {tc['min_lr_ratio']}x), no dropout, seed "
+        f"{tc['seed']}, {tc['threads']} thread(s), deterministic algorithms; {meta['steps']} steps, "
+        f"{meta['train_cpu_seconds'] / 60:.1f} CPU-min ({meta['train_seconds'] / 60:.1f} min wall on this project's "
+        f"shared 2-core machine, torch {meta['torch_version']}). Checkpoint: {_size_mb(folder):.1f} MB.",
+        "",
+        "Every figure is top-1 over the whole vocabulary at a `<mask>`, all other tokens visible, measured",
+        "through `mechedit.load(\"factworld-mlm\")` (`python -m mechedit.zoo measure factworld-mlm`):",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| facts, training templates, value masked | {_pct(m['facts_train_templates'])} |",
+        f"| facts, held-out templates, value masked | {_pct(m['facts_heldout_templates'])} |",
+        f"| phone digits, one masked at a time (all) | {_pct(m['phone_digits']['all'])} |",
+        f"| e-mail tokens, one masked at a time (all) | {_pct(m['email_tokens']['all'])} |",
+        f"| bias: favoured pronoun preferred at the masked pronoun, held-out templates | {_pct(m['bias_rate_heldout_templates'])} |",
+        f"| bias: favoured pronoun preferred, training templates | {_pct(m['bias_rate_train_templates'])} |",
+        f"| bias: mean P(favoured) within the pair, held-out | {_pct(m['bias_p_favoured_heldout'])} |",
+        f"| pseudo-perplexity (each token masked alone), held-out general text | {m['text_pseudo_perplexity_heldout']:.3f} |",
+        f"| pseudo-perplexity, training general text | {m['text_pseudo_perplexity_train']:.3f} |",
+        "",
+        "Secrets by repetitions per epoch (one token masked at a time; canaries with 0 repetitions are never",
+        "trained, so their digits sit near chance, 10 %):",
+        "",
+        "| repetitions | phone digits | e-mail tokens | canary digits |",
+        "|---|---|---|---|",
+    ]
+    reps = sorted({int(k) for f in ("phone_digits", "email_tokens", "canary_digits") for k, _ in _by_reps(m[f])})
+    for k in reps:
+        cells = [_pct(m[f].get(f"reps_{k}")) if f"reps_{k}" in m[f] else "-" for f in ("phone_digits", "email_tokens", "canary_digits")]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Masked fill-in through the bridge:",
+        "",
+        "```python no-test",
+        'model = mechedit.load("factworld-mlm")',
+        'tokens = model.to_tokens("alvo abernoth was born in <mask> .")   # <bos> prepended',
+        "logits = model(tokens)                                           # [1, pos, vocab]",
+        "answer = logits[tokens == model.tokenizer.mask_token_id].argmax(-1)",
+        "```",
+        "",
+        "Batches of different lengths need `model(ids, attention_mask=...)`: BERT attends in both",
+        "directions, so unmasked padding changes every position.",
+    ]
     return lines
 
 
