@@ -43,10 +43,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import BertConfig, BertForMaskedLM
 
+from mechedit.metrics import token_cross_entropy
 from mechedit.zoo.measure import Encoder
-from mechedit.zoo.metadata import FILENAME as METADATA
-from mechedit.zoo.metadata import read_metadata, stamp, world_from_metadata, world_metadata
-from mechedit.zoo.tokenizer import MASK, build_tokenizer, save_tokenizer
+from mechedit.zoo.metadata import read_metadata, world_from_metadata, world_metadata, write_metadata
+from mechedit.zoo.tokenizer import MASK, build_tokenizer
+from mechedit.zoo.train import _deterministic, _pad, _save, warmup_cosine_lr
 from mechedit.zoo.world import (
     BIAS_TEMPLATES_HELDOUT,
     BIAS_TEMPLATES_TRAIN,
@@ -162,13 +163,6 @@ class MaskedEncoder(Encoder):
         if next(answers, None) is not None:
             raise ValueError(f"{row.text!r} has fewer masks than answers {row.answers}")
         return ids, labels
-
-
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r)
-    return out
 
 
 def _batches(enc: MaskedEncoder, rows: list[MaskedText], batch_size: int, rng: random.Random):
@@ -407,12 +401,9 @@ def _corpus(world: World, tc: MLMTrainConfig, epoch: int) -> list[MaskedText]:
 
 
 def _mlm_loss(model: BertForMaskedLM, ids: torch.Tensor, labels: torch.Tensor, pad: int) -> torch.Tensor:
+    """Mean cross-entropy at the masked positions (labels elsewhere are ``IGNORE``), in nats."""
     logits = model(input_ids=ids, attention_mask=(ids != pad).long()).logits
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
-
-
-def _write_metadata(out: Path, meta: dict) -> None:
-    (out / METADATA).write_text(json.dumps(stamp(meta), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return token_cross_entropy(logits, labels, ignore_index=IGNORE, reduction="mean")
 
 
 def _measure_saved(out: Path, world: World, meta: dict) -> dict:
@@ -421,7 +412,7 @@ def _measure_saved(out: Path, world: World, meta: dict) -> dict:
 
     bridge = mechedit.load(out)
     meta = {**meta, "metrics": measure_mlm(bridge, world, bridge.tokenizer).to_dict()}
-    _write_metadata(out, meta)
+    write_metadata(out, meta)
     return meta
 
 
@@ -451,9 +442,7 @@ def train_mlm(
         from mechedit.zoo import load_world
 
         world = load_world("factworld")
-    torch.manual_seed(tc.seed)
-    torch.set_num_threads(tc.threads)
-    torch.use_deterministic_algorithms(True)
+    _deterministic(tc.seed, tc.threads)
     tokenizer = build_tokenizer(world.vocabulary())
     enc = MaskedEncoder(tokenizer)
     model = BertForMaskedLM(bert_config(tc.shape, tokenizer))
@@ -469,10 +458,7 @@ def train_mlm(
     total = min(tc.epochs * steps_per_epoch, tc.max_steps or 10**12)
 
     def lr_at(step: int) -> float:
-        if step < tc.warmup_steps:
-            return tc.lr * (step + 1) / tc.warmup_steps
-        frac = (step - tc.warmup_steps) / max(1, total - tc.warmup_steps)
-        return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+        return warmup_cosine_lr(step, lr=tc.lr, warmup_steps=tc.warmup_steps, min_lr_ratio=tc.min_lr_ratio, total=total)
 
     probe = world.facts[:: max(1, len(world.facts) // 200)]  # a cheap look at progress
     rng = random.Random(f"mlm-batches-{tc.seed}")
@@ -513,9 +499,6 @@ def train_mlm(
     seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
     model.eval()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
-    save_tokenizer(tokenizer, out)
     meta = {
         "name": NAME,
         "objective": OBJECTIVE,
@@ -529,7 +512,7 @@ def train_mlm(
         "torch_version": torch.__version__,
         **world_metadata(world),
     }
-    _write_metadata(out, meta)
+    _save(model, tokenizer, out, meta)
     return _measure_saved(out, world, meta) if measure else meta
 
 

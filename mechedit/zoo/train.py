@@ -128,6 +128,14 @@ class PlantConfig:
         return "factworld-planted" if self.at == "all" else "factworld-planted-subject"
 
 
+def warmup_cosine_lr(step: int, *, lr: float, warmup_steps: int, min_lr_ratio: float, total: int) -> float:
+    """Learning rate at ``step``: linear warm-up to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at ``total``."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    frac = (step - warmup_steps) / max(1, total - warmup_steps)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + torch.cos(torch.tensor(frac * torch.pi)).item()))
+
+
 def _deterministic(seed: int, threads: int) -> None:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -230,10 +238,7 @@ def train_factworld(
     total = min(tc.epochs * steps_per_epoch, tc.max_steps or 10**12)
 
     def lr_at(step: int) -> float:
-        if step < tc.warmup_steps:
-            return tc.lr * (step + 1) / tc.warmup_steps
-        frac = (step - tc.warmup_steps) / max(1, total - tc.warmup_steps)
-        return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + torch.cos(torch.tensor(frac * torch.pi)).item()))
+        return warmup_cosine_lr(step, lr=tc.lr, warmup_steps=tc.warmup_steps, min_lr_ratio=tc.min_lr_ratio, total=total)
 
     rng = random.Random(f"batches-{tc.seed}")
     start, step, history = time.time(), 0, []
