@@ -613,3 +613,12 @@ def test_recording_a_circuit_keeps_its_masks(model, tokens):
         changed = rec.edit.new_tensors[n] != rec.snapshot[n].cpu()
         assert not (changed & ~rec.masks[n].cpu()).any()
     rec.edit.revert(model)
+
+
+def test_an_edit_for_a_deeper_model_names_the_mismatch_not_a_key_error(tmp_path):
+    deep = mechedit.load(random_gpt2_checkpoint(tmp_path / "deep", n_layer=3))
+    shallow = mechedit.load(random_gpt2_checkpoint(tmp_path / "shallow", n_layer=2))
+    edit = zero_neurons(deep, [(2, 5)])
+    with pytest.raises(BaseModelMismatchError, match=r"transformer\.h\.2\..*does not have"):
+        edit.apply(shallow, check_base=False)
+    assert weights_hash(shallow) == weights_hash(mechedit.load(tmp_path / "shallow"))  # untouched

@@ -306,6 +306,14 @@ class WeightEdit:
             )
         self._check_architecture(model)
         live = hf_parameters(model, tied_aliases=True)
+        absent = [n for n in self._new if n not in live]
+        if absent:
+            # same architecture, other shape (e.g. fewer layers): not the model the edit is for
+            raise BaseModelMismatchError(
+                f"this edit writes {absent[:3]}{' ...' if len(absent) > 3 else ''}, which this "
+                f"{architecture(model)} does not have: it was built for another model "
+                f"({self.base.model_name}, weights {self.base.weights_hash})"
+            )
         _check_tensors(live, self._new, where="this edit")
         if check_base:
             found = weights_hash(model)
