@@ -1,5 +1,18 @@
 """Locators: one module per method, each returning ``Scores`` over model components."""
 
+from mechedit.locate.activation_patching import (
+    ActivationPatchingConfig,
+    CircuitPatching,
+    activation_patching,
+    circuit_patching,
+)
 from mechedit.locate.neuron_attribution import NeuronAttributionConfig, neuron_attribution
 
-__all__ = ["NeuronAttributionConfig", "neuron_attribution"]
+__all__ = [
+    "ActivationPatchingConfig",
+    "CircuitPatching",
+    "NeuronAttributionConfig",
+    "activation_patching",
+    "circuit_patching",
+    "neuron_attribution",
+]
