@@ -27,6 +27,7 @@ the positions a metric reads do not depend on the attention mask.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +124,14 @@ def _is_cache(value: Any) -> bool:
 
 
 @contextlib.contextmanager
+def _quiet_cache_rename() -> Iterator[None]:
+    # The bridge hands HF the cache as ``past_key_values``, which transformers 5 renamed.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
 def _kv_cache_reaches_attention(model: Any) -> Iterator[None]:
     """Hand each block's attention the key/value cache under the name the bridge reads.
 
@@ -192,7 +201,7 @@ def reference_run(
         return fn
 
     hooks = list(fwd_hooks) + [(n, keeper(n)) for n in dict.fromkeys([*names, *keep])]
-    with torch.no_grad(), _kv_cache_reaches_attention(model), model.hooks(fwd_hooks=hooks):
+    with torch.no_grad(), _quiet_cache_rename(), _kv_cache_reaches_attention(model), model.hooks(fwd_hooks=hooks):
         logits, cache = model(tokens, return_type="logits_and_cache")
     keys, values = [], []
     for j in range(n_layers):
@@ -239,7 +248,7 @@ def _block_inputs(model: Any, ref: ReferenceRun, start_pos: int) -> tuple[tuple,
     suffix = ref.tokens[:1, start_pos:]
     handle = model.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_cache_rename():
             if start_pos:
                 from transformers.cache_utils import DynamicCache
 

@@ -43,7 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechedit import components as comp
-from mechedit.checks import require_eval_mode
+from mechedit.checks import HookCheck, check_hooks, require_eval_mode
 from mechedit.circuit import Circuit
 from mechedit.models import model_device
 from mechedit.prompts import PromptPair, TokenizedPairs
@@ -523,6 +523,7 @@ def activation_patching(
     control: Sequence[PromptPair] | TokenizedPairs | None = None,
     method: Literal["auto", "fast", "naive"] = "auto",
     batch_rows: int = 256,
+    hook_check: HookCheck | bool = True,
     progress: bool = True,
 ) -> Scores:
     """Exact patching of every cell of ``site``: ``Scores`` of ``metric(patched) - metric(base)``.
@@ -537,6 +538,10 @@ def activation_patching(
             batch_rows: see ``ActivationPatchingConfig``.
         control: control pairs; their scores (same settings) are subtracted. Their token length
             must match the pairs' when ``per_position``.
+        hook_check: ``True`` runs ``checks.check_hooks(model)`` first (a few short forwards)
+            and refuses to patch if the hooks do not mean what their names say; pass a
+            ``HookCheck`` you already ran on this model to reuse it, or ``False`` to skip. The
+            outcome goes into the scores' provenance (``extra["hook_check"]``).
         progress: show a progress bar over batches.
 
     Returns:
@@ -561,6 +566,7 @@ def activation_patching(
     )
     comp.require_site(model, site)
     batch = _tokenized(model, pairs, "pairs")
+    checked = _hook_check(model, hook_check)
     patched, base_m, other_m, cells = _effects(model, batch, cfg, metric_fn, progress)
     values = _scores_values(patched, base_m, other_m, cells, cfg)
     config: dict[str, Any] = {
@@ -595,9 +601,21 @@ def activation_patching(
         cfg.site,
         "activation_patching",
         config=config,
-        provenance=Provenance.of(model, data=texts or None),
+        provenance=Provenance.of(model, data=texts or None, hook_check=checked),
         labels=labels,
     )
+
+
+def _hook_check(model: Any, hook_check: HookCheck | bool) -> dict[str, Any]:
+    """Run (or reuse) the hook-consistency check; its summary for provenance."""
+    if hook_check is False:
+        return {"run": False}
+    result = check_hooks(model) if hook_check is True else hook_check
+    if not isinstance(result, HookCheck):
+        raise ValueError(f"hook_check must be True, False or a HookCheck, got {type(hook_check).__name__}")
+    result.require()
+    return {"run": True, "passed": result.passed, "architecture": result.architecture,
+            "residual": result.residual, "n_identities": len(result.identities), "notes": list(result.notes)}
 
 
 # --------------------------------------------------------------------------------------------
