@@ -547,7 +547,9 @@ def activation_patching(
     Returns:
         ``Scores`` with axes ``(["pair"], "layer", [unit axis], ["pos"])`` (site ``site``), NaN
         in cells not scored. ``config`` records every setting, the base/other metric means and,
-        with a control, its size; ``labels["pos"]`` are the first pair's clean tokens.
+        with a control, its size, and ``changed_span``: ``[start, end)`` of the positions where
+        the first pair's prompts differ (the heatmap outlines it); ``labels["pos"]`` are the
+        first pair's clean tokens.
 
     Raises:
         ValueError: empty pairs, clean/corrupt of different lengths, an unknown site or metric, a
@@ -588,12 +590,14 @@ def activation_patching(
         cp, cb, co, ccells = _effects(model, cbatch, cfg, metric_fn, progress)
         values = values - _scores_values(cp, cb, co, ccells, cfg)
         config.update(n_control=len(cbatch), control_base_metric=float(cb.mean()), control_other_metric=float(co.mean()))
+    changed = (batch.clean_tokens[0] != batch.corrupt_tokens[0]).nonzero()[:, 0].tolist()
+    config["changed_span"] = [changed[0], changed[-1] + 1] if changed else None
     axes = (("pair",) if per_pair else ()) + cells.axes
     labels = {}
     if per_position:
         tok = model.tokenizer
         ids = batch.clean_tokens[0].tolist()
-        labels["pos"] = tuple(f"{i}:{tok.decode([t])}" for i, t in enumerate(ids))
+        labels["pos"] = tuple(tok.decode([t]) for t in ids)
     texts = [] if isinstance(pairs, TokenizedPairs) else [t for p in pairs for t in (p.clean, p.corrupt)]
     return Scores(
         values,

@@ -23,6 +23,15 @@ def _axis_ticks(scores: Scores, axis: str) -> list[str]:
     return [f"{i}: {name}" for i, name in enumerate(labels)]
 
 
+def _recorded_span(scores: Scores) -> tuple[int, int] | None:
+    span = scores.config.get("subject_span", scores.config.get("changed_span"))
+    if isinstance(span, (list, tuple)) and span and isinstance(span[0], (list, tuple)):
+        span = span[0]
+    if isinstance(span, (list, tuple)) and len(span) == 2 and all(isinstance(v, int) for v in span):
+        return int(span[0]), int(span[1])
+    return None
+
+
 def heatmap(
     scores: Scores,
     *,
@@ -33,6 +42,7 @@ def heatmap(
     colorscale: str = "RdBu",
     zmid: float | None = 0.0,
     height: int | None = None,
+    mark_span: tuple[int, int] | None = None,
 ) -> go.Figure:
     """A heatmap of two axes of ``scores`` (others reduced by ``reduce``).
 
@@ -41,6 +51,11 @@ def heatmap(
     token labels, ``("layer", "head")`` layer x head. Hovering a cell shows both coordinates (with
     the token for positions) and the value. The colour scale is centred on ``zmid`` (0 by default,
     since scores are signed effects); pass ``zmid=None`` for unsigned scores.
+
+    ``mark_span=(start, end)`` outlines positions ``start .. end - 1`` of a ``pos`` x axis (e.g.
+    the subject's tokens); by default the span a locator recorded in
+    ``scores.config["subject_span"]`` (for several prompts, the first one's) or
+    ``["changed_span"]`` (where activation patching's first clean/corrupt pair differs).
     """
     if scores.values.ndim < 2:
         raise ValueError(f"a heatmap needs two axes; these scores have {scores.axes}")
@@ -69,6 +84,13 @@ def heatmap(
             colorbar={"title": {"text": "score"}},
         )
     )
+    span = mark_span if mark_span is not None else _recorded_span(scores) if x == "pos" else None
+    if span is not None:
+        start, end = int(span[0]), int(span[1])
+        fig.add_shape(
+            type="rect", xref="x", yref="paper", x0=start - 0.5, x1=end - 0.5, y0=0, y1=1,
+            line={"color": "black", "width": 2}, fillcolor="rgba(0,0,0,0)",
+        )
     fig.update_layout(
         title=title or f"{scores.method}: {scores.site} scores ({y} x {x})",
         xaxis_title=x,

@@ -1,0 +1,109 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Exact activation patching on the fact world
+#
+# Where does `factworld-planted` keep a fact? This model had one MLP layer (recorded in its
+# metadata) trained, alone, to store the birthplace, job, employer, sport, instrument and language
+# of twenty "planted" people. Patching finds it: run the model on a prompt about *another* person
+# (the corrupt run), copy one component's activation from the prompt about the planted person (the
+# clean run), and see how much of the planted answer comes back (denoising). Runs in about a
+# minute on 2 CPU cores.
+
+# %%
+import random
+
+import mechedit
+from mechedit import zoo
+from mechedit.checks import check_hooks
+from mechedit.locate import activation_patching
+from mechedit.prompts import PromptPair
+from mechedit.viz import heatmap
+from mechedit.zoo.world import fill
+
+model = mechedit.load("factworld-planted")
+world = zoo.load_world("factworld-planted")
+planted_layer = zoo.metadata("factworld-planted")["planted_layer"]
+print(model.cfg.n_layers, "layers; the facts were planted in layer", planted_layer)
+
+# %% [markdown]
+# Pairs: each planted fact in the template "the <relation> of {subject} is", clean with its own
+# subject, corrupt with another planted person whose value differs. Every such prompt has the
+# same number of tokens, so positions line up across pairs. The **control** pairs are the same
+# templates about people the model learnt in ordinary training.
+
+# %%
+rng = random.Random(0)
+
+
+def pairs_for(facts, pool):
+    pairs = []
+    for fact in facts:
+        partner = rng.choice([g for g in pool if g.relation_id == fact.relation_id
+                              and g.subject != fact.subject and g.value != fact.value])
+        template = world.relation[fact.relation_id].train_templates[1]
+        pairs.append(PromptPair(clean=fill(template, fact.subject), corrupt=fill(template, partner.subject),
+                                answer=fact.value, wrong_answer=partner.value))
+    return pairs
+
+
+planted = pairs_for(world.planted_facts, world.planted_facts)
+control = pairs_for(rng.sample(world.facts, 40), world.facts)
+print(planted[0])
+
+# %% [markdown]
+# The hooks are checked once (residual sums, block chaining, bridge logits against plain
+# Hugging Face); every call below reuses the check and records it in the scores' provenance.
+
+# %%
+hooks_ok = check_hooks(model).require()
+options = dict(hook_check=hooks_ok, progress=False)
+
+# %% [markdown]
+# ## The residual stream, layer × position
+# The corrupt subject's tokens are outlined. Restoring the clean residual there at the first
+# layers brings the whole answer back; later, the information has moved to the final position.
+
+# %%
+resid = activation_patching(model, planted, site="resid_pre", normalize=True, **options)
+heatmap(resid, title="resid_pre patching (normalised: 1 = clean answer restored)")
+
+# %% [markdown]
+# ## MLP outputs: raw, and contrasted with control facts
+# The raw `mlp_out` effect is largest in layer 0 for *every* subject: the first MLP acts like an
+# extension of the embeddings and carries who the subject is, planted or not. Subtracting the same
+# scores on control facts removes what is common to all subjects; what remains is specific to
+# the planted facts.
+
+# %%
+raw = activation_patching(model, planted, site="mlp_out", **options)
+contrast = activation_patching(model, planted, site="mlp_out", control=control, **options)
+heatmap(contrast, title="mlp_out patching, planted minus control facts")
+
+# %%
+per_layer_raw = activation_patching(model, planted, site="mlp_out", per_position=False, **options)
+per_layer = activation_patching(model, planted, site="mlp_out", per_position=False, control=control, **options)
+for layer in range(model.cfg.n_layers):
+    print(f"layer {layer}: raw {per_layer_raw.values[layer]:+.2f}   contrast {per_layer.values[layer]:+.2f}")
+found = int(per_layer.values.argmax())
+print("largest contrast at layer", found, "| planted layer", planted_layer)
+assert found == planted_layer
+
+# %% [markdown]
+# ## Attention heads
+# Each head's output (`hook_z`) patched at every position at once: layer × head.
+
+# %%
+heads = activation_patching(model, planted, site="head", per_position=False, **options)
+heatmap(heads, title="head patching (all positions)")
