@@ -6,10 +6,18 @@ from mechedit.locate.activation_patching import (
     activation_patching,
     circuit_patching,
 )
+from mechedit.locate.attribution_patching import (
+    Attribution,
+    AttributionPatchingConfig,
+    attribution_patching,
+)
 from mechedit.locate.neuron_attribution import NeuronAttributionConfig, neuron_attribution
 
 __all__ = [
     "ActivationPatchingConfig",
+    "Attribution",
+    "AttributionPatchingConfig",
+    "attribution_patching",
     "CircuitPatching",
     "NeuronAttributionConfig",
     "activation_patching",

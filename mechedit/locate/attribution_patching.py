@@ -1,0 +1,356 @@
+"""Attribution patching (AtP): every component's patching effect from gradients, all at once.
+
+Exact patching runs the model once per patched cell. AtP replaces each run by a first-order
+Taylor expansion around the unpatched (*base*) run: for a component with activation ``a``,
+
+    score = (a_other - a_base) . d metric / d a |_base
+
+summed over the component's features (``d_model`` for residual/attention/MLP outputs, ``d_head``
+for a head's mixed values, one number for a neuron) and, unless ``per_position``, over
+positions; averaged over pairs. The metric is the per-pair value at each prompt's last real
+token (default: answer minus wrong-answer logit, nats), summed over the batch for the backward,
+so each row's gradient is its own pair's. Conventions, as in exact patching:
+
+- **denoising** (default; TransformerLens's ``attribution_patch``): base = corrupt run, other =
+  clean, so a positive score predicts that copying the clean activation in raises the metric;
+- **noising**: base = clean run, other = corrupt.
+
+Cost: one forward of the other run (no gradients) and one forward + backward of the base run
+per batch of pairs, for every site at once; activation gradients only (no parameter gradients).
+
+**Integrated gradients** (``ig_steps = k > 1``; EAP-IG, Hanna et al. 2024) replace the gradient
+at the base run by the mean of gradients at ``k`` points ``alpha = 0, 1/k, ..., (k-1)/k`` of the
+path from base to other (a left Riemann sum, so ``k = 1`` is plain AtP):
+
+- ``ig_mode="inputs"``: the path interpolates the token embeddings (``hook_embed``); every site's
+  gradient is read on the same ``k`` runs (batched: ``k`` copies of the pairs per pass);
+- ``ig_mode="activations"``: the path interpolates each hook's own activation (all its positions
+  and units together), one batched pass per hook. By the fundamental theorem of calculus, the
+  scores of all cells of one hook then sum to the exact effect of patching the whole hook as
+  ``k`` grows (completeness), which the tests check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from einops import reduce
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechedit import components as comp
+from mechedit.checks import require_eval_mode
+from mechedit.gradients import activations_and_gradients, capture_activations
+from mechedit.models import model_device
+from mechedit.prompts import PromptPair, TokenizedPairs
+from mechedit.provenance import Provenance
+from mechedit.scores import Scores
+from mechedit.tokens import tokenize_pairs
+
+__all__ = ["Attribution", "AttributionPatchingConfig", "attribution_patching"]
+
+Direction = Literal["denoising", "noising"]
+#: ``metric(logits [R, vocab], answer_ids [R], wrong_ids [R]) -> [R]`` at the read position.
+AttributionMetric = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+SITES = ("embed", "pos_embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out",
+         "head", "q", "k", "v", "neuron", "neuron_pre")
+DEFAULT_SITES = ("embed", "resid_pre", "attn_out", "mlp_out", "head", "neuron")
+
+
+def _logit_diff(logits: Tensor, answer: Tensor, wrong: Tensor) -> Tensor:
+    return logits.gather(1, answer[:, None])[:, 0] - logits.gather(1, wrong[:, None])[:, 0]
+
+
+def _answer_logprob(logits: Tensor, answer: Tensor, wrong: Tensor) -> Tensor:  # noqa: ARG001
+    return logits.float().log_softmax(-1).gather(1, answer[:, None])[:, 0]
+
+
+def _answer_prob(logits: Tensor, answer: Tensor, wrong: Tensor) -> Tensor:  # noqa: ARG001
+    return logits.float().softmax(-1).gather(1, answer[:, None])[:, 0]
+
+
+METRICS: dict[str, AttributionMetric] = {
+    "logit_diff": _logit_diff,
+    "answer_logprob": _answer_logprob,
+    "answer_prob": _answer_prob,
+}
+
+
+@dataclass(frozen=True)
+class AttributionPatchingConfig:
+    """Settings of ``attribution_patching`` (signs and units in the module docstring).
+
+    Attributes:
+        sites: sites to score (``SITES``); each scores every layer.
+        direction: ``"denoising"`` (gradient at the corrupt run, toward clean) or ``"noising"``.
+        metric: a ``METRICS`` name, or ``"custom"`` for a callable.
+        per_position: keep a ``pos`` axis (else the sum over positions: the estimate of
+            patching the component at every position at once).
+        ig_steps: points of the integrated-gradients path (1: plain AtP).
+        ig_mode: ``"inputs"`` (interpolate token embeddings) or ``"activations"`` (each hook's
+            own activation).
+        batch_size: pairs per pass (an IG pass holds ``ig_steps`` copies of them).
+    """
+
+    sites: tuple[str, ...] = DEFAULT_SITES
+    direction: Direction = "denoising"
+    metric: str = "logit_diff"
+    per_position: bool = True
+    ig_steps: int = 1
+    ig_mode: Literal["inputs", "activations"] = "inputs"
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
+        if not sites:
+            raise ValueError("sites is empty: name at least one site")
+        for site in sites:
+            if site not in SITES:
+                raise ValueError(f"attribution patching cannot score site {site!r}; choose from {', '.join(SITES)}")
+        object.__setattr__(self, "sites", tuple(dict.fromkeys(sites)))
+        if self.direction not in ("denoising", "noising"):
+            raise ValueError(f"direction must be 'denoising' or 'noising', got {self.direction!r}")
+        if not comp.is_int(self.ig_steps) or self.ig_steps < 1:
+            raise ValueError(f"ig_steps must be an int >= 1 (1 is plain AtP), got {self.ig_steps!r}")
+        if self.ig_mode not in ("inputs", "activations"):
+            raise ValueError(f"ig_mode must be 'inputs' or 'activations', got {self.ig_mode!r}")
+        if not comp.is_int(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """AtP scores per site (``result["head"]`` is a ``Scores``) and the metric at both runs.
+
+    ``base_metric`` / ``other_metric``: mean metric of the unpatched base and other runs (their
+    difference is the gap a full patch closes).
+    """
+
+    scores: dict[str, Scores]
+    base_metric: float
+    other_metric: float
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, site: str) -> Scores:
+        if site not in self.scores:
+            raise KeyError(f"no scores for site {site!r}; scored: {', '.join(self.scores)}")
+        return self.scores[site]
+
+
+def _hooks_of(model: Any, site: str) -> list[tuple[int, str]]:
+    spec = comp.SITES[site]
+    layers = range(int(model.cfg.n_layers)) if spec.per_layer else [0]
+    return [(layer, comp.hook_name(site, layer)) for layer in layers]
+
+
+def _cell_sums(site: str, product: Tensor, per_position: bool) -> Tensor:
+    """Sum a hook-shaped ``[batch, ...]`` product to ``[batch, (unit), (pos)]``."""
+    spec = comp.SITES[site]
+    keep = ["batch"] + ([spec.index] if spec.unit_dim is not None else []) + (["pos"] if per_position else [])
+    names = [d if d in keep else f"{d}_summed" for d in spec.dims]
+    return reduce(product, f"{' '.join(names)} -> {' '.join(keep)}", "sum")
+
+
+def _tokenized(model: Any, pairs: Sequence[PromptPair] | TokenizedPairs) -> TokenizedPairs:
+    if isinstance(pairs, TokenizedPairs):
+        batch = pairs.to(model_device(model))
+    else:
+        if isinstance(pairs, PromptPair) or not isinstance(pairs, Sequence):
+            raise ValueError("pairs must be a list of PromptPair (or a TokenizedPairs batch)")
+        if not len(pairs):
+            raise ValueError("pairs is empty: give at least one PromptPair")
+        batch = tokenize_pairs(model, pairs, device=model_device(model))
+    if not len(batch):
+        raise ValueError("pairs is empty: give at least one PromptPair")
+    if batch.padding_side != "right" and not bool(batch.attention_mask.all()):
+        raise ValueError("attribution patching needs right-padded (or unpadded) pairs")
+    return batch
+
+
+def _metric_total(fn: AttributionMetric, last: Tensor, answer: Tensor, wrong: Tensor) -> Callable[[Tensor], Tensor]:
+    """The summed per-row metric of full logits (rows may be ``k`` stacked copies of the pairs)."""
+
+    def total(logits: Tensor) -> Tensor:
+        copies = logits.shape[0] // len(last)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        read = logits[rows, last.repeat(copies)]
+        values = fn(read, answer.repeat(copies), wrong.repeat(copies))
+        if not isinstance(values, Tensor) or values.shape != (logits.shape[0],):
+            raise ValueError(
+                "the metric must return one value per row: map logits [rows, vocab] at the read "
+                "position to [rows] (do not average over rows)"
+            )
+        return values.sum()
+
+    return total
+
+
+def _interpolate(other: Tensor, alphas: Tensor) -> Callable[..., Tensor]:
+    """Hook moving ``k`` stacked copies of the base activation toward ``other`` by ``alphas``."""
+
+    def hook(act: Tensor, hook: Any = None) -> Tensor:  # noqa: ARG001
+        k = len(alphas)
+        target = other.repeat(k, *([1] * (other.ndim - 1)))
+        shape = (-1,) + (1,) * (act.ndim - 1)
+        return act + alphas.repeat_interleave(other.shape[0]).view(shape).to(act.dtype) * (target - act)
+
+    return hook
+
+
+def _batch_scores(
+    model: Any,
+    base_tokens: Tensor,
+    other_tokens: Tensor,
+    last: Tensor,
+    answer: Tensor,
+    wrong: Tensor,
+    cfg: AttributionPatchingConfig,
+    fn: AttributionMetric,
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Per-pair scores ``{site: [batch, layer, (unit), (pos)]}`` and both runs' metrics."""
+    names = {site: _hooks_of(model, site) for site in cfg.sites}
+    all_names = list(dict.fromkeys(n for hooks in names.values() for _, n in hooks))
+    other = capture_activations(model, other_tokens, [*all_names, "hook_embed"])
+    rows = torch.arange(len(last), device=last.device)
+    other_metric = fn(other.logits[rows, last], answer, wrong).detach().float()
+    total = _metric_total(fn, last, answer, wrong)
+    k = cfg.ig_steps
+    alphas = torch.arange(k, dtype=torch.float32, device=base_tokens.device) / k
+    stacked = base_tokens.repeat(k, 1)
+    grads: dict[str, Tensor] = {}
+    base_acts: dict[str, Tensor] = {}
+    if cfg.ig_mode == "inputs" or k == 1:
+        hooks = [("hook_embed", _interpolate(other.activations["hook_embed"], alphas))] if k > 1 else []
+        with model.hooks(fwd_hooks=hooks):
+            captured = activations_and_gradients(model, stacked, all_names, total)
+        for n in all_names:
+            grads[n] = captured.gradients[n].view(k, -1, *captured.gradients[n].shape[1:]).mean(0)
+            base_acts[n] = captured.activations[n][: len(last)]
+    else:
+        for n in all_names:
+            with model.hooks(fwd_hooks=[(n, _interpolate(other.activations[n], alphas))]):
+                captured = activations_and_gradients(model, stacked, [n], total)
+            grads[n] = captured.gradients[n].view(k, -1, *captured.gradients[n].shape[1:]).mean(0)
+            base_acts[n] = captured.activations[n][: len(last)]  # alpha = 0: the base activation
+    with torch.no_grad():
+        base_logits = model(base_tokens)[rows, last]
+    base_metric = fn(base_logits, answer, wrong).float()
+    out = {}
+    for site, hooks in names.items():
+        per_layer = [
+            _cell_sums(site, (other.activations[n] - base_acts[n]) * grads[n], cfg.per_position)
+            for _, n in hooks
+        ]
+        out[site] = torch.stack(per_layer, dim=1).float()
+    return out, base_metric, other_metric
+
+
+def _mean_scores(
+    model: Any, batch: TokenizedPairs, cfg: AttributionPatchingConfig, fn: AttributionMetric, progress: bool
+) -> tuple[dict[str, Tensor], float, float]:
+    """Scores per site averaged over the pairs, and the mean base/other metrics."""
+    denoise = cfg.direction == "denoising"
+    base_all = batch.corrupt_tokens if denoise else batch.clean_tokens
+    other_all = batch.clean_tokens if denoise else batch.corrupt_tokens
+    sums: dict[str, Tensor] = {}
+    base_m, other_m = [], []
+    starts = range(0, len(batch), cfg.batch_size)
+    for lo in tqdm(starts, desc="attribution patching", disable=not progress or len(starts) < 2):
+        sl = slice(lo, lo + cfg.batch_size)
+        scores, b, o = _batch_scores(
+            model, base_all[sl], other_all[sl], batch.last_positions[sl], batch.answer_ids[sl],
+            batch.wrong_ids[sl], cfg, fn,
+        )
+        for site, values in scores.items():
+            sums[site] = sums.get(site, 0) + values.sum(0).cpu()
+        base_m.append(b.cpu())
+        other_m.append(o.cpu())
+    n = len(batch)
+    means = {site: total / n for site, total in sums.items()}
+    return means, float(torch.cat(base_m).mean()), float(torch.cat(other_m).mean())
+
+
+def attribution_patching(
+    model: Any,
+    pairs: Sequence[PromptPair] | TokenizedPairs,
+    *,
+    sites: Sequence[str] = DEFAULT_SITES,
+    metric: str | AttributionMetric = "logit_diff",
+    direction: Direction = "denoising",
+    per_position: bool = True,
+    ig_steps: int = 1,
+    ig_mode: Literal["inputs", "activations"] = "inputs",
+    batch_size: int = 32,
+    control: Sequence[PromptPair] | TokenizedPairs | None = None,
+    progress: bool = True,
+) -> Attribution:
+    """AtP (or integrated-gradients) estimates of every component's patching effect.
+
+    Args:
+        pairs: clean/corrupt ``PromptPair``s of equal token length (or a ``TokenizedPairs``).
+        sites: sites to score, each at every layer (``embed``/``pos_embed``: layer 0 only).
+        metric: a ``METRICS`` name or ``fn(logits [R, vocab], answer_ids [R], wrong_ids [R])
+            -> [R]`` on the logits at each prompt's last real token.
+        direction, per_position, ig_steps, ig_mode, batch_size: see
+            ``AttributionPatchingConfig``.
+        control: control pairs whose scores (same settings) are subtracted: what remains is
+            specific to ``pairs`` (with ``per_position``, both must have the same token length).
+
+    Returns:
+        ``Attribution``: per site, ``Scores`` with axes ``("layer", [unit axis], ["pos"])`` in
+        metric units (nats for ``logit_diff``), the estimated ``metric(patched) -
+        metric(base)`` averaged over pairs.
+
+    Raises:
+        ValueError: empty pairs, clean/corrupt of different lengths, an unknown or unavailable
+            site, ``ig_steps < 1``, a metric not returning one value per row.
+        RuntimeError: the model is in training mode.
+    """
+    require_eval_mode(model, what="attribution_patching", needs_grad=True)
+    if callable(metric):
+        metric_name, fn = "custom", metric
+    elif metric in METRICS:
+        metric_name, fn = metric, METRICS[metric]
+    else:
+        raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)} or a callable")
+    cfg = AttributionPatchingConfig(
+        sites=tuple(sites) if not isinstance(sites, str) else (sites,), direction=direction,
+        metric=metric_name, per_position=per_position, ig_steps=ig_steps, ig_mode=ig_mode,
+        batch_size=batch_size,
+    )
+    for site in cfg.sites:
+        comp.require_site(model, site)
+    batch = _tokenized(model, pairs)
+    means, base_metric, other_metric = _mean_scores(model, batch, cfg, fn, progress)
+    n = len(batch)
+    extra: dict[str, Any] = {}
+    if control is not None:
+        cbatch = _tokenized(model, control)
+        if per_position and cbatch.clean_tokens.shape[1] != batch.clean_tokens.shape[1]:
+            raise ValueError(
+                f"control pairs have {cbatch.clean_tokens.shape[1]} tokens but the pairs "
+                f"{batch.clean_tokens.shape[1]}: positions would not line up; use per_position=False"
+            )
+        cmeans, cb, co = _mean_scores(model, cbatch, cfg, fn, progress)
+        means = {site: means[site] - cmeans[site] for site in means}
+        extra = {"n_control": len(cbatch), "control_base_metric": cb, "control_other_metric": co}
+    config = {**asdict(cfg), "n_pairs": n, "base_metric": base_metric, "other_metric": other_metric, **extra}
+    labels = {}
+    if per_position:
+        tok = model.tokenizer
+        labels["pos"] = tuple(tok.decode([t]) for t in batch.clean_tokens[0].tolist())
+    texts = None if isinstance(pairs, TokenizedPairs) else [t for p in pairs for t in (p.clean, p.corrupt)]
+    provenance = Provenance.of(model, data=texts)
+    out = {}
+    for site in cfg.sites:
+        spec = comp.SITES[site]
+        axes = ("layer",) + ((spec.index,) if spec.unit_dim is not None else ()) + (("pos",) if per_position else ())
+        out[site] = Scores(
+            means[site], axes, site, "attribution_patching",
+            config={**config, "site": site}, provenance=provenance, labels=labels,
+        )
+    return Attribution(scores=out, base_metric=base_metric, other_metric=other_metric, config=config)
