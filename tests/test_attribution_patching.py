@@ -179,3 +179,22 @@ def test_contrast_puts_the_planted_layer_first(planted_world):
     model, layer, planted, control, _ = planted_world
     contrast = attribution_patching(model, planted, sites=("mlp_out",), per_position=False, control=control, progress=False)
     assert int(contrast["mlp_out"].values.argmax()) == layer, contrast["mlp_out"].values.tolist()
+
+
+def test_verification_diagnostic_patches_the_estimates_top_cells(arch_model):
+    from mechedit.evaluate import verify_attribution
+
+    model = arch_model
+    atp = attribution_patching(model, PAIRS, sites=("head", "mlp_out"), progress=False)
+    check = verify_attribution(model, PAIRS, atp["head"], top_k=5, n_random=6, seed=1)
+    assert len(check.components) == 11 and check.n_top == 5
+    assert all(c.site == "head" and c.pos is not None for c in check.components)
+    # the exact column really is exact patching of those cells
+    exact = activation_patching(model, PAIRS, site="head", progress=False, hook_check=False)
+    want = torch.stack([exact.values[c.layer, c.head, c.pos] for c in check.components]).double()
+    torch.testing.assert_close(check.exact, want, atol=1e-6, rtol=0)
+    assert check.pearson > 0.9 and 0 <= check.top_k_recall <= 1 and check.relative_l1 >= 0
+    again = verify_attribution(model, PAIRS, atp["head"], top_k=5, n_random=6, seed=1)
+    assert again.components == check.components
+    whole = verify_attribution(model, PAIRS, attribution_patching(model, PAIRS, sites=("mlp_out",), per_position=False, progress=False)["mlp_out"], top_k=1, n_random=5)
+    assert len(whole.components) == 2  # only two layers to check

@@ -1,5 +1,6 @@
 """Evaluation suites: each a function returning a result that serialises to JSON and a DataFrame."""
 
+from mechedit.evaluate.attribution_check import AttributionCheck, verify_attribution
 from mechedit.evaluate.facts import (
     EditReport,
     EvalRow,
@@ -10,10 +11,12 @@ from mechedit.evaluate.facts import (
 )
 
 __all__ = [
+    "AttributionCheck",
     "EditReport",
     "EvalRow",
     "ReportFormatError",
     "evaluate_fact_edit",
     "fact_item_scores",
     "fact_scores",
+    "verify_attribution",
 ]

@@ -33,6 +33,7 @@ reports the fraction of the clean-corrupt gap recovered: the faithfulness check 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -106,6 +107,8 @@ class ActivationPatchingConfig:
             with ``per_pair``).
         per_pair: keep a leading ``pair`` axis instead of averaging over pairs.
         layers, units, positions: score only these (``None``: all); other cells are NaN.
+        components: score only these cells, as ``(layer, unit, pos)`` triples (``-1`` where
+            the site has no unit or the cells span every position); overrides the three above.
         method: ``"fast"`` (resume from cached runs), ``"naive"`` (one forward per cell) or
             ``"auto"`` (fast where the model allows it).
         batch_rows: patched rows (cells x pairs) per forward pass, the memory budget.
@@ -122,6 +125,7 @@ class ActivationPatchingConfig:
     positions: tuple[int, ...] | None = None
     method: Literal["auto", "fast", "naive"] = "auto"
     batch_rows: int = 256
+    components: tuple[tuple[int, int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.site not in PATCHABLE:
@@ -200,6 +204,8 @@ class _Cells:
 
 def _cells(model: Any, cfg: ActivationPatchingConfig, n_pos: int) -> _Cells:
     spec = comp.SITES[cfg.site]
+    if cfg.components is not None:
+        return _listed_cells(model, cfg, n_pos)
     n_layers = int(model.cfg.n_layers)
     layers = range(n_layers) if cfg.layers is None else [comp.check_layer(model, x) for x in cfg.layers]
     axes: list[str] = ["layer"]
@@ -231,6 +237,29 @@ def _cells(model: Any, cfg: ActivationPatchingConfig, n_pos: int) -> _Cells:
     for k in range(len(grids)):
         flat = flat * shape[k] + mesh[:, k]
     return _Cells(layer, unit, pos, tuple(shape), tuple(axes), flat)
+
+
+def _listed_cells(model: Any, cfg: ActivationPatchingConfig, n_pos: int) -> _Cells:
+    """The grid of ``_cells`` restricted to the ``components`` the caller listed."""
+    spec = comp.SITES[cfg.site]
+    full = _cells(model, dataclasses.replace(cfg, components=None, layers=None, units=None, positions=None), n_pos)
+    strides = torch.tensor([int(torch.tensor(full.shape[k + 1 :]).prod()) for k in range(len(full.shape))])
+    picked = []
+    for layer, unit, pos in cfg.components:
+        key = [comp.check_layer(model, layer)]
+        if spec.index is not None:
+            size = comp.index_size(model, cfg.site)
+            if not 0 <= unit < size:
+                raise ValueError(f"unit {unit} out of range: {cfg.site} has {size} per layer")
+            key.append(unit)
+        if cfg.per_position:
+            if not -n_pos <= pos < n_pos:
+                raise ValueError(f"position {pos} out of range for {n_pos} tokens")
+            key.append(pos % n_pos)
+        picked.append(int((torch.tensor(key) * strides).sum()))
+    index = torch.tensor(sorted(set(picked)))
+    keep = torch.isin(full.flat, index)
+    return _Cells(full.layer[keep], full.unit[keep], full.pos[keep], full.shape, full.axes, full.flat[keep])
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,6 +549,7 @@ def activation_patching(
     layers: Sequence[int] | None = None,
     units: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
+    components: Sequence[comp.Component] | None = None,
     control: Sequence[PromptPair] | TokenizedPairs | None = None,
     method: Literal["auto", "fast", "naive"] = "auto",
     batch_rows: int = 256,
@@ -536,6 +566,9 @@ def activation_patching(
             [R]`` on the logits at each prompt's last real token.
         direction, per_position, normalize, per_pair, layers, units, positions, method,
             batch_rows: see ``ActivationPatchingConfig``.
+        components: score only these ``Component``s of ``site`` (e.g. the top cells of an
+            estimate, to check it); their ``pos`` must be set when ``per_position``. Other
+            cells are NaN.
         control: control pairs; their scores (same settings) are subtracted. Their token length
             must match the pairs' when ``per_position``.
         hook_check: ``True`` runs ``checks.check_hooks(model)`` first (a few short forwards)
@@ -565,6 +598,7 @@ def activation_patching(
         units=None if units is None else tuple(units),
         positions=None if positions is None else tuple(positions),
         method=method, batch_rows=batch_rows,
+        components=None if components is None else _component_cells(site, components, per_position),
     )
     comp.require_site(model, site)
     batch = _tokenized(model, pairs, "pairs")
@@ -608,6 +642,19 @@ def activation_patching(
         provenance=Provenance.of(model, data=texts or None, hook_check=checked),
         labels=labels,
     )
+
+
+def _component_cells(site: str, components: Sequence[comp.Component], per_position: bool) -> tuple[tuple[int, int, int], ...]:
+    cells = []
+    for c in components:
+        if not isinstance(c, comp.Component) or c.site != site:
+            raise ValueError(f"components must be Components of site {site!r}, got {c!r}")
+        if per_position and c.pos is None:
+            raise ValueError(f"{c} has no pos; give positions or use per_position=False")
+        cells.append((c.layer, -1 if c.index is None else c.index, -1 if c.pos is None else c.pos))
+    if not cells:
+        raise ValueError("components is empty: list at least one Component, or leave it None")
+    return tuple(cells)
 
 
 def _hook_check(model: Any, hook_check: HookCheck | bool) -> dict[str, Any]:
