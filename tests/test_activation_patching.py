@@ -281,3 +281,17 @@ def test_contrast_with_control_facts_puts_the_planted_layer_first():
     assert int(raw.values.argmax()) == 0
     ranked = contrast.values.argsort(descending=True).tolist()
     assert ranked[0] == layer, contrast.values.tolist()
+
+
+def test_faithfulness_of_whole_and_empty_circuits(gpt2):
+    from mechedit.locate import faithfulness
+
+    n_pos = tokenize_pairs(gpt2, PAIRS).clean_tokens.shape[1]
+    everything = Circuit(components=[Component("resid_pre", layer, pos=p) for layer in (0, 1) for p in range(n_pos)])
+    assert faithfulness(gpt2, PAIRS, everything) == pytest.approx(1.0, abs=1e-5)
+    one_head = Circuit(components=[Component("head", 1, head=0)])
+    kept = faithfulness(gpt2, PAIRS, one_head)
+    mean = faithfulness(gpt2, PAIRS, one_head, ablation="mean")
+    # everything but one head of the last layer corrupted: little of the behaviour survives,
+    # and mean ablation gives another number
+    assert kept < 0.9 and kept != pytest.approx(mean)

@@ -5,6 +5,7 @@ from mechedit.locate.activation_patching import (
     CircuitPatching,
     activation_patching,
     circuit_patching,
+    faithfulness,
 )
 from mechedit.locate.attribution_patching import (
     Attribution,
@@ -22,5 +23,6 @@ __all__ = [
     "NeuronAttributionConfig",
     "activation_patching",
     "circuit_patching",
+    "faithfulness",
     "neuron_attribution",
 ]
