@@ -167,8 +167,13 @@ def activations_and_gradients(
     tokens: Int[torch.Tensor, "batch pos"],
     hook_names: Sequence[str],
     metric: Metric,
+    *,
+    allow_unused: bool = False,
 ) -> Captured:
     """One forward and one backward pass: the hooks' activations and d metric / d activation.
+
+    ``allow_unused=True`` returns zeros where the metric does not depend on a hook (e.g. when
+    the caller blocks a gradient path on purpose) instead of raising.
 
     ``metric`` maps the logits ``[batch, pos, vocab]`` to a scalar (e.g. a summed target
     log-probability). Only the activations are differentiated: no parameter gradient is computed
@@ -195,6 +200,8 @@ def activations_and_gradients(
         _check_fired(model, names, stored)
         value = _scalar(metric(logits))
         grads = torch.autograd.grad(value, [stored[n] for n in names], allow_unused=True)
+    if allow_unused:
+        grads = tuple(torch.zeros_like(stored[n]) if g is None else g for n, g in zip(names, grads))
     unused = [n for n, g in zip(names, grads) if g is None]
     if unused:
         raise RuntimeError(

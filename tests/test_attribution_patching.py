@@ -198,3 +198,36 @@ def test_verification_diagnostic_patches_the_estimates_top_cells(arch_model):
     assert again.components == check.components
     whole = verify_attribution(model, PAIRS, attribution_patching(model, PAIRS, sites=("mlp_out",), per_position=False, progress=False)["mlp_out"], top_k=1, n_random=5)
     assert len(whole.components) == 2  # only two layers to check
+
+
+def test_grad_drop_blocks_one_layer_at_a_time(arch_model):
+    """GradDrop is the mean over layers of |AtP| with that layer's residual writes blocked:
+    recompute it by hand from per-layer runs and compare; last-layer nodes, whose only path to
+    the logits is direct, keep their plain |AtP| score scaled by (L - 1 + ...) terms."""
+    from mechedit.gradients import activations_and_gradients, capture_activations
+
+    model = arch_model
+    batch = tokenize_pairs(model, PAIRS)
+    gd = attribution_patching(model, batch, sites=("mlp_out",), grad_drop=True, per_position=False, progress=False)
+    plain = attribution_patching(model, batch, sites=("mlp_out",), per_position=False, progress=False)
+    n_layers = int(model.cfg.n_layers)
+    names = [f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)]
+    clean = capture_activations(model, batch.clean_tokens, names).activations
+    rows = torch.arange(len(PAIRS))
+
+    def total(logits):
+        read = logits[rows, batch.last_positions]
+        return (read.gather(1, batch.answer_ids[:, None]) - read.gather(1, batch.wrong_ids[:, None])).sum()
+
+    want = torch.zeros(len(PAIRS), n_layers)
+    for dropped in range(n_layers):
+        block = [(f"blocks.{dropped}.{h}", lambda a, hook: a.detach()) for h in ("hook_attn_out", "hook_mlp_out")]
+        with model.hooks(fwd_hooks=block):
+            cap = activations_and_gradients(model, batch.corrupt_tokens, names, total, allow_unused=True)
+        for layer, n in enumerate(names):
+            want[:, layer] += ((clean[n] - cap.activations[n]) * cap.gradients[n]).sum((1, 2)).abs()
+    want = (want / (n_layers - 1)).mean(0)
+    torch.testing.assert_close(gd["mlp_out"].values, want, atol=1e-6, rtol=1e-5)
+    assert bool((gd["mlp_out"].values >= 0).all()) and not torch.allclose(gd["mlp_out"].values, plain["mlp_out"].values.abs())
+    with pytest.raises(ValueError, match="grad_drop"):
+        attribution_patching(model, batch, grad_drop=True, ig_steps=3)

@@ -28,6 +28,13 @@ path from base to other (a left Riemann sum, so ``k = 1`` is plain AtP):
   and units together), one batched pass per hook. By the fundamental theorem of calculus, the
   scores of all cells of one hook then sum to the exact effect of patching the whole hook as
   ``k`` grows (completeness), which the tests check.
+
+**GradDrop** (``grad_drop=True``; AtP*, Kramár et al. 2024) guards against a component's direct
+and indirect effects cancelling in the gradient: for each layer ``l`` the backward pass is rerun
+with the gradient through layer ``l``'s writes to the residual stream (its ``attn_out`` and
+``mlp_out``) blocked, and the score is ``sum_l |score_l| / (L - 1)``, an *unsigned* magnitude
+(per pair, then averaged over pairs). It costs ``L`` extra forward + backward passes and is
+plain AtP otherwise (``ig_steps`` must be 1).
 """
 
 from __future__ import annotations
@@ -94,6 +101,7 @@ class AttributionPatchingConfig:
         ig_mode: ``"inputs"`` (interpolate token embeddings) or ``"activations"`` (each hook's
             own activation).
         batch_size: pairs per pass (an IG pass holds ``ig_steps`` copies of them).
+        grad_drop: AtP*'s GradDrop (unsigned scores; see the module docstring).
     """
 
     sites: tuple[str, ...] = DEFAULT_SITES
@@ -103,6 +111,7 @@ class AttributionPatchingConfig:
     ig_steps: int = 1
     ig_mode: Literal["inputs", "activations"] = "inputs"
     batch_size: int = 32
+    grad_drop: bool = False
 
     def __post_init__(self) -> None:
         sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
@@ -120,6 +129,8 @@ class AttributionPatchingConfig:
             raise ValueError(f"ig_mode must be 'inputs' or 'activations', got {self.ig_mode!r}")
         if not comp.is_int(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if self.grad_drop and self.ig_steps != 1:
+            raise ValueError("grad_drop applies to plain AtP: use ig_steps=1 with grad_drop=True")
 
 
 @dataclass(frozen=True)
@@ -239,6 +250,8 @@ def _batch_scores(
     with torch.no_grad():
         base_logits = model(base_tokens)[rows, last]
     base_metric = fn(base_logits, answer, wrong).float()
+    if cfg.grad_drop:
+        return _grad_drop(model, base_tokens, names, all_names, other.activations, base_acts, total, cfg), base_metric, other_metric
     out = {}
     for site, hooks in names.items():
         per_layer = [
@@ -247,6 +260,36 @@ def _batch_scores(
         ]
         out[site] = torch.stack(per_layer, dim=1).float()
     return out, base_metric, other_metric
+
+
+def _grad_drop(
+    model: Any,
+    base_tokens: Tensor,
+    names: dict[str, list[tuple[int, str]]],
+    all_names: list[str],
+    other: dict[str, Tensor],
+    base: dict[str, Tensor],
+    total: Callable[[Tensor], Tensor],
+    cfg: AttributionPatchingConfig,
+) -> dict[str, Tensor]:
+    """``sum_l |AtP with layer l's residual writes gradient-blocked| / (L - 1)``, per pair."""
+    n_layers = int(model.cfg.n_layers)
+
+    def blocked(act: Tensor, hook: Any = None) -> Tensor:  # noqa: ARG001
+        return act.detach()  # same value, no gradient upstream through this write
+
+    out: dict[str, Tensor] = {}
+    for layer in range(n_layers):
+        drop = [(f"blocks.{layer}.hook_attn_out", blocked), (f"blocks.{layer}.hook_mlp_out", blocked)]
+        with model.hooks(fwd_hooks=drop):
+            captured = activations_and_gradients(model, base_tokens, all_names, total, allow_unused=True)
+        for site, hooks in names.items():
+            per_layer = torch.stack([
+                _cell_sums(site, (other[n] - base[n]) * captured.gradients[n], cfg.per_position)
+                for _, n in hooks
+            ], dim=1).float().abs()
+            out[site] = out.get(site, 0) + per_layer
+    return {site: value / max(n_layers - 1, 1) for site, value in out.items()}
 
 
 def _mean_scores(
@@ -285,6 +328,7 @@ def attribution_patching(
     ig_steps: int = 1,
     ig_mode: Literal["inputs", "activations"] = "inputs",
     batch_size: int = 32,
+    grad_drop: bool = False,
     control: Sequence[PromptPair] | TokenizedPairs | None = None,
     progress: bool = True,
 ) -> Attribution:
@@ -295,7 +339,7 @@ def attribution_patching(
         sites: sites to score, each at every layer (``embed``/``pos_embed``: layer 0 only).
         metric: a ``METRICS`` name or ``fn(logits [R, vocab], answer_ids [R], wrong_ids [R])
             -> [R]`` on the logits at each prompt's last real token.
-        direction, per_position, ig_steps, ig_mode, batch_size: see
+        direction, per_position, ig_steps, ig_mode, batch_size, grad_drop: see
             ``AttributionPatchingConfig``.
         control: control pairs whose scores (same settings) are subtracted: what remains is
             specific to ``pairs`` (with ``per_position``, both must have the same token length).
@@ -320,7 +364,7 @@ def attribution_patching(
     cfg = AttributionPatchingConfig(
         sites=tuple(sites) if not isinstance(sites, str) else (sites,), direction=direction,
         metric=metric_name, per_position=per_position, ig_steps=ig_steps, ig_mode=ig_mode,
-        batch_size=batch_size,
+        batch_size=batch_size, grad_drop=grad_drop,
     )
     for site in cfg.sites:
         comp.require_site(model, site)
