@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,23 +17,30 @@ import torch
 HASH_CHARS = 16
 
 
-def _digest(chunks: Iterable[bytes]) -> str:
+def _digest(chunks: Iterable[bytes | memoryview]) -> str:
     h = hashlib.sha256()
     for chunk in chunks:
         h.update(chunk)
     return h.hexdigest()[:HASH_CHARS]
 
 
+def _tensor_chunks(tensor: torch.Tensor) -> Iterator[bytes | memoryview]:
+    """``tensor_bytes`` as pieces, the data as a view of the tensor's memory (hashing a model
+    must not hold a second copy of its weights)."""
+    t = tensor.detach().to("cpu").contiguous()
+    yield f"{t.dtype}:{tuple(t.shape)}:".encode()
+    if t.numel():
+        yield memoryview(t.view(torch.uint8).numpy())
+
+
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
     """The raw bytes of a tensor (contiguous, on the CPU), dtype and shape included."""
-    t = tensor.detach().to("cpu").contiguous()
-    header = f"{t.dtype}:{tuple(t.shape)}:".encode()
-    return header + t.view(torch.uint8).numpy().tobytes() if t.numel() else header
+    return b"".join(bytes(chunk) for chunk in _tensor_chunks(tensor))
 
 
 def state_dict_hash(state: Mapping[str, torch.Tensor]) -> str:
     """Hash of named tensors, independent of dict order (names are sorted)."""
-    return _digest(name.encode() + tensor_bytes(state[name]) for name in sorted(state))
+    return _digest(chunk for name in sorted(state) for chunk in (name.encode(), *_tensor_chunks(state[name])))
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -44,14 +51,15 @@ def weights_hash(model: torch.nn.Module) -> str:
     makes the hash depend only on the weights, not on how the wrapper names them.
     """
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    chunks: list[bytes] = []
+    h = hashlib.sha256()
     for _name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         key = (param.untyped_storage().data_ptr(), param.storage_offset(), tuple(param.shape))
         if key in seen:
             continue
         seen.add(key)
-        chunks.append(tensor_bytes(param))
-    return _digest(chunks)
+        for chunk in _tensor_chunks(param):
+            h.update(chunk)
+    return h.hexdigest()[:HASH_CHARS]
 
 
 def text_hash(texts: Iterable[str] | str) -> str:
