@@ -6,13 +6,23 @@ from mechedit.locate.activation_patching import (
     activation_patching,
     circuit_patching,
 )
+from mechedit.locate.causal_tracing import (
+    CausalTrace,
+    CausalTracingConfig,
+    causal_tracing,
+    subject_embedding_std,
+)
 from mechedit.locate.neuron_attribution import NeuronAttributionConfig, neuron_attribution
 
 __all__ = [
     "ActivationPatchingConfig",
+    "CausalTrace",
+    "CausalTracingConfig",
     "CircuitPatching",
     "NeuronAttributionConfig",
     "activation_patching",
+    "causal_tracing",
     "circuit_patching",
     "neuron_attribution",
+    "subject_embedding_std",
 ]
