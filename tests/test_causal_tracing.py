@@ -12,7 +12,9 @@ import torch
 import mechedit
 from mechedit.locate import CausalTracingConfig, causal_tracing, subject_embedding_std
 from mechedit.prompts import FactPrompt
+from mechedit.scores import Scores
 from mechedit.tokens import subject_token_positions, tokenize_facts
+from mechedit.viz import heatmap
 from mechedit.zoo.random_model import random_checkpoint
 
 FACTS = [
@@ -130,7 +132,7 @@ def test_equals_rome_one_restoration_per_forward(models, arch, window):
     assert result.state.config["subject_spans"] == [[2, 4], [3, 4]]  # BOS first
 
 
-def test_scores_average_facts_and_mark_the_subject(models):
+def test_scores_average_facts_and_mark_the_subject(models, tmp_path):
     model = models["gpt2"]
     per_fact = causal_tracing(model, FACTS, n_noise=2, per_fact=True, progress=False)
     mean = causal_tracing(model, FACTS, n_noise=2, progress=False)
@@ -141,6 +143,10 @@ def test_scores_average_facts_and_mark_the_subject(models):
     assert mean.mlp.config["window"] == 1  # default: 10/48 of 3 layers, at least 1
     # restoring the last block's output at the last token restores the clean run exactly
     torch.testing.assert_close(per_fact.state.values[:, -1, -1], per_fact.total_effect, atol=1e-6, rtol=0)
+    # the scores save, load and draw like any other
+    loaded = Scores.load(mean.attn.save(tmp_path / "attn"))
+    assert torch.equal(loaded.values, mean.attn.values) and loaded.config["subject_spans"] == [[2, 4], [3, 4]]
+    assert list(heatmap(loaded).data[0].y) == ["0", "1", "2"]
 
 
 def test_a_fact_scores_the_same_alone_as_batched_with_others_of_other_lengths(models):
