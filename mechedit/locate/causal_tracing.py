@@ -267,17 +267,24 @@ def subject_embedding_std(model: Any, facts: Sequence[FactPrompt]) -> float:
     return _std(_embeddings(model, tokenized.batch.tokens), tokenized)
 
 
-def _noise(facts: _Facts, cfg: CausalTracingConfig, sigma: float, d_model: int) -> Tensor:
-    """``Float[n_noise, F, n_pos, d_model]``: what corruption ``s`` adds to fact ``f``'s embeddings."""
-    out = torch.zeros(cfg.n_noise, facts.n, facts.n_pos, d_model)
+def _draws(facts: _Facts, cfg: CausalTracingConfig, d_model: int) -> dict[int, Tensor]:
+    """``{k: z}``, ``z = Float[n_noise, k, d_model]`` standard normal, per subject length ``k``."""
     draws: dict[int, Tensor] = {}
+    for k in sorted(set((facts.span_end - facts.span_start).tolist())):
+        gen = torch.Generator().manual_seed(cfg.seed)
+        draws[k] = torch.randn((cfg.n_noise, k, d_model), generator=gen)
+    return draws
+
+
+def _noise(facts: _Facts, draws: dict[int, Tensor], samples: list[int], level: float) -> Tensor:
+    """``Float[len(samples) * F, n_pos, d_model]``: what corruption ``samples[i]`` adds to fact
+    ``f``'s embeddings, in row ``i * F + f``."""
+    d_model = next(iter(draws.values())).shape[-1]
+    out = torch.zeros(len(samples), facts.n, facts.n_pos, d_model)
     for f in range(facts.n):
         a, b = int(facts.span_start[f]), int(facts.span_end[f])
-        if b - a not in draws:
-            gen = torch.Generator().manual_seed(cfg.seed)
-            draws[b - a] = torch.randn((cfg.n_noise, b - a, d_model), generator=gen)
-        out[:, f, a:b] = draws[b - a]
-    return out * (cfg.noise_scale * sigma)
+        out[:, f, a:b] = draws[b - a][samples]
+    return (out * level).reshape(len(samples) * facts.n, facts.n_pos, d_model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,7 +410,7 @@ def _trace(
         raise ValueError(
             f"the subject embeddings have std {sigma}: there is no scale for the noise; pass noise_std="
         )
-    noise = _noise(facts, cfg, sigma, int(clean.activations[_EMBED].shape[-1]))
+    draws = _draws(facts, cfg, int(clean.activations[_EMBED].shape[-1]))
     rest = _restorations(cfg, clean, window)
     n_cells = len(rest.kind)
     last = batch.last_positions.cpu()
@@ -431,7 +438,7 @@ def _trace(
         if g != current:
             ref = None  # free the previous group's cache first
             samples = groups[g]
-            rows_noise = noise[samples].reshape(len(samples) * n_facts, n_pos, -1).to(device)
+            rows_noise = _noise(facts, draws, samples, cfg.noise_scale * sigma).to(device)
 
             def add_noise(act: Tensor, hook: Any = None, z: Tensor = rows_noise) -> Tensor:  # noqa: ARG001
                 return act + z.to(act.dtype)
