@@ -15,6 +15,11 @@ Both run in this process on the same model (random weights, no download), facts 
   The loop costs the same for every cell (a full forward), so a sample of cells is timed and the
   time extrapolated to all ``n_layers x n_pos`` cells; the table says so. ``max |diff|`` compares
   the fact-averaged indirect effects on the sampled cells.
+
+Measured here (2026-11-29, 1 thread on a shared 2-core machine, weights x5, subjects at words
+1-3 so 18.6 % of (fact, position) lie before the subject): 32 facts, loop 12,676 s (4 cells at
+~66 s each, extrapolated) vs mechedit 1,649 s, **7.7x**, max |diff| 2.3e-10; 8 facts: 2,688 s vs
+377 s, 7.1x, max |diff| 9.3e-10.
 """
 
 from __future__ import annotations
