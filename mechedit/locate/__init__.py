@@ -12,17 +12,27 @@ from mechedit.locate.attribution_patching import (
     AttributionPatchingConfig,
     attribution_patching,
 )
+from mechedit.locate.causal_tracing import (
+    CausalTrace,
+    CausalTracingConfig,
+    causal_tracing,
+    subject_embedding_std,
+)
 from mechedit.locate.neuron_attribution import NeuronAttributionConfig, neuron_attribution
 
 __all__ = [
     "ActivationPatchingConfig",
     "Attribution",
     "AttributionPatchingConfig",
-    "attribution_patching",
+    "CausalTrace",
+    "CausalTracingConfig",
     "CircuitPatching",
     "NeuronAttributionConfig",
     "activation_patching",
+    "attribution_patching",
+    "causal_tracing",
     "circuit_patching",
     "faithfulness",
     "neuron_attribution",
+    "subject_embedding_std",
 ]
