@@ -107,3 +107,34 @@ assert found == planted_layer
 # %%
 heads = activation_patching(model, planted, site="head", per_position=False, **options)
 heatmap(heads, title="head patching (all positions)")
+
+# %% [markdown]
+# ## Causal tracing (ROME)
+# No corrupt prompt needed: the subject's token embeddings get Gaussian noise (3σ), and each clean
+# hidden state is restored in turn. The indirect effect is P(restored) − P(corrupt) of the
+# planted answer. States at the subject's tokens carry the fact early; restoring MLP outputs
+# (here a window of one layer, scaled from ROME's 10 of 48) shows the planted layer, again most
+# clearly in the contrast with control facts.
+
+# %%
+from mechedit.locate import causal_tracing
+from mechedit.prompts import FactPrompt
+
+
+def fact_prompts(facts):
+    return [FactPrompt(prompt=fill(world.relation[f.relation_id].train_templates[1], f.subject),
+                       subject=f.subject, target=f.value) for f in facts]
+
+
+traced = causal_tracing(model, fact_prompts(world.planted_facts), n_noise=5, progress=False)
+heatmap(traced["state"], title="causal tracing: restoring one hidden state (subject outlined)")
+
+# %%
+controlled = causal_tracing(model, fact_prompts(world.planted_facts), kinds=("mlp",), n_noise=5,
+                            control=fact_prompts(rng.sample(world.facts, 20)), progress=False)
+heatmap(controlled["mlp"], title="causal tracing, MLP restored: planted minus control facts")
+
+# %%
+by_layer = controlled["mlp"].values.nan_to_num(0).amax(dim=1)
+print("MLP contrast, max over positions:", [round(v, 3) for v in by_layer.tolist()])
+assert int(by_layer.argmax()) == planted_layer
