@@ -172,6 +172,13 @@ def sample_cells(model, site: str, n_pos: int, n_heads: int, n: int, seed: int) 
     return pd.DataFrame({a: cols[a] for a in axes})
 
 
+def plain_forward_seconds(model, batch: TokenizedPairs) -> float:
+    with torch.no_grad():
+        t = time.perf_counter()
+        model(batch.corrupt_tokens)
+        return time.perf_counter() - t
+
+
 def compare(model, batch: TokenizedPairs, site: str, args) -> dict:
     """Time and peak memory of both tools on ``site``: mechedit on the grid, TL on a sample."""
     n_pos = batch.clean_tokens.shape[1]
@@ -188,7 +195,13 @@ def compare(model, batch: TokenizedPairs, site: str, args) -> dict:
     def theirs() -> None:
         got["tl"], got["t_setup"], got["t_cells"] = run_tl(model, batch, site, cells)
 
-    mem_mine, mem_tl = peak_growth_mib(mine), peak_growth_mib(theirs)
+    # the machine's speed drifts with other load: time a plain forward before and after each tool
+    # and also report each tool's time in those forwards
+    fwd = [plain_forward_seconds(model, batch)]
+    mem_mine = peak_growth_mib(mine)
+    fwd.append(plain_forward_seconds(model, batch))
+    mem_tl = peak_growth_mib(theirs)
+    fwd.append(plain_forward_seconds(model, batch))
     # mechedit ran the first --heads heads: its time scales with the rows (heads x pos x pairs)
     t_mine = got["t_mine"] * (n_heads / min(args.heads, n_heads) if site == "head" else 1)
     t_tl = got["t_setup"] + got["t_cells"] / len(cells) * n_total
@@ -196,6 +209,7 @@ def compare(model, batch: TokenizedPairs, site: str, args) -> dict:
     index = tuple(torch.tensor(cells[a].tolist()) for a in order)
     diff = float((got["mine"].values[index] - got["tl"]).abs().max())
     return dict(t_mine=t_mine, t_tl=t_tl, n_cells=n_total, n_sampled=len(cells), diff=diff,
+                fwd_mine=(fwd[0] + fwd[1]) / 2, fwd_tl=(fwd[1] + fwd[2]) / 2,
                 scale=float(got["tl"].abs().max()), mem_mine=mem_mine, mem_tl=mem_tl)
 
 
@@ -212,6 +226,7 @@ def main() -> None:
     parser.add_argument("--batch-rows", type=int, default=256, help="mechedit's rows per resumed batch")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-worst-case", action="store_true", help="skip the differ-from-position-1 rows")
+    parser.add_argument("--sites", nargs="+", choices=sorted(SITES), default=list(SITES))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -244,7 +259,7 @@ def main() -> None:
     plain = peak_growth_mib(forward)
     rows = []
     for case, batch in batches.items():
-        for site in SITES:
+        for site in args.sites:
             rows.append((case, site, compare(model, batch, site, args)))
 
     cfg = model.cfg
@@ -253,8 +268,8 @@ def main() -> None:
           f"{torch.get_num_threads()}; first differing position: "
           + ", ".join(f"{k} {v}" for k, v in first_diff.items()))
     print()
-    print("| pairs | exact patching | cells | TL 4.3 (s) | mechedit fast (s) | speed-up | max abs diff "
-          "| peak MiB TL / mechedit (plain forward = 1) |")
+    print("| pairs | exact patching | cells | TL 4.3 s (forwards) | mechedit fast s (forwards) | speed-up: s "
+          "(forwards) | max abs diff | peak MiB TL / mechedit (plain forward = 1) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
 
     def ratio(mib: float) -> str:
@@ -262,17 +277,20 @@ def main() -> None:
 
     for case, site, r in rows:
         what = "layer x pos, resid_pre" if site == "resid" else "layer x head x pos, attn.hook_z"
-        print(f"| {case} | {what} | {r['n_cells']} | {r['t_tl']:.3g} | {r['t_mine']:.3g} | "
-              f"{r['t_tl'] / r['t_mine']:.1f}x | {r['diff']:.0e} (of {r['scale']:.0e}) | "
+        f_tl, f_mine = r["t_tl"] / r["fwd_tl"], r["t_mine"] / r["fwd_mine"]
+        print(f"| {case} | {what} | {r['n_cells']} | {r['t_tl']:.0f} ({f_tl:.0f}) | {r['t_mine']:.0f} ({f_mine:.0f}) | "
+              f"{r['t_tl'] / r['t_mine']:.1f}x ({f_tl / f_mine:.1f}x) | {r['diff']:.0e} (of {r['scale']:.0e}) | "
               f"{r['mem_tl']:.0f} / {r['mem_mine']:.0f} ({ratio(r['mem_tl'])} / {ratio(r['mem_mine'])}) |")
     print()
     heads = min(args.heads, cfg.n_heads)
     print(f"TL: timed on {args.tl_cells} random cells per row (one full forward of all pairs per cell) plus "
           "its clean cache and unpatched corrupt run, extrapolated linearly to all cells; max abs diff "
           "is over those cells (in parentheses: the largest |score| there).")
-    if heads < cfg.n_heads:
+    if "head" in args.sites and heads < cfg.n_heads:
         print(f"mechedit heads: ran heads 0-{heads - 1} of every layer, time scaled by {cfg.n_heads}/{heads} "
               "(its rows are cells x pairs, batched; the two reference runs are scaled too).")
+    print("(forwards): the time in units of a plain forward of the corrupt prompts timed just before and "
+          "after the tool, which cancels slow drifts in the machine's load.")
     print(f"Peak memory: growth of the resident set's peak (VmHWM, reset through /proc/self/clear_refs) over "
           f"the resident set before, MiB; a plain forward of the {args.pairs} corrupt prompts grows it by "
           f"{plain:.0f} MiB. glibc mmap threshold 64 KiB: {'set' if malloc_ok else 'NOT set (not glibc?)'}.")
