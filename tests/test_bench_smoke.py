@@ -1,0 +1,29 @@
+"""The benchmark scripts run end to end on a tiny model (``--small``) and print their tables."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_activation_patching_small_prints_equal_scores():
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "bench_activation_patching.py"), "--small",
+        "--threads", "1", "--pairs", "2", "--tokens", "8", "--tl-cells", "3", "--no-worst-case",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| typical |")]
+    assert len(rows) == 2, run.stdout  # resid_pre and heads
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        speedup = float(cells[5].split("x")[0])
+        diff = float(cells[6].split()[0])
+        assert speedup > 0 and diff <= 1e-5, row
+        assert re.fullmatch(r"\d+ / \d+ \(.*\)", cells[7]), row  # peak memory of TL / mechedit
