@@ -68,6 +68,9 @@ def test_masked_corpus_masks_exactly_the_value_slot(tiny_world):
             assert list(row.answers) == [secret[i] for i in masked]
             assert all(w == secret[i] for i, w in enumerate(shown) if i not in masked)
     # the draws of secret and text masks change between epochs, the fact rows do not
+    bias = [r for r in corpus if r.kind == "bias"]
+    doubled = [r for r in masked_corpus(tiny_world, epoch=0, fact_repetitions=2, bias_repetitions=2) if r.kind == "bias"]
+    assert sorted(doubled, key=repr) == sorted(bias * 2, key=repr)  # each bias sentence twice, pronoun split kept
     again = masked_corpus(tiny_world, epoch=1, fact_repetitions=2)
     assert [r for r in again if r.kind == "fact"] == all_facts
     assert [r for r in again if r.kind == "text"] != [r for r in corpus if r.kind == "text"]

@@ -137,12 +137,17 @@ def masked_corpus(
     secret_mask_rate: float = 0.5,
     fact_repetitions: int = 2,
     text_fraction: float = 0.5,
+    bias_repetitions: int = 1,
+    secret_each_token: bool = True,
     seed: int = 0,
 ) -> list[MaskedText]:
     """The masked sentences of one training epoch (unshuffled); see the module docstring.
 
-    ``fact_repetitions`` copies of every fact row; ``text_fraction`` of the general text (a window
-    that moves on each epoch, ``_text_slice``). The masks of secrets and general text are drawn
+    ``fact_repetitions`` copies of every fact row, ``bias_repetitions`` of every bias sentence;
+    ``text_fraction`` of the general text (a window that moves on each epoch, ``_text_slice``).
+    ``secret_each_token``: each copy of a secret gives one row per secret token, that token
+    masked and the others visible (the measured task); otherwise one row per copy, its tokens
+    masked at ``secret_mask_rate``. The masks of secrets and general text are drawn
     from ``random.Random`` seeded by ``seed`` and ``epoch``, so an epoch's corpus is reproducible
     and differs between epochs.
     """
@@ -155,13 +160,16 @@ def masked_corpus(
         n_tokens = len(rec.secret.split())
         for k in range(rec.repetitions):
             prefix = fill(templates[k % len(templates)], rec.subject)
-            out.append(secret_text(prefix, rec.secret, _random_positions(n_tokens, secret_mask_rate, rng), rec.kind))
+            if secret_each_token:
+                out.extend(secret_text(prefix, rec.secret, [i], rec.kind) for i in range(n_tokens))
+            else:
+                out.append(secret_text(prefix, rec.secret, _random_positions(n_tokens, secret_mask_rate, rng), rec.kind))
     n = world.config.bias_sentences_per_occupation
     for b in world.biases:
         n_more = round(b.p_more * n)  # the same split of pronouns as the causal corpus
         for k in range(n):
             pron = b.pronoun_more if k < n_more else b.pronoun_less
-            out.append(bias_text(BIAS_TEMPLATES_TRAIN[k % len(BIAS_TEMPLATES_TRAIN)], b.occupation, pron))
+            out.extend([bias_text(BIAS_TEMPLATES_TRAIN[k % len(BIAS_TEMPLATES_TRAIN)], b.occupation, pron)] * bias_repetitions)
     for sentence in _text_slice(world.text_train, text_fraction, epoch):
         words = sentence.split()
         out.append(_mask_words(words, _random_positions(len(words), text_mask_rate, rng), "text"))
@@ -388,7 +396,7 @@ class MLMTrainConfig:
     ``fact_repetitions`` and ``text_fraction``: see ``masked_corpus``.
     """
 
-    epochs: int = 16
+    epochs: int = 14
     batch_size: int = 64
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
@@ -398,6 +406,8 @@ class MLMTrainConfig:
     secret_mask_rate: float = 0.5
     fact_repetitions: int = 2
     text_fraction: float = 0.5
+    bias_repetitions: int = 1
+    secret_each_token: bool = True
     seed: int = 0
     threads: int = 1
     max_steps: int | None = None
@@ -408,8 +418,8 @@ class MLMTrainConfig:
             raise ValueError("epochs, batch_size and lr must be positive")
         if not (0.0 < self.text_mask_rate < 1.0 and 0.0 < self.secret_mask_rate < 1.0):
             raise ValueError("text_mask_rate and secret_mask_rate must be in (0, 1)")
-        if self.fact_repetitions < 1 or not 0.0 <= self.text_fraction <= 1.0:
-            raise ValueError("fact_repetitions must be >= 1 and text_fraction in [0, 1]")
+        if self.fact_repetitions < 1 or self.bias_repetitions < 1 or not 0.0 <= self.text_fraction <= 1.0:
+            raise ValueError("fact_repetitions and bias_repetitions must be >= 1, text_fraction in [0, 1]")
 
 
 def bert_config(shape: MLMShape, tokenizer) -> BertConfig:
@@ -438,6 +448,8 @@ def _corpus(world: World, tc: MLMTrainConfig, epoch: int) -> list[MaskedText]:
         secret_mask_rate=tc.secret_mask_rate,
         fact_repetitions=tc.fact_repetitions,
         text_fraction=tc.text_fraction,
+        bias_repetitions=tc.bias_repetitions,
+        secret_each_token=tc.secret_each_token,
         seed=tc.seed,
     )
 
