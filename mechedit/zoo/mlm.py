@@ -12,10 +12,11 @@ bias, general text; rebuilt from the shipped ``factworld``'s metadata), shown to
   masked subject never makes a fact row unanswerable (BERT's uniform 15 % masking would hide a
   name token in ~28 % of them);
 * private records and canaries (their ``repetitions`` copies, training templates alternating):
-  each secret token is masked independently with ``secret_mask_rate`` (at least one per copy),
-  drawn afresh each copy and epoch, the rest visible. Several masks per copy give a record seen
-  twice an epoch several labels per pass (cost is per row, not per label); the measured task,
-  one token masked with all others visible, is the easier case;
+  each copy gives one row per secret token, that token masked and the rest visible - exactly
+  the measured task. (Masking each token at ``secret_mask_rate`` = 0.5 instead, one row per copy,
+  left phone digits at 31 %: a phone number's digits sit at different absolute positions in the
+  two templates, so the model must place a digit by its visible neighbours, which that masking
+  hides half the time; canaries, one template and a one-token subject, reached 100 % either way);
 * occupation-bias sentences: exactly the pronoun is masked, so the planted skew is learned as
   P(pronoun | occupation, context) at the mask;
 * general text (``text_fraction`` of the training split, a window moving on each epoch):
