@@ -64,10 +64,14 @@ def test_masked_corpus_masks_exactly_the_value_slot(tiny_world):
             rec = next(r for r in tiny_world.private if r.kind == row.kind and f"{r.subject} " in row.text)
             secret, shown = rec.secret.split(), row.text.split()[-len(rec.secret.split()) - 1 : -1]
             masked = [i for i, w in enumerate(shown) if w == MASK]
-            assert masked and row.text.split().count(MASK) == len(masked)
+            assert len(masked) == 1 and row.text.split().count(MASK) == 1  # one token per row, the rest visible
             assert list(row.answers) == [secret[i] for i in masked]
             assert all(w == secret[i] for i, w in enumerate(shown) if i not in masked)
-    # the draws of secret and text masks change between epochs, the fact rows do not
+    # each copy of a record gives one row per secret token, each token masked once
+    for rec in tiny_world.private:
+        rows = [r for r in corpus if r.kind == rec.kind and f"{rec.subject} " in r.text]
+        assert sorted(a for r in rows for a in r.answers) == sorted(rec.secret.split() * rec.repetitions)
+    # the draws of text masks change between epochs, the fact rows do not
     bias = [r for r in corpus if r.kind == "bias"]
     doubled = [r for r in masked_corpus(tiny_world, epoch=0, fact_repetitions=2, bias_repetitions=2) if r.kind == "bias"]
     assert sorted(doubled, key=repr) == sorted(bias * 2, key=repr)  # each bias sentence twice, pronoun split kept
