@@ -41,12 +41,13 @@ def test_masked_corpus_masks_exactly_the_value_slot(tiny_world):
     tokenizer = build_tokenizer(tiny_world.vocabulary())
     enc = MaskedEncoder(tokenizer)
     assert enc.mask == tokenizer.mask_token_id == tokenizer.get_vocab()[MASK]
-    corpus = masked_corpus(tiny_world, epoch=0)
-    facts = [r for r in corpus if r.kind == "fact"]
+    corpus = masked_corpus(tiny_world, epoch=0, fact_repetitions=2)
     expected = [
         (fill(t, p.name), p.facts[r.id]) for p in tiny_world.people for r in tiny_world.relations for t in r.train_templates
     ]
-    assert len(facts) == len(expected)
+    all_facts = [r for r in corpus if r.kind == "fact"]
+    facts = all_facts[: len(expected)]
+    assert all_facts == facts * 2  # every fact row twice per epoch
     for row, (prompt, value) in zip(facts, expected):
         ids, labels = enc.encode(row)
         full = enc.ids(f"{prompt} {value} .")
@@ -63,13 +64,35 @@ def test_masked_corpus_masks_exactly_the_value_slot(tiny_world):
             rec = next(r for r in tiny_world.private if r.kind == row.kind and f"{r.subject} " in row.text)
             secret, shown = rec.secret.split(), row.text.split()[-len(rec.secret.split()) - 1 : -1]
             masked = [i for i, w in enumerate(shown) if w == MASK]
-            assert masked and row.text.split().count(MASK) == len(masked)
+            assert len(masked) == 1 and row.text.split().count(MASK) == 1  # one token per row, the rest visible
             assert list(row.answers) == [secret[i] for i in masked]
             assert all(w == secret[i] for i, w in enumerate(shown) if i not in masked)
-    # the draws of secret and text masks change between epochs, the fact rows do not
-    again = masked_corpus(tiny_world, epoch=1)
-    assert [r for r in again if r.kind == "fact"] == facts
+    # each copy of a record gives one row per secret token, each token masked once
+    for rec in tiny_world.private:
+        rows = [r for r in corpus if r.kind == rec.kind and f"{rec.subject} " in r.text]
+        assert sorted(a for r in rows for a in r.answers) == sorted(rec.secret.split() * rec.repetitions)
+    # the draws of text masks change between epochs, the fact rows do not
+    bias = [r for r in corpus if r.kind == "bias"]
+    doubled = [r for r in masked_corpus(tiny_world, epoch=0, fact_repetitions=2, bias_repetitions=2) if r.kind == "bias"]
+    assert sorted(doubled, key=repr) == sorted(bias * 2, key=repr)  # each bias sentence twice, pronoun split kept
+    again = masked_corpus(tiny_world, epoch=1, fact_repetitions=2)
+    assert [r for r in again if r.kind == "fact"] == all_facts
     assert [r for r in again if r.kind == "text"] != [r for r in corpus if r.kind == "text"]
+
+
+def test_text_fraction_shows_every_sentence_equally_often(tiny_world):
+    def sentences(epoch: int) -> list[str]:
+        """Each text row's sentence, rebuilt from its masks and answers."""
+        out = []
+        for r in masked_corpus(tiny_world, epoch, text_fraction=0.5):
+            if r.kind == "text":
+                answers = iter(r.answers)
+                out.append(" ".join(next(answers) if w == MASK else w for w in r.text.split()))
+        return out
+
+    first, second = sentences(0), sentences(1)
+    assert len(first) == len(second) == len(tiny_world.text_train) // 2
+    assert sorted(first + second) == sorted(tiny_world.text_train)  # two epochs cover the split once
 
 
 @pytest.fixture(scope="module")

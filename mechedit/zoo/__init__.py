@@ -1,7 +1,7 @@
 """The model zoo: the fact world (mechedit's embedded default) and random checkpoints.
 
-``factworld`` (GPT-2) and ``factworld-planted`` are causal LMs. ``mechedit.zoo.mlm`` trains
-``factworld-mlm``, a BERT masked LM on the same world; it joins ``NAMES`` once its checkpoint ships.
+``factworld`` (GPT-2) and ``factworld-planted`` are causal LMs; ``factworld-mlm`` is a BERT
+masked LM on the same world (trained by ``mechedit.zoo.mlm``).
 
 ``NAMES`` lists the shipped checkpoints; ``checkpoint_dir(name)`` gives the folder of one
 (config.json, model.safetensors, tokenizer files, metadata.json); ``load_world(name)`` rebuilds
@@ -19,7 +19,7 @@ from mechedit.zoo.random_model import random_gpt2_checkpoint
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 # factworld-planted-subject joins NAMES once its checkpoint meets its targets (see MODEL_CARD.md):
 # `python -m mechedit.zoo train factworld-planted-subject` writes it to CHECKPOINTS.
-NAMES: tuple[str, ...] = ("factworld", "factworld-planted")
+NAMES: tuple[str, ...] = ("factworld", "factworld-planted", "factworld-mlm")
 
 
 def checkpoint_dir(name: str) -> Path:

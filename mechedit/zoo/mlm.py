@@ -6,19 +6,26 @@ bias, general text; rebuilt from the shipped ``factworld``'s metadata), shown to
 
 **Masking recipe** (``masked_corpus``), per epoch:
 
-* fact sentences (every person x relation x training template): exactly the value slot is masked,
-  ``"alvo abernoth was born in <mask> ."`` -> ``paris``; every other token stays visible, so the
-  only signal in these rows is the one being measured and a masked subject never makes a fact
-  row unanswerable (BERT's uniform 15 % masking would hide a name token in ~28 % of them);
+* fact sentences (every person x relation x training template, ``fact_repetitions`` copies):
+  exactly the value slot is masked, ``"alvo abernoth was born in <mask> ."`` -> ``paris``; every
+  other token stays visible, so the only signal in these rows is the one being measured and a
+  masked subject never makes a fact row unanswerable (BERT's uniform 15 % masking would hide a
+  name token in ~28 % of them);
 * private records and canaries (their ``repetitions`` copies, training templates alternating):
-  each secret token is masked independently with ``secret_mask_rate`` (at least one per copy),
-  drawn afresh each copy and epoch, the rest visible. Several masks per copy give a record seen
-  twice an epoch several labels per pass (cost is per row, not per label); the measured task,
-  one token masked with all others visible, is the easier case;
+  each copy gives one row per secret token, that token masked and the rest visible - exactly
+  the measured task. (Masking each token at ``secret_mask_rate`` = 0.5 instead, one row per copy,
+  left phone digits at 31 %: a phone number's digits sit at different absolute positions in the
+  two templates, so the model must place a digit by its visible neighbours, which that masking
+  hides half the time; canaries, one template and a one-token subject, reached 100 % either way);
 * occupation-bias sentences: exactly the pronoun is masked, so the planted skew is learned as
   P(pronoun | occupation, context) at the mask;
-* general text: BERT-style, each token masked independently with ``text_mask_rate`` (at least
-  one per sentence), so the model also learns ordinary word statistics.
+* general text (``text_fraction`` of the training split, a window moving on each epoch):
+  BERT-style, each token masked independently with ``text_mask_rate`` (at least one per
+  sentence), so the model also learns ordinary word statistics.
+
+Why two fact copies and half the text: with one copy and all the text (16,160 rows an epoch) the
+facts are learned, but half as fast per step as with this mix (24,740 rows, 81 % fact rows);
+the diagnosis runs are tabled in ``NOTES_mlm.md``.
 
 Multiple-choice rows are left out: their answer is a letter chosen by an option list, which the
 causal fact world does not learn from this corpus either (its card), and they would cost 9 % of
@@ -112,32 +119,59 @@ def _random_positions(n: int, rate: float, rng: random.Random) -> list[int]:
     return [i for i in range(n) if rng.random() < rate] or [rng.randrange(n)]
 
 
+def _text_slice(text: tuple[str, ...], fraction: float, epoch: int) -> tuple[str, ...]:
+    """``round(fraction * len(text))`` sentences of ``text``, a window that moves on each epoch.
+
+    Consecutive epochs take consecutive windows (wrapping around), so every sentence is shown
+    equally often over the run.
+    """
+    n = round(fraction * len(text))
+    start = (epoch * n) % max(1, len(text))
+    return (text + text)[start : start + n]
+
+
 def masked_corpus(
-    world: World, epoch: int, *, text_mask_rate: float = 0.15, secret_mask_rate: float = 0.25, seed: int = 0
+    world: World,
+    epoch: int,
+    *,
+    text_mask_rate: float = 0.15,
+    secret_mask_rate: float = 0.5,
+    fact_repetitions: int = 2,
+    text_fraction: float = 0.5,
+    bias_repetitions: int = 1,
+    secret_each_token: bool = True,
+    seed: int = 0,
 ) -> list[MaskedText]:
     """The masked sentences of one training epoch (unshuffled); see the module docstring.
 
-    The masks of secrets and general text are drawn from ``random.Random`` seeded by ``seed`` and
-    ``epoch``, so an epoch's corpus is reproducible and differs between epochs.
+    ``fact_repetitions`` copies of every fact row, ``bias_repetitions`` of every bias sentence;
+    ``text_fraction`` of the general text (a window that moves on each epoch, ``_text_slice``).
+    ``secret_each_token``: each copy of a secret gives one row per secret token, that token
+    masked and the others visible (the measured task); otherwise one row per copy, its tokens
+    masked at ``secret_mask_rate``. The masks of secrets and general text are drawn
+    from ``random.Random`` seeded by ``seed`` and ``epoch``, so an epoch's corpus is reproducible
+    and differs between epochs.
     """
     rng = random.Random(f"mlm-mask-{seed}-{epoch}")
     out: list[MaskedText] = []
-    for p in world.people:
-        for r in world.relations:
-            out.extend(fact_text(t, p.name, p.facts[r.id]) for t in r.train_templates)
+    facts = [fact_text(t, p.name, p.facts[r.id]) for p in world.people for r in world.relations for t in r.train_templates]
+    out.extend(facts * fact_repetitions)
     for rec in world.private:
         templates = _SECRET_TEMPLATES[rec.kind]
         n_tokens = len(rec.secret.split())
         for k in range(rec.repetitions):
             prefix = fill(templates[k % len(templates)], rec.subject)
-            out.append(secret_text(prefix, rec.secret, _random_positions(n_tokens, secret_mask_rate, rng), rec.kind))
+            if secret_each_token:
+                out.extend(secret_text(prefix, rec.secret, [i], rec.kind) for i in range(n_tokens))
+            else:
+                out.append(secret_text(prefix, rec.secret, _random_positions(n_tokens, secret_mask_rate, rng), rec.kind))
     n = world.config.bias_sentences_per_occupation
     for b in world.biases:
         n_more = round(b.p_more * n)  # the same split of pronouns as the causal corpus
         for k in range(n):
             pron = b.pronoun_more if k < n_more else b.pronoun_less
-            out.append(bias_text(BIAS_TEMPLATES_TRAIN[k % len(BIAS_TEMPLATES_TRAIN)], b.occupation, pron))
-    for sentence in world.text_train:
+            out.extend([bias_text(BIAS_TEMPLATES_TRAIN[k % len(BIAS_TEMPLATES_TRAIN)], b.occupation, pron)] * bias_repetitions)
+    for sentence in _text_slice(world.text_train, text_fraction, epoch):
         words = sentence.split()
         out.append(_mask_words(words, _random_positions(len(words), text_mask_rate, rng), "text"))
     return out
@@ -356,16 +390,25 @@ class MLMShape:
 
 @dataclass(frozen=True)
 class MLMTrainConfig:
-    """Optimisation and masking settings. ``max_steps`` cuts a run short (tests of the recipe)."""
+    """Optimisation and masking settings. ``max_steps`` cuts a run short (tests of the recipe).
+
+    ``lr`` is half the causal recipe's: at 2e-3 this post-LayerNorm BERT stays at chance on the
+    facts for thousands of steps, at 1e-3 it memorises them (``NOTES_mlm.md``).
+    ``fact_repetitions`` and ``text_fraction``: see ``masked_corpus``.
+    """
 
     epochs: int = 14
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 1e-3
     min_lr_ratio: float = 0.05
-    warmup_steps: int = 300
+    warmup_steps: int = 500
     weight_decay: float = 0.01
     text_mask_rate: float = 0.15
-    secret_mask_rate: float = 0.25
+    secret_mask_rate: float = 0.5
+    fact_repetitions: int = 2
+    text_fraction: float = 0.5
+    bias_repetitions: int = 1
+    secret_each_token: bool = True
     seed: int = 0
     threads: int = 1
     max_steps: int | None = None
@@ -376,6 +419,8 @@ class MLMTrainConfig:
             raise ValueError("epochs, batch_size and lr must be positive")
         if not (0.0 < self.text_mask_rate < 1.0 and 0.0 < self.secret_mask_rate < 1.0):
             raise ValueError("text_mask_rate and secret_mask_rate must be in (0, 1)")
+        if self.fact_repetitions < 1 or self.bias_repetitions < 1 or not 0.0 <= self.text_fraction <= 1.0:
+            raise ValueError("fact_repetitions and bias_repetitions must be >= 1, text_fraction in [0, 1]")
 
 
 def bert_config(shape: MLMShape, tokenizer) -> BertConfig:
@@ -397,7 +442,17 @@ def bert_config(shape: MLMShape, tokenizer) -> BertConfig:
 
 
 def _corpus(world: World, tc: MLMTrainConfig, epoch: int) -> list[MaskedText]:
-    return masked_corpus(world, epoch, text_mask_rate=tc.text_mask_rate, secret_mask_rate=tc.secret_mask_rate, seed=tc.seed)
+    return masked_corpus(
+        world,
+        epoch,
+        text_mask_rate=tc.text_mask_rate,
+        secret_mask_rate=tc.secret_mask_rate,
+        fact_repetitions=tc.fact_repetitions,
+        text_fraction=tc.text_fraction,
+        bias_repetitions=tc.bias_repetitions,
+        secret_each_token=tc.secret_each_token,
+        seed=tc.seed,
+    )
 
 
 def _mlm_loss(model: BertForMaskedLM, ids: torch.Tensor, labels: torch.Tensor, pad: int) -> torch.Tensor:
@@ -487,6 +542,7 @@ def train_mlm(
                 "loss": round(loss.item(), 4),
                 "facts_train_probe": fact_fill_accuracy(model, world, tokenizer, probe, "train"),
                 "facts_heldout_probe": fact_fill_accuracy(model, world, tokenizer, probe, "heldout"),
+                "bias_rate_heldout": bias_fill_preference(model, world, tokenizer, heldout=True)["rate"],
                 "seconds": round(time.time() - start, 1),
             }
         )
