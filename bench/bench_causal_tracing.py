@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=4, help="cells the loop times")
     parser.add_argument("--batch-rows", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--memory", action="store_true",
+                        help="only measure peak memory: causal tracing vs a plain forward of the corrupted rows")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,6 +146,18 @@ def main() -> None:
     n_layers, n_pos = model.cfg.n_layers, args.tokens
 
     causal_tracing(model, facts[:1], kinds="state", n_noise=1, progress=False)  # warm-up
+    if args.memory:
+        from bench_activation_patching import peak_growth_mib  # same measurement (VmHWM growth)
+
+        tokens = tokenize_facts(model, facts).tokens.repeat(args.noise, 1)
+        with torch.no_grad():
+            plain = peak_growth_mib(lambda: model(tokens))
+        traced = peak_growth_mib(lambda: causal_tracing(model, facts, kinds="state", n_noise=args.noise,
+                                                        batch_rows=args.batch_rows, progress=False))
+        print(f"| peak memory growth, MiB | plain forward of {len(tokens)} corrupted rows | causal tracing | ratio |")
+        print("|---|---:|---:|---:|")
+        print(f"| {len(facts)} facts x {args.noise} noise, batch_rows {args.batch_rows} | {plain:.0f} | {traced:.0f} | {traced / plain:.1f}x |")
+        return
     start = time.perf_counter()
     trace = causal_tracing(model, facts, kinds="state", n_noise=args.noise, batch_rows=args.batch_rows, progress=False)
     t_fast = time.perf_counter() - start

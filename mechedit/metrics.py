@@ -21,7 +21,7 @@ logits are upcast to float32 before any softmax.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,6 +34,9 @@ from mechedit.tokens import tokenize_continuations, tokenize_prompts
 
 __all__ = [
     "IGNORE_INDEX",
+    "PAIR_METRICS",
+    "PairMetric",
+    "pair_metric",
     "CandidateAccuracy",
     "ContinuationLogprobs",
     "candidate_accuracy",
@@ -634,3 +637,42 @@ def mean_kl_divergence(
     if not mask.any():
         raise ValueError("mask selects no position; there is nothing to average")
     return torch.where(mask, kl, torch.zeros_like(kl)).sum() / mask.sum()
+
+
+# --------------------------------------------------------------------------------------------
+# Pair metrics: what patching methods measure on a clean/corrupt pair
+# --------------------------------------------------------------------------------------------
+
+#: ``metric(logits [R, vocab], answer_ids [R], wrong_ids [R]) -> [R]``: one value per row, from
+#: the logits at each prompt's read position (its last real token).
+PairMetric = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def _pair_logit_diff(logits: Tensor, answer: Tensor, wrong: Tensor) -> Tensor:
+    return logits.gather(1, answer[:, None])[:, 0] - logits.gather(1, wrong[:, None])[:, 0]
+
+
+def _pair_answer_logprob(logits: Tensor, answer: Tensor, wrong: Tensor) -> Tensor:  # noqa: ARG001
+    return logits.float().log_softmax(-1).gather(1, answer[:, None])[:, 0]
+
+
+def _pair_answer_prob(logits: Tensor, answer: Tensor, wrong: Tensor) -> Tensor:  # noqa: ARG001
+    return logits.float().softmax(-1).gather(1, answer[:, None])[:, 0]
+
+
+#: Pair metrics by name: ``logit_diff`` (answer minus wrong-answer logit, nats),
+#: ``answer_logprob`` (log-probability of the answer, nats), ``answer_prob`` (its probability).
+PAIR_METRICS: dict[str, PairMetric] = {
+    "logit_diff": _pair_logit_diff,
+    "answer_logprob": _pair_answer_logprob,
+    "answer_prob": _pair_answer_prob,
+}
+
+
+def pair_metric(metric: str | PairMetric) -> tuple[str, PairMetric]:
+    """``(name, fn)`` for a ``PAIR_METRICS`` name or a callable (named ``"custom"``)."""
+    if callable(metric):
+        return "custom", metric
+    if metric not in PAIR_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(PAIR_METRICS)} or a callable")
+    return metric, PAIR_METRICS[metric]

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from mechedit import components as comp
 from mechedit.checks import HookCheck, check_hooks, require_eval_mode
 from mechedit.circuit import Circuit
+from mechedit.metrics import PAIR_METRICS, PairMetric, pair_metric
 from mechedit.models import model_device
 from mechedit.prompts import PromptPair, TokenizedPairs
 from mechedit.provenance import Provenance
@@ -64,30 +65,10 @@ __all__ = [
 ]
 
 Direction = Literal["denoising", "noising"]
-#: ``metric(logits [R, vocab], answer_ids [R], wrong_ids [R]) -> [R]``: one value per row, from
-#: the logits at each prompt's last real token.
-PatchingMetric = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-
-def _logit_diff(logits: Tensor, answer: Tensor, wrong: Tensor) -> Tensor:
-    return logits.gather(1, answer[:, None])[:, 0] - logits.gather(1, wrong[:, None])[:, 0]
-
-
-def _answer_logprob(logits: Tensor, answer: Tensor, wrong: Tensor) -> Tensor:  # noqa: ARG001
-    return logits.float().log_softmax(-1).gather(1, answer[:, None])[:, 0]
-
-
-def _answer_prob(logits: Tensor, answer: Tensor, wrong: Tensor) -> Tensor:  # noqa: ARG001
-    return logits.float().softmax(-1).gather(1, answer[:, None])[:, 0]
-
-
-#: Built-in metrics by name: ``logit_diff`` (answer minus wrong answer, nats), ``answer_logprob``
-#: (log-probability of the answer, nats) and ``answer_prob`` (its probability).
-METRICS: dict[str, PatchingMetric] = {
-    "logit_diff": _logit_diff,
-    "answer_logprob": _answer_logprob,
-    "answer_prob": _answer_prob,
-}
+#: ``metric(logits [R, vocab], answer_ids [R], wrong_ids [R]) -> [R]`` (``metrics.PairMetric``).
+PatchingMetric = PairMetric
+#: Built-in metrics by name (``metrics.PAIR_METRICS``).
+METRICS = PAIR_METRICS
 
 # Sites exact patching supports; embeddings are patched as resid_pre of layer 0.
 PATCHABLE = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head", "q", "k", "v",
@@ -157,11 +138,7 @@ class ActivationPatchingConfig:
 
 
 def _resolve_metric(metric: str | PatchingMetric) -> tuple[str, PatchingMetric]:
-    if callable(metric):
-        return "custom", metric
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)} or a callable")
-    return metric, METRICS[metric]
+    return pair_metric(metric)
 
 
 def _metric_values(fn: PatchingMetric, logits: Tensor, answer: Tensor, wrong: Tensor) -> Tensor:

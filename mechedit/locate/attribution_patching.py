@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from mechedit import components as comp
 from mechedit.checks import require_eval_mode
 from mechedit.gradients import activations_and_gradients, capture_activations
+from mechedit.metrics import PAIR_METRICS, PairMetric, pair_metric
 from mechedit.models import model_device
 from mechedit.prompts import PromptPair, TokenizedPairs
 from mechedit.provenance import Provenance
@@ -60,31 +61,13 @@ from mechedit.tokens import tokenize_pairs
 __all__ = ["Attribution", "AttributionPatchingConfig", "attribution_patching"]
 
 Direction = Literal["denoising", "noising"]
-#: ``metric(logits [R, vocab], answer_ids [R], wrong_ids [R]) -> [R]`` at the read position.
-AttributionMetric = Callable[[Tensor, Tensor, Tensor], Tensor]
+#: ``metric(logits [R, vocab], answer_ids [R], wrong_ids [R]) -> [R]`` (``metrics.PairMetric``).
+AttributionMetric = PairMetric
+METRICS = PAIR_METRICS
 
 SITES = ("embed", "pos_embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out",
          "head", "q", "k", "v", "neuron", "neuron_pre")
 DEFAULT_SITES = ("embed", "resid_pre", "attn_out", "mlp_out", "head", "neuron")
-
-
-def _logit_diff(logits: Tensor, answer: Tensor, wrong: Tensor) -> Tensor:
-    return logits.gather(1, answer[:, None])[:, 0] - logits.gather(1, wrong[:, None])[:, 0]
-
-
-def _answer_logprob(logits: Tensor, answer: Tensor, wrong: Tensor) -> Tensor:  # noqa: ARG001
-    return logits.float().log_softmax(-1).gather(1, answer[:, None])[:, 0]
-
-
-def _answer_prob(logits: Tensor, answer: Tensor, wrong: Tensor) -> Tensor:  # noqa: ARG001
-    return logits.float().softmax(-1).gather(1, answer[:, None])[:, 0]
-
-
-METRICS: dict[str, AttributionMetric] = {
-    "logit_diff": _logit_diff,
-    "answer_logprob": _answer_logprob,
-    "answer_prob": _answer_prob,
-}
 
 
 @dataclass(frozen=True)
@@ -355,12 +338,7 @@ def attribution_patching(
         RuntimeError: the model is in training mode.
     """
     require_eval_mode(model, what="attribution_patching", needs_grad=True)
-    if callable(metric):
-        metric_name, fn = "custom", metric
-    elif metric in METRICS:
-        metric_name, fn = metric, METRICS[metric]
-    else:
-        raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)} or a callable")
+    metric_name, fn = pair_metric(metric)
     cfg = AttributionPatchingConfig(
         sites=tuple(sites) if not isinstance(sites, str) else (sites,), direction=direction,
         metric=metric_name, per_position=per_position, ig_steps=ig_steps, ig_mode=ig_mode,

@@ -159,7 +159,7 @@ def render(checkpoints: dict[str, Path]) -> str:
             "value slots masked with `<mask>`) learns the full world's facts at lr 1e-3 (at the causal model's 2e-3 "
             "they stayed at chance): a 16-epoch run with secrets masked at 0.5 per token reached facts 100 % "
             "(held-out templates 99.9 %) and bias 94.2 % on held-out templates, but phone digits only 31 % "
-            "(target 90 %), so no checkpoint is shipped. The attempts are tabled in `NOTES_mlm.md`.",
+            "(target 90 %), so no checkpoint is shipped. The attempts are tabled in `mechedit/zoo/MLM_RECIPE_NOTES.md`.",
         ]
     lines += [
         "",
@@ -316,7 +316,7 @@ def _mlm_section(meta: dict, folder: Path) -> list[str]:
         "(0.08-0.15) for thousands of steps; at lr 1e-3 it memorises them (0.92 at step 3000 on the plain corpus), "
         "and doubling the fact rows while halving the general text per epoch doubles the speed (0.98 at step 2500). "
         "Masking half a secret's tokens per copy (instead of one row per token) left phone digits at 31 %. "
-        "The attempts are tabled in `NOTES_mlm.md`.",
+        "The attempts are tabled in `mechedit/zoo/MLM_RECIPE_NOTES.md`.",
         "",
         f"`python -m mechedit.zoo train factworld-mlm`: {tc['epochs']} epochs, batch {tc['batch_size']}, AdamW lr "
         f"{tc['lr']} (warm-up {tc['warmup_steps']} steps, cosine to {tc['min_lr_ratio']}x), no dropout, seed "

@@ -25,7 +25,7 @@ bias, general text; rebuilt from the shipped ``factworld``'s metadata), shown to
 
 Why two fact copies and half the text: with one copy and all the text (16,160 rows an epoch) the
 facts are learned, but half as fast per step as with this mix (24,740 rows, 81 % fact rows);
-the diagnosis runs are tabled in ``NOTES_mlm.md``.
+the diagnosis runs are tabled in ``mechedit/zoo/MLM_RECIPE_NOTES.md``.
 
 Multiple-choice rows are left out: their answer is a letter chosen by an option list, which the
 causal fact world does not learn from this corpus either (its card), and they would cost 9 % of
@@ -393,7 +393,7 @@ class MLMTrainConfig:
     """Optimisation and masking settings. ``max_steps`` cuts a run short (tests of the recipe).
 
     ``lr`` is half the causal recipe's: at 2e-3 this post-LayerNorm BERT stays at chance on the
-    facts for thousands of steps, at 1e-3 it memorises them (``NOTES_mlm.md``).
+    facts for thousands of steps, at 1e-3 it memorises them (``mechedit/zoo/MLM_RECIPE_NOTES.md``).
     ``fact_repetitions`` and ``text_fraction``: see ``masked_corpus``.
     """
 
