@@ -335,3 +335,20 @@ def check_hooks(
         shape_problems=tuple(dict.fromkeys(shape_problems)),
         notes=tuple(notes),
     )
+
+
+def hook_check_record(model: Any, hook_check: HookCheck | bool = True) -> dict[str, Any]:
+    """Run (``True``) or reuse (a ``HookCheck``) the hook check before a locator trusts hooks.
+
+    Raises the check's ``RuntimeError`` when it failed; returns the summary locators put in
+    their provenance (``{"run": False}`` for ``hook_check=False``). Running it costs a few short
+    forwards; pass one ``HookCheck`` to many calls on the same model to run it once.
+    """
+    if hook_check is False:
+        return {"run": False}
+    result = check_hooks(model) if hook_check is True else hook_check
+    if not isinstance(result, HookCheck):
+        raise ValueError(f"hook_check must be True, False or a HookCheck, got {type(hook_check).__name__}")
+    result.require()
+    return {"run": True, "passed": result.passed, "architecture": result.architecture,
+            "residual": result.residual, "n_identities": len(result.identities), "notes": list(result.notes)}

@@ -126,12 +126,12 @@ def fact_prompts(facts):
                        subject=f.subject, target=f.value) for f in facts]
 
 
-traced = causal_tracing(model, fact_prompts(world.planted_facts), n_noise=5, progress=False)
+traced = causal_tracing(model, fact_prompts(world.planted_facts), n_noise=5, hook_check=hooks_ok, progress=False)
 heatmap(traced["state"], title="causal tracing: restoring one hidden state (subject outlined)")
 
 # %%
 controlled = causal_tracing(model, fact_prompts(world.planted_facts), kinds=("mlp",), n_noise=5,
-                            control=fact_prompts(rng.sample(world.facts, 20)), progress=False)
+                            control=fact_prompts(rng.sample(world.facts, 20)), hook_check=hooks_ok, progress=False)
 heatmap(controlled["mlp"], title="causal tracing, MLP restored: planted minus control facts")
 
 # %%

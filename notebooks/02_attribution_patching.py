@@ -63,8 +63,8 @@ hooks_ok = check_hooks(model).require()
 # %%
 sites = ("head", "resid_pre")
 exact = {s: activation_patching(model, planted, site=s, hook_check=hooks_ok, progress=False) for s in sites}
-atp = attribution_patching(model, planted, sites=sites, progress=False)
-ig = attribution_patching(model, planted, sites=sites, ig_steps=5, progress=False)
+atp = attribution_patching(model, planted, sites=sites, hook_check=hooks_ok, progress=False)
+ig = attribution_patching(model, planted, sites=sites, ig_steps=5, hook_check=hooks_ok, progress=False)
 
 
 def pearson(a, b):
@@ -108,6 +108,6 @@ for name, estimate in (("AtP", atp), ("IG", ig)):
 # on control facts puts the planted layer first.
 
 # %%
-contrast = attribution_patching(model, planted, sites=("mlp_out",), per_position=False, control=control, progress=False)
+contrast = attribution_patching(model, planted, sites=("mlp_out",), per_position=False, control=control, hook_check=hooks_ok, progress=False)
 print([round(v, 2) for v in contrast["mlp_out"].values.tolist()], "planted layer:", planted_layer)
 assert int(contrast["mlp_out"].values.argmax()) == planted_layer

@@ -282,3 +282,19 @@ def test_planted_layer_among_the_top_two_of_the_mlp_contrast():
     top_two = torch.topk(contrast["max_pos"], 2).indices.tolist()
     assert layer in top_two, "\n".join(lines)
     assert not math.isnan(float(contrast["final"].sum()))
+
+
+def test_hook_check_lands_in_provenance_of_every_patching_locator(tmp_path):
+    import mechedit
+    from mechedit.locate import attribution_patching, causal_tracing
+    from mechedit.prompts import FactPrompt, PromptPair
+    from mechedit.zoo.random_model import random_checkpoint
+
+    model = mechedit.load(random_checkpoint(tmp_path, "gpt2", n_layer=1, n_embd=32, n_head=2))
+    facts = [FactPrompt(prompt="w1 w2 w3", subject="w2", target="w4")]
+    trace = causal_tracing(model, facts, kinds=("state",), n_noise=1, progress=False)
+    assert trace["state"].provenance.extra["hook_check"]["passed"] is True
+    pairs = [PromptPair(clean="w1 w2 w3", corrupt="w1 w5 w3", answer="w4", wrong_answer="w6")]
+    atp = attribution_patching(model, pairs, sites=("head",), progress=False)
+    assert atp["head"].provenance.extra["hook_check"]["passed"] is True
+    assert attribution_patching(model, pairs, sites=("head",), hook_check=False, progress=False)["head"].provenance.extra["hook_check"] == {"run": False}

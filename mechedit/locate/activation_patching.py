@@ -44,7 +44,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechedit import components as comp
-from mechedit.checks import HookCheck, check_hooks, require_eval_mode
+from mechedit.checks import HookCheck, hook_check_record, require_eval_mode
 from mechedit.circuit import Circuit
 from mechedit.metrics import PAIR_METRICS, PairMetric, pair_metric
 from mechedit.models import model_device
@@ -580,7 +580,7 @@ def activation_patching(
     )
     comp.require_site(model, site)
     batch = _tokenized(model, pairs, "pairs")
-    checked = _hook_check(model, hook_check)
+    checked = hook_check_record(model, hook_check)
     patched, base_m, other_m, cells = _effects(model, batch, cfg, metric_fn, progress)
     values = _scores_values(patched, base_m, other_m, cells, cfg)
     config: dict[str, Any] = {
@@ -633,18 +633,6 @@ def _component_cells(site: str, components: Sequence[comp.Component], per_positi
     if not cells:
         raise ValueError("components is empty: list at least one Component, or leave it None")
     return tuple(cells)
-
-
-def _hook_check(model: Any, hook_check: HookCheck | bool) -> dict[str, Any]:
-    """Run (or reuse) the hook-consistency check; its summary for provenance."""
-    if hook_check is False:
-        return {"run": False}
-    result = check_hooks(model) if hook_check is True else hook_check
-    if not isinstance(result, HookCheck):
-        raise ValueError(f"hook_check must be True, False or a HookCheck, got {type(hook_check).__name__}")
-    result.require()
-    return {"run": True, "passed": result.passed, "architecture": result.architecture,
-            "residual": result.residual, "n_identities": len(result.identities), "notes": list(result.notes)}
 
 
 # --------------------------------------------------------------------------------------------

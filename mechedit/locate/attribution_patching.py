@@ -49,7 +49,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechedit import components as comp
-from mechedit.checks import require_eval_mode
+from mechedit.checks import HookCheck, hook_check_record, require_eval_mode
 from mechedit.gradients import activations_and_gradients, capture_activations
 from mechedit.metrics import PAIR_METRICS, PairMetric, pair_metric
 from mechedit.models import model_device
@@ -313,6 +313,7 @@ def attribution_patching(
     batch_size: int = 32,
     grad_drop: bool = False,
     control: Sequence[PromptPair] | TokenizedPairs | None = None,
+    hook_check: HookCheck | bool = True,
     progress: bool = True,
 ) -> Attribution:
     """AtP (or integrated-gradients) estimates of every component's patching effect.
@@ -326,6 +327,9 @@ def attribution_patching(
             ``AttributionPatchingConfig``.
         control: control pairs whose scores (same settings) are subtracted: what remains is
             specific to ``pairs`` (with ``per_position``, both must have the same token length).
+        hook_check: ``True`` runs ``checks.check_hooks`` first and refuses to score through
+            hooks that do not mean what their names say; a ``HookCheck`` reuses one; ``False``
+            skips it. The outcome is in the provenance (``extra["hook_check"]``).
 
     Returns:
         ``Attribution``: per site, ``Scores`` with axes ``("layer", [unit axis], ["pos"])`` in
@@ -347,6 +351,7 @@ def attribution_patching(
     for site in cfg.sites:
         comp.require_site(model, site)
     batch = _tokenized(model, pairs)
+    checked = hook_check_record(model, hook_check)
     means, base_metric, other_metric = _mean_scores(model, batch, cfg, fn, progress)
     n = len(batch)
     extra: dict[str, Any] = {}
@@ -366,7 +371,7 @@ def attribution_patching(
         tok = model.tokenizer
         labels["pos"] = tuple(tok.decode([t]) for t in batch.clean_tokens[0].tolist())
     texts = None if isinstance(pairs, TokenizedPairs) else [t for p in pairs for t in (p.clean, p.corrupt)]
-    provenance = Provenance.of(model, data=texts)
+    provenance = Provenance.of(model, data=texts, hook_check=checked)
     out = {}
     for site in cfg.sites:
         spec = comp.SITES[site]

@@ -59,7 +59,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechedit.checks import require_eval_mode
+from mechedit.checks import HookCheck, hook_check_record, require_eval_mode
 from mechedit.models import model_device
 from mechedit.prompts import FactPrompt, TokenizedFacts
 from mechedit.provenance import Provenance
@@ -502,6 +502,7 @@ def causal_tracing(
     per_fact: bool = False,
     control: Sequence[FactPrompt] | None = None,
     batch_rows: int = 256,
+    hook_check: HookCheck | bool = True,
     progress: bool = True,
 ) -> CausalTrace:
     """ROME's causal tracing of ``facts``: indirect effects per (layer, position) and kind.
@@ -515,6 +516,9 @@ def causal_tracing(
         control: control facts (e.g. facts the model does not store where you look), traced with
             the same settings and the facts' σ; their fact-averaged scores are subtracted, leaving
             what is specific to ``facts``. Needs ``per_fact=False`` and the facts' token length.
+        hook_check: ``True`` runs ``checks.check_hooks`` first (refusing hooks that do not mean
+            what their names say); a ``HookCheck`` reuses one; ``False`` skips it. The outcome
+            is in the provenance (``extra["hook_check"]``).
         progress: show a progress bar over batches.
 
     Returns:
@@ -553,6 +557,7 @@ def causal_tracing(
         )
     if control is not None and per_fact:
         raise ValueError("control= subtracts fact-averaged scores; it cannot be combined with per_fact=True")
+    checked = hook_check_record(model, hook_check)
     trace = _trace(model, main, cfg, cfg.window, cfg.noise_std, progress, "causal tracing")
     control_trace = None
     if control is not None:
@@ -587,7 +592,7 @@ def causal_tracing(
             control_corrupt_prob=float(control_trace.corrupt.mean()),
             control_total_effect=float((control_trace.clean - control_trace.corrupt).mean()),
         )
-    provenance = Provenance.of(model, data=[f.prompt for f in fact_list], seed=cfg.seed)
+    provenance = Provenance.of(model, data=[f.prompt for f in fact_list], seed=cfg.seed, hook_check=checked)
     labels = {"pos": _pos_labels(model, main)}
     axes = (("fact",) if per_fact else ()) + ("layer", "pos")
     out: dict[str, Scores | None] = dict.fromkeys(KINDS)
