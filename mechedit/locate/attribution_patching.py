@@ -165,8 +165,14 @@ def _tokenized(model: Any, pairs: Sequence[PromptPair] | TokenizedPairs) -> Toke
     return batch
 
 
-def _metric_total(fn: AttributionMetric, last: Tensor, answer: Tensor, wrong: Tensor) -> Callable[[Tensor], Tensor]:
-    """The summed per-row metric of full logits (rows may be ``k`` stacked copies of the pairs)."""
+def _metric_total(
+    fn: AttributionMetric, last: Tensor, answer: Tensor, wrong: Tensor, rows_seen: list[Tensor] | None = None
+) -> Callable[[Tensor], Tensor]:
+    """The summed per-row metric of full logits (rows may be ``k`` stacked copies of the pairs).
+
+    ``rows_seen``, if given, receives each call's detached per-row values ``[rows]``, so the
+    base run's metric comes from the gradient pass instead of another forward.
+    """
 
     def total(logits: Tensor) -> Tensor:
         copies = logits.shape[0] // len(last)
@@ -178,6 +184,8 @@ def _metric_total(fn: AttributionMetric, last: Tensor, answer: Tensor, wrong: Te
                 "the metric must return one value per row: map logits [rows, vocab] at the read "
                 "position to [rows] (do not average over rows)"
             )
+        if rows_seen is not None:
+            rows_seen.append(values.detach())
         return values.sum()
 
     return total
@@ -211,7 +219,8 @@ def _batch_scores(
     other = capture_activations(model, other_tokens, [*all_names, "hook_embed"])
     rows = torch.arange(len(last), device=last.device)
     other_metric = fn(other.logits[rows, last], answer, wrong).detach().float()
-    total = _metric_total(fn, last, answer, wrong)
+    base_rows: list[Tensor] = []  # the first len(last) rows of each pass are alpha = 0: the base run
+    total = _metric_total(fn, last, answer, wrong, base_rows)
     k = cfg.ig_steps
     alphas = torch.arange(k, dtype=torch.float32, device=base_tokens.device) / k
     stacked = base_tokens.repeat(k, 1)
@@ -230,9 +239,7 @@ def _batch_scores(
                 captured = activations_and_gradients(model, stacked, [n], total)
             grads[n] = captured.gradients[n].view(k, -1, *captured.gradients[n].shape[1:]).mean(0)
             base_acts[n] = captured.activations[n][: len(last)]  # alpha = 0: the base activation
-    with torch.no_grad():
-        base_logits = model(base_tokens)[rows, last]
-    base_metric = fn(base_logits, answer, wrong).float()
+    base_metric = base_rows[0][: len(last)].float()
     if cfg.grad_drop:
         return _grad_drop(model, base_tokens, names, all_names, other.activations, base_acts, total, cfg), base_metric, other_metric
     out = {}
