@@ -76,12 +76,16 @@ def _status_kib(field: str) -> int:
 
 
 def peak_growth_mib(fn: Callable[[], Any]) -> float:
-    """Peak resident set during ``fn()`` minus the resident set before it, in MiB."""
+    """Peak resident set during ``fn()`` minus the resident set before it, in MiB (>= 0).
+
+    The reset peak can read a few KiB under the resident set read just after it, so a run that
+    allocates nothing new would come out slightly negative: it is 0.
+    """
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = _status_kib("VmRSS")
     fn()
-    return (_status_kib("VmHWM") - before) / 1024
+    return max(0.0, (_status_kib("VmHWM") - before) / 1024)
 
 
 # --------------------------------------------------------------------------------------------
