@@ -48,6 +48,7 @@ from mechedit.prompts import (
 )
 
 __all__ = [
+    "pair_batch",
     "answer_id",
     "answer_ids",
     "get_tokenizer",
@@ -642,3 +643,25 @@ def subject_token_positions(
         tok, list(enc["input_ids"]), _default_prepend_bos(model_or_tokenizer, prepend_bos)
     )
     return range(inside[0] + shift, inside[-1] + 1 + shift)
+
+
+def pair_batch(model: Any, pairs: Sequence[PromptPair] | TokenizedPairs, *, what: str = "pairs") -> TokenizedPairs:
+    """``pairs`` as a right-padded (or unpadded) ``TokenizedPairs`` on the model's device.
+
+    What patching methods take: a list of ``PromptPair`` (tokenised here) or a batch tokenised
+    already. Raises ``ValueError`` for an empty list, one pair instead of a list, or a
+    left-padded batch (patched runs resume per position, which needs right padding).
+    """
+    if isinstance(pairs, TokenizedPairs):
+        batch = pairs.to(model_device(model))
+    else:
+        if isinstance(pairs, PromptPair) or not isinstance(pairs, Sequence):
+            raise ValueError(f"{what} must be a list of PromptPair (or a TokenizedPairs batch)")
+        if not len(pairs):
+            raise ValueError(f"{what} is empty: give at least one PromptPair")
+        batch = tokenize_pairs(model, pairs, device=model_device(model))
+    if not len(batch):
+        raise ValueError(f"{what} is empty: give at least one PromptPair")
+    if batch.padding_side != "right" and not bool(batch.attention_mask.all()):
+        raise ValueError(f"{what} must be right-padded (or unpadded); tokenise with padding_side='right'")
+    return batch

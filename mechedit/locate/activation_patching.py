@@ -46,13 +46,13 @@ from tqdm.auto import tqdm
 from mechedit import components as comp
 from mechedit.checks import HookCheck, hook_check_record, require_eval_mode
 from mechedit.circuit import Circuit
+from mechedit.gradients import capture_activations
 from mechedit.metrics import PAIR_METRICS, PairMetric, pair_metric
-from mechedit.models import model_device
 from mechedit.prompts import PromptPair, TokenizedPairs
 from mechedit.provenance import Provenance
 from mechedit.resume import ReferenceRun, check_resumable, reference_run, resume
 from mechedit.scores import Scores
-from mechedit.tokens import tokenize_pairs
+from mechedit.tokens import pair_batch
 
 __all__ = [
     "METRICS",
@@ -150,22 +150,6 @@ def _metric_values(fn: PatchingMetric, logits: Tensor, answer: Tensor, wrong: Te
             "map logits [rows, vocab] at the read position to [rows] (do not average over rows)"
         )
     return out.float()
-
-
-def _tokenized(model: Any, pairs: Sequence[PromptPair] | TokenizedPairs, what: str) -> TokenizedPairs:
-    if isinstance(pairs, TokenizedPairs):
-        batch = pairs.to(model_device(model))
-    else:
-        if isinstance(pairs, PromptPair) or not isinstance(pairs, Sequence):
-            raise ValueError(f"{what} must be a list of PromptPair (or a TokenizedPairs batch)")
-        if not len(pairs):
-            raise ValueError(f"{what} is empty: give at least one PromptPair")
-        batch = tokenize_pairs(model, pairs, device=model_device(model))
-    if not len(batch):
-        raise ValueError(f"{what} is empty: give at least one PromptPair")
-    if batch.padding_side != "right" and not bool(batch.attention_mask.all()):
-        raise ValueError("patching needs right-padded (or unpadded) pairs; tokenise with padding_side='right'")
-    return batch
 
 
 @dataclass(frozen=True)
@@ -308,11 +292,13 @@ def _patch_hooks(
 # --------------------------------------------------------------------------------------------
 
 
-def _keeper(store: dict[str, Tensor], name: str) -> Callable[..., None]:
-    def fn(activation: Tensor, hook: Any = None) -> None:  # noqa: ARG001
-        store[name] = activation.detach().clone()
-
-    return fn
+def _run_keeping(model: Any, tokens: Tensor, names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Logits and the activations at ``names`` of one no-grad forward (``names`` may be empty)."""
+    if names:
+        captured = capture_activations(model, tokens, list(names))
+        return captured.logits, captured.activations
+    with torch.no_grad():
+        return model(tokens), {}
 
 
 def _first_difference(src: Tensor, base: Tensor, spec: comp.SiteSpec, cells: _Cells, layer_of: dict[int, int]) -> Tensor:
@@ -470,12 +456,9 @@ def _effects(
         patched = _fast(model, base, src, base_act, cells, cfg, metric, answer, wrong, progress)
         base_logits, other_logits = base.logits, other.logits
     else:
-        kept: dict[str, Tensor] = {}
-        hooks = [(n, _keeper(kept, n)) for n in names.values()]
-        with torch.no_grad():
-            with model.hooks(fwd_hooks=hooks):
-                other_logits = model(other_tokens)[rows, last]
-            base_logits = model(base_tokens)[rows, last]
+        other_logits, kept = _run_keeping(model, other_tokens, list(names.values()))
+        base_logits, _ = _run_keeping(model, base_tokens, [])
+        other_logits, base_logits = other_logits[rows, last], base_logits[rows, last]
         src = {x: kept[n] for x, n in names.items()}
         patched = _naive(model, base_tokens, last, src, cells, cfg, metric, answer, wrong, progress)
     base_m = _metric_values(metric, base_logits, answer, wrong).cpu()
@@ -579,7 +562,7 @@ def activation_patching(
         components=None if components is None else _component_cells(site, components, per_position),
     )
     comp.require_site(model, site)
-    batch = _tokenized(model, pairs, "pairs")
+    batch = pair_batch(model, pairs, what="pairs")
     checked = hook_check_record(model, hook_check)
     patched, base_m, other_m, cells = _effects(model, batch, cfg, metric_fn, progress)
     values = _scores_values(patched, base_m, other_m, cells, cfg)
@@ -592,7 +575,7 @@ def activation_patching(
     if control is not None:
         if per_pair:
             raise ValueError("control= subtracts averaged scores; it cannot be combined with per_pair=True")
-        cbatch = _tokenized(model, control, "control")
+        cbatch = pair_batch(model, control, what="control")
         if per_position and cbatch.clean_tokens.shape[1] != batch.clean_tokens.shape[1]:
             raise ValueError(
                 f"control pairs have {cbatch.clean_tokens.shape[1]} tokens but the pairs "
@@ -693,7 +676,7 @@ def circuit_patching(
     if not isinstance(circuit, Circuit):
         raise ValueError(f"circuit must be a Circuit, got {type(circuit).__name__}")
     metric_name, metric_fn = _resolve_metric(metric)
-    batch = _tokenized(model, pairs, "pairs")
+    batch = pair_batch(model, pairs, what="pairs")
     denoise = direction == "denoising"
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}")
@@ -706,14 +689,11 @@ def circuit_patching(
             raise ValueError(f"{c}: circuit patching supports the sites {', '.join(PATCHABLE)}")
     comp.validate_all(model, components)
     names = sorted({c.hook_name for c in components})
-    kept: dict[str, Tensor] = {}
-    keep = [(n, _keeper(kept, n)) for n in names]
     rows = torch.arange(len(batch), device=base_tokens.device)
     last = batch.last_positions
-    with torch.no_grad():
-        with model.hooks(fwd_hooks=keep):
-            other_logits = model(other_tokens)[rows, last]
-        base_logits = model(base_tokens)[rows, last]
+    other_logits, kept = _run_keeping(model, other_tokens, names)
+    base_logits, _ = _run_keeping(model, base_tokens, [])
+    other_logits, base_logits = other_logits[rows, last], base_logits[rows, last]
     if ablation == "mean":
         kept = {n: a.mean(0, keepdim=True).expand_as(a) for n, a in kept.items()}
     # one mask per hook: True where the activation is taken from the other run

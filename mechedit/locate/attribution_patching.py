@@ -52,11 +52,10 @@ from mechedit import components as comp
 from mechedit.checks import HookCheck, hook_check_record, require_eval_mode
 from mechedit.gradients import activations_and_gradients, capture_activations
 from mechedit.metrics import PAIR_METRICS, PairMetric, pair_metric
-from mechedit.models import model_device
 from mechedit.prompts import PromptPair, TokenizedPairs
 from mechedit.provenance import Provenance
 from mechedit.scores import Scores
-from mechedit.tokens import tokenize_pairs
+from mechedit.tokens import pair_batch
 
 __all__ = ["Attribution", "AttributionPatchingConfig", "attribution_patching"]
 
@@ -147,22 +146,6 @@ def _cell_sums(site: str, product: Tensor, per_position: bool) -> Tensor:
     keep = ["batch"] + ([spec.index] if spec.unit_dim is not None else []) + (["pos"] if per_position else [])
     names = [d if d in keep else f"{d}_summed" for d in spec.dims]
     return reduce(product, f"{' '.join(names)} -> {' '.join(keep)}", "sum")
-
-
-def _tokenized(model: Any, pairs: Sequence[PromptPair] | TokenizedPairs) -> TokenizedPairs:
-    if isinstance(pairs, TokenizedPairs):
-        batch = pairs.to(model_device(model))
-    else:
-        if isinstance(pairs, PromptPair) or not isinstance(pairs, Sequence):
-            raise ValueError("pairs must be a list of PromptPair (or a TokenizedPairs batch)")
-        if not len(pairs):
-            raise ValueError("pairs is empty: give at least one PromptPair")
-        batch = tokenize_pairs(model, pairs, device=model_device(model))
-    if not len(batch):
-        raise ValueError("pairs is empty: give at least one PromptPair")
-    if batch.padding_side != "right" and not bool(batch.attention_mask.all()):
-        raise ValueError("attribution patching needs right-padded (or unpadded) pairs")
-    return batch
 
 
 def _metric_total(
@@ -357,13 +340,13 @@ def attribution_patching(
     )
     for site in cfg.sites:
         comp.require_site(model, site)
-    batch = _tokenized(model, pairs)
+    batch = pair_batch(model, pairs)
     checked = hook_check_record(model, hook_check)
     means, base_metric, other_metric = _mean_scores(model, batch, cfg, fn, progress)
     n = len(batch)
     extra: dict[str, Any] = {}
     if control is not None:
-        cbatch = _tokenized(model, control)
+        cbatch = pair_batch(model, control, what="control")
         if per_position and cbatch.clean_tokens.shape[1] != batch.clean_tokens.shape[1]:
             raise ValueError(
                 f"control pairs have {cbatch.clean_tokens.shape[1]} tokens but the pairs "
