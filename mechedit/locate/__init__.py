@@ -3,14 +3,18 @@
 from mechedit.locate.activation_patching import (
     ActivationPatchingConfig,
     CircuitPatching,
+    EdgeFaithfulness,
     activation_patching,
     circuit_patching,
+    edge_faithfulness,
     faithfulness,
 )
 from mechedit.locate.attribution_patching import (
     Attribution,
     AttributionPatchingConfig,
+    EdgeAttribution,
     attribution_patching,
+    edge_attribution_patching,
 )
 from mechedit.locate.causal_tracing import (
     CausalTrace,
@@ -27,11 +31,15 @@ __all__ = [
     "CausalTrace",
     "CausalTracingConfig",
     "CircuitPatching",
+    "EdgeAttribution",
+    "EdgeFaithfulness",
     "NeuronAttributionConfig",
     "activation_patching",
     "attribution_patching",
     "causal_tracing",
     "circuit_patching",
+    "edge_attribution_patching",
+    "edge_faithfulness",
     "faithfulness",
     "neuron_attribution",
     "subject_embedding_std",

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from mechedit import components as comp
 from mechedit.checks import HookCheck, hook_check_record, require_eval_mode
 from mechedit.circuit import Circuit
+from mechedit.edges import EdgeGraph, attention_norm, edge_graph, head_projection, head_results
 from mechedit.gradients import capture_activations
 from mechedit.metrics import PAIR_METRICS, PairMetric, pair_metric
 from mechedit.prompts import PromptPair, TokenizedPairs
@@ -62,6 +63,8 @@ __all__ = [
     "PatchingMetric",
     "activation_patching",
     "circuit_patching",
+    "EdgeFaithfulness",
+    "edge_faithfulness",
 ]
 
 Direction = Literal["denoising", "noising"]
@@ -768,3 +771,175 @@ def faithfulness(
         ablation="other" if ablation == "corrupt" else "mean",
     )
     return 1.0 - result.fraction
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge circuits: patch the inputs of each reader, edge by edge (``mechedit.edges``)
+
+
+@dataclass(frozen=True)
+class EdgeFaithfulness:
+    """Result of ``edge_faithfulness``: mean metrics and the share of the gap the edges keep.
+
+    ``recovered = (circuit_metric - corrupt_metric) / (clean_metric - corrupt_metric)``.
+    """
+
+    recovered: float
+    circuit_metric: float
+    clean_metric: float
+    corrupt_metric: float
+    n_edges: int
+    total_edges: int
+    ablation: str
+
+
+def _kept_edges(graph: EdgeGraph, edges: Any) -> Tensor:
+    """``Bool[writer, reader]`` of the given edges: ``(writer, reader[, score])`` or a ``Circuit``."""
+    if isinstance(edges, Circuit):
+        selection = edges.config.get("selection", {})
+        if "edges" not in selection:
+            raise ValueError(
+                "this circuit lists components, not edges; pass the edges, or a circuit made by "
+                "EdgeAttribution.circuit (its config holds them)"
+            )
+        edges = selection["edges"]
+    keep = torch.zeros(len(graph.writers), len(graph.readers), dtype=torch.bool)
+    mask = graph.mask
+    for edge in edges:
+        if not isinstance(edge, list | tuple) or len(edge) not in (2, 3):
+            raise ValueError(f"an edge is (writer, reader) or (writer, reader, score), got {edge!r}")
+        i, j = graph.writer_index(edge[0]), graph.reader_index(edge[1])
+        if not mask[i, j]:
+            raise ValueError(f"{edge[0]} does not feed {edge[1]}: not an edge of this model")
+        keep[i, j] = True
+    return keep
+
+
+def _edge_ablation_hooks(model: Any, graph: EdgeGraph, replaced: Tensor, ablated: Tensor) -> list:
+    """Forward hooks giving each reader the stream with its ablated writers swapped.
+
+    ``replaced``: ``[batch, pos, writer, d_model]`` writer outputs to swap in; ``ablated``:
+    ``Bool[writer, reader]``. Writers' own outputs in this run are recorded as they happen, so a
+    reader's input is ``stream - sum over its ablated writers (current - replaced)``.
+    """
+    current = torch.zeros_like(replaced)
+    stream: dict[int, Tensor] = {}
+    weights = ablated.to(replaced.dtype)
+    n_heads, n_kv = graph.n_heads, graph.n_kv_heads
+
+    def correction(readers: slice | list[int]) -> Tensor | None:
+        cols = weights[:, readers]
+        if not bool(cols.any()):
+            return None
+        upto = int(torch.nonzero(cols.any(1)).max()) + 1
+        return torch.einsum("bpwd,wr->bprd", (current - replaced)[:, :, :upto], cols[:upto])
+
+    def record(index: int | slice, heads_of: int | None = None):
+        def hook(act: Tensor, hook: Any = None) -> None:  # noqa: ARG001
+            current[:, :, index] = head_results(model, heads_of, act) if heads_of is not None else act
+        return hook
+
+    def keep_stream(layer: int):
+        def hook(act: Tensor, hook: Any = None) -> None:  # noqa: ARG001
+            stream[layer] = act
+        return hook
+
+    def attention_input(layer: int, part: str, first: int, count: int):
+        def hook(act: Tensor, hook: Any = None) -> Tensor:  # noqa: ARG001
+            fix = correction(slice(first, first + count))
+            if fix is None:
+                return act
+            x = stream[layer].unsqueeze(2) - fix  # [batch, pos, head, d_model]
+            w, b = head_projection(model, layer, part)
+            out = torch.einsum("bphd,hed->bphe", attention_norm(model, layer)(x), w.to(x.dtype))
+            return (out if b is None else out + b.to(out.dtype)).to(act.dtype)
+        return hook
+
+    def subtract(readers: int):
+        def hook(act: Tensor, hook: Any = None) -> Tensor:  # noqa: ARG001
+            fix = correction([readers])
+            return act if fix is None else act - fix[:, :, 0].to(act.dtype)
+        return hook
+
+    hooks = [("hook_embed", record(0))]
+    for layer in range(graph.n_layers):
+        first = graph.layer_readers(layer).start
+        head0 = graph.writer_index(f"a{layer}.h0")
+        hooks += [
+            (f"blocks.{layer}.ln1.hook_in", keep_stream(layer)),
+            (f"blocks.{layer}.attn.hook_q", attention_input(layer, "q", first, n_heads)),
+            (f"blocks.{layer}.attn.hook_k", attention_input(layer, "k", first + n_heads, n_kv)),
+            (f"blocks.{layer}.attn.hook_v", attention_input(layer, "v", first + n_heads + n_kv, n_kv)),
+            (f"blocks.{layer}.attn.hook_z", record(slice(head0, head0 + n_heads), layer)),
+            (f"blocks.{layer}.ln2.hook_in", subtract(graph.reader_index(f"m{layer}"))),
+            (f"blocks.{layer}.hook_mlp_out", record(graph.writer_index(f"m{layer}"))),
+        ]
+    hooks.append((f"blocks.{graph.n_layers - 1}.hook_resid_post", subtract(graph.reader_index("logits"))))
+    return hooks
+
+
+def _writer_outputs(model: Any, tokens: Tensor, graph: EdgeGraph) -> tuple[Tensor, Tensor]:
+    """Every writer's output ``[batch, pos, writer, d_model]`` and the logits of a run."""
+    names = ["hook_embed"] + [
+        f"blocks.{layer}.{hook}" for layer in range(graph.n_layers) for hook in ("attn.hook_z", "hook_mlp_out")
+    ]
+    run = capture_activations(model, tokens, names)
+    acts = run.activations
+    parts = [acts["hook_embed"].unsqueeze(2)]
+    for layer in range(graph.n_layers):
+        parts.append(head_results(model, layer, acts[f"blocks.{layer}.attn.hook_z"]))
+        parts.append(acts[f"blocks.{layer}.hook_mlp_out"].unsqueeze(2))
+    return torch.cat(parts, dim=2), run.logits
+
+
+def edge_faithfulness(
+    model: Any,
+    pairs: Sequence[PromptPair] | TokenizedPairs,
+    edges: Sequence[Sequence[Any]] | Circuit,
+    *,
+    ablation: Literal["corrupt", "mean"] = "corrupt",
+    metric: str | PatchingMetric = "logit_diff",
+) -> EdgeFaithfulness:
+    """Share of the clean-corrupt gap an edge circuit keeps when every other edge is ablated.
+
+    The clean prompts run with each reader (a head's q/k/v input, an MLP's input, the logits)
+    seeing, for every writer that feeds it *outside* ``edges``, that writer's corrupt output
+    (``ablation="corrupt"``) or its mean corrupt output over the pairs (``"mean"``) instead of
+    its output in this run; writers inside ``edges`` reach their reader as they are. Exact (one
+    patched forward per batch), so all edges give the clean metric and none the corrupt one (with
+    ``"corrupt"``). ``edges``: ``(writer, reader[, score])`` labels as ``EdgeAttribution`` gives
+    them, or a circuit from ``EdgeAttribution.circuit``.
+
+    Raises:
+        ValueError: an unknown label or a pair that is not an edge; a post-LN model; the clean and
+            corrupt metrics are equal (nothing to recover); bad pairs as ``activation_patching``.
+    """
+    require_eval_mode(model, what="edge_faithfulness")
+    if ablation not in ("corrupt", "mean"):
+        raise ValueError(f"ablation must be 'corrupt' or 'mean', got {ablation!r}")
+    _, fn = pair_metric(metric)
+    graph = edge_graph(model)
+    keep = _kept_edges(graph, edges)
+    batch = pair_batch(model, pairs)
+    rows = torch.arange(len(batch))
+
+    def read(logits: Tensor) -> Tensor:
+        return fn(logits[rows, batch.last_positions], batch.answer_ids, batch.wrong_ids).float()
+
+    with torch.no_grad():
+        replaced, corrupt_logits = _writer_outputs(model, batch.corrupt_tokens, graph)
+        if ablation == "mean":
+            replaced = replaced.mean(0, keepdim=True).expand_as(replaced).contiguous()
+        clean = read(model(batch.clean_tokens)).mean()
+        corrupt = read(corrupt_logits).mean()
+        hooks = _edge_ablation_hooks(model, graph, replaced, graph.mask & ~keep)
+        with model.hooks(fwd_hooks=hooks):
+            kept = read(model(batch.clean_tokens)).mean()
+    gap = float(clean - corrupt)
+    if gap == 0.0:
+        raise ValueError("the clean and corrupt runs give the same metric: there is no gap to recover")
+    return EdgeFaithfulness(
+        recovered=float(kept - corrupt) / gap, circuit_metric=float(kept), clean_metric=float(clean),
+        corrupt_metric=float(corrupt), n_edges=int(keep.sum()), total_edges=int(graph.mask.sum()),
+        ablation=ablation,
+    )

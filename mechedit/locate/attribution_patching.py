@@ -50,6 +50,8 @@ from tqdm.auto import tqdm
 
 from mechedit import components as comp
 from mechedit.checks import HookCheck, hook_check_record, require_eval_mode
+from mechedit.circuit import Circuit
+from mechedit.edges import attention_norm, edge_component, edge_graph, head_projection, head_results
 from mechedit.gradients import activations_and_gradients, capture_activations
 from mechedit.metrics import PAIR_METRICS, PairMetric, pair_metric
 from mechedit.prompts import PromptPair, TokenizedPairs
@@ -57,7 +59,13 @@ from mechedit.provenance import Provenance
 from mechedit.scores import Scores
 from mechedit.tokens import pair_batch
 
-__all__ = ["Attribution", "AttributionPatchingConfig", "attribution_patching"]
+__all__ = [
+    "Attribution",
+    "AttributionPatchingConfig",
+    "EdgeAttribution",
+    "attribution_patching",
+    "edge_attribution_patching",
+]
 
 Direction = Literal["denoising", "noising"]
 #: ``metric(logits [R, vocab], answer_ids [R], wrong_ids [R]) -> [R]`` (``metrics.PairMetric``).
@@ -371,3 +379,269 @@ def attribution_patching(
             config={**config, "site": site}, provenance=provenance, labels=labels,
         )
     return Attribution(scores=out, base_metric=base_metric, other_metric=other_metric, config=config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edges (EAP): how much of each writer's change reaches each reader (``mechedit.edges``)
+#
+# The edge w -> r is scored ``(a_other[w] - a_base[w]) . d metric / d input[r]``: the first-order
+# effect of patching w's output as r alone sees it. A head's q/k/v input gradient comes from the
+# gradient at ``hook_q/k/v`` (the projection's output), back through that head's rows of the
+# projection and then the block's norm, whose vector-Jacobian product is taken once per head with
+# autograd on a per-head copy of the norm's input -- no per-head copies of the residual stream in
+# the forward (TransformerLens's ``use_split_qkv_input`` makes its forward + backward ~3x dearer).
+
+
+def _edge_hooks(n_layers: int) -> tuple[list[str], list[str]]:
+    """Hooks read on both runs (writers) and on the base run only (readers' inputs/gradients)."""
+    writers = ["hook_embed"] + [f"blocks.{i}.{h}" for i in range(n_layers) for h in ("attn.hook_z", "hook_mlp_out")]
+    readers = [
+        f"blocks.{i}.{h}"
+        for i in range(n_layers)
+        for h in ("ln1.hook_in", "attn.hook_q", "attn.hook_k", "attn.hook_v", "ln2.hook_in")
+    ] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    return writers, readers
+
+
+def _writer_deltas(model: Any, other: dict[str, Tensor], base: dict[str, Tensor], n_layers: int) -> Tensor:
+    """``a_other - a_base`` of every writer, ``[batch, pos, writer, d_model]`` (graph order)."""
+    deltas = [(other["hook_embed"] - base["hook_embed"]).unsqueeze(2)]
+    for layer in range(n_layers):
+        z = f"blocks.{layer}.attn.hook_z"
+        deltas.append(head_results(model, layer, other[z] - base[z]))
+        mlp = f"blocks.{layer}.hook_mlp_out"
+        deltas.append((other[mlp] - base[mlp]).unsqueeze(2))
+    return torch.cat(deltas, dim=2)
+
+
+def _attention_reader_grads(model: Any, layer: int, acts: dict[str, Tensor], grads: dict[str, Tensor]) -> Tensor:
+    """d metric / d (head's q, k or v input) for every query and key/value head of ``layer``.
+
+    ``[rows, pos, n_heads + 2 n_kv, d_model]``: the gradient at each projection's output, back
+    through that head's rows of the projection, then through the block's norm at the run's own
+    input -- one norm vector-Jacobian product per head, batched by repeating the input.
+    """
+    pieces = []
+    with torch.no_grad():
+        for part in ("q", "k", "v"):
+            g = grads[f"blocks.{layer}.attn.hook_{part}"]  # [rows, pos, heads, d_head]
+            w, _ = head_projection(model, layer, part)
+            pieces.append(torch.einsum("bphe,hed->bphd", g, w.to(g.dtype)))
+    at_norm_out = torch.cat(pieces, dim=2)
+    x = acts[f"blocks.{layer}.ln1.hook_in"]
+    with torch.enable_grad():
+        copies = x.detach().unsqueeze(2).expand(-1, -1, at_norm_out.shape[2], -1).clone().requires_grad_(True)
+        (vjp,) = torch.autograd.grad(attention_norm(model, layer)(copies), copies, at_norm_out)
+    return vjp
+
+
+def _edge_batch(
+    model: Any,
+    base_tokens: Tensor,
+    other_tokens: Tensor,
+    last: Tensor,
+    answer: Tensor,
+    wrong: Tensor,
+    fn: AttributionMetric,
+    ig_steps: int,
+    per_position: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed-over-pairs edge scores ``[(pos), writer, reader]`` and both runs' metrics."""
+    n_layers = int(model.cfg.n_layers)
+    writer_hooks, reader_hooks = _edge_hooks(n_layers)
+    other = capture_activations(model, other_tokens, writer_hooks)
+    rows = torch.arange(len(last), device=last.device)
+    other_metric = fn(other.logits[rows, last], answer, wrong).detach().float()
+    base_rows: list[Tensor] = []
+    total = _metric_total(fn, last, answer, wrong, base_rows)
+    k = ig_steps
+    alphas = torch.arange(k, dtype=torch.float32, device=base_tokens.device) / k
+    hooks = [("hook_embed", _interpolate(other.activations["hook_embed"], alphas))] if k > 1 else []
+    with model.hooks(fwd_hooks=hooks):
+        captured = activations_and_gradients(model, base_tokens.repeat(k, 1), writer_hooks + reader_hooks, total)
+    n = len(last)
+    base = {h: captured.activations[h][:n] for h in writer_hooks}  # alpha = 0: the base run
+    with torch.no_grad():
+        deltas = _writer_deltas(model, other.activations, base, n_layers)
+    mean_k = lambda t: t.view(k, n, *t.shape[1:]).mean(0)  # noqa: E731 - average the IG points
+    readers = []
+    for layer in range(n_layers):
+        readers.append(mean_k(_attention_reader_grads(model, layer, captured.activations, captured.gradients)))
+        readers.append(mean_k(captured.gradients[f"blocks.{layer}.ln2.hook_in"]).unsqueeze(2))
+    readers.append(mean_k(captured.gradients[f"blocks.{n_layers - 1}.hook_resid_post"]).unsqueeze(2))
+    reader_grads = torch.cat(readers, dim=2).to(deltas.dtype)
+    spec = "bpwd,bprd->pwr" if per_position else "bpwd,bprd->wr"
+    with torch.no_grad():
+        scores = torch.einsum(spec, deltas, reader_grads).float()
+    return scores, base_rows[0][:n].float(), other_metric
+
+
+@dataclass(frozen=True)
+class EdgeAttribution:
+    """EAP scores of every writer -> reader edge (see the section comment above).
+
+    Attributes:
+        values: ``[writer, reader]`` (``[pos, writer, reader]`` with ``per_position``), the
+            estimated ``metric(patched) - metric(base)`` of patching the edge, averaged over pairs,
+            in metric units; ``NaN`` where the writer does not feed the reader.
+        writers, readers: labels of the two axes (``embed``, ``a{l}.h{h}``, ``m{l}``;
+            ``a{l}.h{h}.q|k|v``, ``m{l}``, ``logits``).
+        base_metric, other_metric: mean metric of the two runs.
+        config: the settings, as in ``Attribution``.
+        pos_labels: token strings of the first clean prompt (with ``per_position``).
+    """
+
+    values: Tensor
+    writers: tuple[str, ...]
+    readers: tuple[str, ...]
+    base_metric: float
+    other_metric: float
+    config: dict[str, Any] = field(default_factory=dict)
+    provenance: Provenance | None = None
+    pos_labels: tuple[str, ...] | None = None
+
+    @property
+    def mask(self) -> Tensor:
+        """``Bool[writer, reader]``: the writer feeds the reader."""
+        values = self.values if self.values.ndim == 2 else self.values[0]
+        return ~torch.isnan(values)
+
+    def total(self) -> Tensor:
+        """``[writer, reader]`` scores summed over positions (the values if already summed)."""
+        return self.values if self.values.ndim == 2 else self.values.sum(0)
+
+    def writer_scores(self) -> dict[str, float]:
+        """Each writer's edges summed: its node AtP score (every writer feeds ``logits``)."""
+        sums = self.total().nan_to_num().sum(1)
+        return dict(zip(self.writers, sums.tolist(), strict=True))
+
+    def top_edges(self, n: int = 10) -> list[tuple[str, str, float]]:
+        """The ``n`` edges of largest ``|score|`` (summed over positions), strongest first."""
+        values = self.total()
+        key = values.abs().nan_to_num(-1.0).flatten()
+        order = torch.sort(key, descending=True, stable=True).indices[: _count(n, int(self.mask.sum()))]
+        w, r = torch.unravel_index(order, values.shape)
+        return [(self.writers[i], self.readers[j], float(values[i, j])) for i, j in zip(w.tolist(), r.tolist())]
+
+    def greedy_edges(self, n: int = 10) -> list[tuple[str, str, float]]:
+        """``n`` edges grown from ``logits`` backward, each step the strongest edge into the circuit.
+
+        An edge can join once its reader is in the circuit: ``logits`` from the start, a head's
+        q/k/v inputs and an MLP's input once that head or MLP is a writer of a chosen edge. So the
+        result is connected to the output, unlike ``top_edges`` (Hanna et al. 2024's greedy).
+        """
+        values = self.total()
+        key = values.abs().nan_to_num(-1.0)
+        n = _count(n, int(self.mask.sum()))
+        reader_of = {}  # writer index -> its reader indices
+        for i, name in enumerate(self.writers):
+            if name != "embed":
+                reader_of[i] = [j for j, r in enumerate(self.readers) if r == name or r.rsplit(".", 1)[0] == name]
+        open_readers = torch.zeros(len(self.readers), dtype=torch.bool)
+        open_readers[self.readers.index("logits")] = True
+        chosen = torch.zeros_like(key, dtype=torch.bool)
+        out = []
+        for _ in range(n):
+            candidates = key.masked_fill(~open_readers[None, :] | chosen | ~self.mask, -1.0)
+            flat = int(torch.argmax(candidates))
+            if float(candidates.flatten()[flat]) < 0:
+                break  # nothing left connected to the circuit
+            i, j = divmod(flat, len(self.readers))
+            chosen[i, j] = True
+            open_readers[reader_of.get(i, [])] = True
+            out.append((self.writers[i], self.readers[j], float(values[i, j])))
+        return out
+
+    def circuit(self, n: int = 10, *, method: Literal["top", "greedy"] = "greedy") -> Circuit:
+        """The components of the ``n`` chosen edges (heads, MLPs, the embedding) as a ``Circuit``.
+
+        The edges themselves (writer, reader, score) are kept in the circuit's config
+        (``config["selection"]["edges"]``), so the saved file holds the graph too.
+        """
+        if method not in ("top", "greedy"):
+            raise ValueError(f"method must be 'top' or 'greedy', got {method!r}")
+        edges = self.top_edges(n) if method == "top" else self.greedy_edges(n)
+        parts = [edge_component(label) for w, r, _ in edges for label in (w, r)]
+        components = tuple(dict.fromkeys(c for c in parts if c is not None))
+        return Circuit(
+            components, method="edge_attribution_patching",
+            config={"scores": self.config, "selection": {"rule": method, "n": n, "edges": [list(e) for e in edges]}},
+            provenance=self.provenance, description=f"{method} {len(edges)} edges",
+        )
+
+
+def _count(n: int, available: int) -> int:
+    if not comp.is_int(n) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    return min(n, available)
+
+
+def edge_attribution_patching(
+    model: Any,
+    pairs: Sequence[PromptPair] | TokenizedPairs,
+    *,
+    metric: str | AttributionMetric = "logit_diff",
+    direction: Direction = "denoising",
+    per_position: bool = False,
+    ig_steps: int = 1,
+    batch_size: int = 16,
+    hook_check: HookCheck | bool = True,
+    progress: bool = True,
+) -> EdgeAttribution:
+    """EAP (``ig_steps = 1``) or EAP-IG (``ig_steps > 1``) scores of every writer -> reader edge.
+
+    Same conventions as ``attribution_patching`` (``direction``, metric at each prompt's last real
+    token, IG over the input embeddings, averaged over pairs); one forward of the other run and
+    one forward + backward of the base run (``ig_steps`` copies) per batch of pairs. With
+    ``per_position`` an edge is one position's write read at that position (TransformerLens's
+    ``attribution_patch(..., granularity="edge")``); else summed over positions. Grouped-query
+    attention is fine (key/value readers are per key/value head).
+
+    Returns:
+        ``EdgeAttribution``; ``.top_edges(n)``, ``.greedy_edges(n)`` and ``.circuit(n)`` select.
+
+    Raises:
+        ValueError: as ``attribution_patching``; a model whose residual stream is not a sum of
+            writes (post-LN BERT).
+        RuntimeError: the model is in training mode.
+    """
+    require_eval_mode(model, what="edge_attribution_patching", needs_grad=True)
+    metric_name, fn = pair_metric(metric)
+    if direction not in ("denoising", "noising"):
+        raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}")
+    if not comp.is_int(ig_steps) or ig_steps < 1:
+        raise ValueError(f"ig_steps must be an int >= 1 (1 is plain EAP), got {ig_steps!r}")
+    if not comp.is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    graph = edge_graph(model)
+    batch = pair_batch(model, pairs)
+    checked = hook_check_record(model, hook_check)
+    denoise = direction == "denoising"
+    base_all = batch.corrupt_tokens if denoise else batch.clean_tokens
+    other_all = batch.clean_tokens if denoise else batch.corrupt_tokens
+    total: Tensor | int = 0
+    base_m, other_m = [], []
+    starts = range(0, len(batch), batch_size)
+    for lo in tqdm(starts, desc="edge attribution", disable=not progress or len(starts) < 2):
+        sl = slice(lo, lo + batch_size)
+        scores, b, o = _edge_batch(
+            model, base_all[sl], other_all[sl], batch.last_positions[sl], batch.answer_ids[sl],
+            batch.wrong_ids[sl], fn, ig_steps, per_position,
+        )
+        total = total + scores.cpu()
+        base_m.append(b.cpu())
+        other_m.append(o.cpu())
+    values = (total / len(batch)).masked_fill(~graph.mask, float("nan"))
+    base_metric, other_metric = float(torch.cat(base_m).mean()), float(torch.cat(other_m).mean())
+    config = {
+        "direction": direction, "metric": metric_name, "per_position": per_position, "ig_steps": ig_steps,
+        "batch_size": batch_size, "n_pairs": len(batch), "base_metric": base_metric, "other_metric": other_metric,
+    }
+    texts = None if isinstance(pairs, TokenizedPairs) else [t for p in pairs for t in (p.clean, p.corrupt)]
+    pos_labels = None
+    if per_position:
+        pos_labels = tuple(model.tokenizer.decode([t]) for t in batch.clean_tokens[0].tolist())
+    return EdgeAttribution(
+        values, graph.writers, graph.readers, base_metric, other_metric, config,
+        Provenance.of(model, data=texts, hook_check=checked), pos_labels,
+    )
