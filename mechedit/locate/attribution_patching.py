@@ -35,6 +35,17 @@ with the gradient through layer ``l``'s writes to the residual stream (its ``att
 ``mlp_out``) blocked, and the score is ``sum_l |score_l| / (L - 1)``, an *unsigned* magnitude
 (per pair, then averaged over pairs). It costs ``L`` extra forward + backward passes and is
 plain AtP otherwise (``ig_steps`` must be 1).
+
+**QK fix** (``qk_fix=True``; AtP*): a query or key moves the metric only through the attention
+pattern, where the softmax saturates and a linear estimate can miss a large effect. The fix
+computes the pattern a patched query or key *really* gives and linearises only after it:
+``score = sum_s (A'[t, s] - A[t, s]) * d metric / d A[t, s]`` for the query at position ``t``
+(summed over the query positions ``t`` whose row changes, for the key at ``s``), with
+``d metric / d A[t, s] = d metric / d z[t] . v[s]``. The patched rows come from the model's own
+attention (rotary embeddings included): one no-grad run with every query taken from the other
+run and the heads' outputs held at the base run's (so nothing downstream moves), whose row ``t``
+is exactly "only ``q[t]`` patched"; one such run for keys, where patching key ``s`` changes one
+logit per row, renormalised in closed form. Cost: three extra forwards (no backward).
 """
 
 from __future__ import annotations
@@ -92,6 +103,7 @@ class AttributionPatchingConfig:
             own activation).
         batch_size: pairs per pass (an IG pass holds ``ig_steps`` copies of them).
         grad_drop: AtP*'s GradDrop (unsigned scores; see the module docstring).
+        qk_fix: AtP*'s QK fix for the ``q`` and ``k`` sites (module docstring).
     """
 
     sites: tuple[str, ...] = DEFAULT_SITES
@@ -102,6 +114,7 @@ class AttributionPatchingConfig:
     ig_mode: Literal["inputs", "activations"] = "inputs"
     batch_size: int = 32
     grad_drop: bool = False
+    qk_fix: bool = False
 
     def __post_init__(self) -> None:
         sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
@@ -121,6 +134,11 @@ class AttributionPatchingConfig:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         if self.grad_drop and self.ig_steps != 1:
             raise ValueError("grad_drop applies to plain AtP: use ig_steps=1 with grad_drop=True")
+        if self.qk_fix:
+            if self.ig_steps != 1 or self.grad_drop:
+                raise ValueError("qk_fix applies to plain AtP: use ig_steps=1 and grad_drop=False with it")
+            if not {"q", "k"} & set(sites):
+                raise ValueError("qk_fix changes only the scores of the 'q' and 'k' sites: add one to sites")
 
 
 @dataclass(frozen=True)
@@ -207,6 +225,8 @@ def _batch_scores(
     """Per-pair scores ``{site: [batch, layer, (unit), (pos)]}`` and both runs' metrics."""
     names = {site: _hooks_of(model, site) for site in cfg.sites}
     all_names = list(dict.fromkeys(n for hooks in names.values() for _, n in hooks))
+    if cfg.qk_fix:  # the fix reads every layer's queries, keys and the gradient at hook_z
+        all_names += [n for n in _qk_hooks(model) if n not in all_names]
     other = capture_activations(model, other_tokens, [*all_names, "hook_embed"])
     rows = torch.arange(len(last), device=last.device)
     other_metric = fn(other.logits[rows, last], answer, wrong).detach().float()
@@ -235,12 +255,73 @@ def _batch_scores(
         return _grad_drop(model, base_tokens, names, all_names, other.activations, base_acts, total, cfg), base_metric, other_metric
     out = {}
     for site, hooks in names.items():
+        if cfg.qk_fix and site in ("q", "k"):
+            continue
         per_layer = [
             _cell_sums(site, (other.activations[n] - base_acts[n]) * grads[n], cfg.per_position)
             for _, n in hooks
         ]
         out[site] = torch.stack(per_layer, dim=1).float()
+    if cfg.qk_fix:
+        out.update(_qk_fixed(model, base_tokens, other.activations, base_acts, grads, cfg))
     return out, base_metric, other_metric
+
+
+def _qk_hooks(model: Any) -> list[str]:
+    return [f"blocks.{layer}.attn.hook_{h}" for layer in range(int(model.cfg.n_layers)) for h in ("q", "k", "z")]
+
+
+def _patterns(model: Any, tokens: Tensor, swap: str | None, other: dict[str, Tensor], base: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Every layer's attention pattern and scores ``[batch, head, query, key]`` (and ``hook_v``).
+
+    With ``swap`` (``"q"`` or ``"k"``) every layer's queries (keys) come from the other run while
+    each layer's ``hook_z`` is held at the base run's, so the stream, and with it every later
+    layer's keys and queries, stays the base run's.
+    """
+    n_layers = int(model.cfg.n_layers)
+    names = [f"blocks.{layer}.attn.hook_{h}" for layer in range(n_layers) for h in ("pattern", "attn_scores", "v")]
+    hooks = []
+    if swap is not None:
+        for layer in range(n_layers):
+            for part, source in ((swap, other), ("z", base)):
+                name = f"blocks.{layer}.attn.hook_{part}"
+                hooks.append((name, lambda act, hook, value=source[name]: value.to(act.dtype)))
+    with model.hooks(fwd_hooks=hooks):
+        return capture_activations(model, tokens, names).activations
+
+
+def _qk_fixed(
+    model: Any, base_tokens: Tensor, other: dict[str, Tensor], base: dict[str, Tensor],
+    grads: dict[str, Tensor], cfg: AttributionPatchingConfig,
+) -> dict[str, Tensor]:
+    """QK-fixed ``q`` / ``k`` scores ``[batch, layer, head, (pos)]`` (module docstring)."""
+    plain = _patterns(model, base_tokens, None, other, base)
+    swapped = {part: _patterns(model, base_tokens, part, other, base) for part in ("q", "k") if part in cfg.sites}
+    out: dict[str, list[Tensor]] = {part: [] for part in swapped}
+    for layer in range(int(model.cfg.n_layers)):
+        pre = f"blocks.{layer}.attn.hook_"
+        pattern = plain[pre + "pattern"].double()  # [batch, head, query, key]
+        v = plain[pre + "v"]
+        group = pattern.shape[1] // v.shape[2]  # query heads per key/value head
+        d_pattern = torch.einsum(
+            "bthe,bshe->bhts", grads[pre + "z"].double(), v.double().repeat_interleave(group, dim=2)
+        )
+        if "q" in swapped:  # row t of the swapped run is "only q[t] patched"
+            change = ((swapped["q"][pre + "pattern"].double() - pattern) * d_pattern).sum(-1)  # [b, head, query]
+            out["q"].append(change if cfg.per_position else change.sum(-1))
+        if "k" in swapped:  # one logit per row moves: renormalise in closed form, in log space
+            shift = (swapped["k"][pre + "attn_scores"].double() - plain[pre + "attn_scores"].double())
+            shift = shift.masked_fill(pattern == 0, 0.0)
+            log_p = pattern.log()
+            log_norm = torch.logaddexp(torch.log1p(-pattern.clamp(max=1.0)), log_p + shift)
+            patched = (log_p + shift - log_norm).exp()  # the moved entry's new probability
+            weighted = pattern * d_pattern
+            others = weighted.sum(-1, keepdim=True) - weighted  # the rest of the row, rescaled
+            change = (patched - pattern) * d_pattern + torch.expm1(-log_norm) * others
+            change = change.sum(2)  # over query rows: [b, head, key]
+            change = change.view(change.shape[0], -1, group, change.shape[-1]).sum(2)  # per key/value head
+            out["k"].append(change if cfg.per_position else change.sum(-1))
+    return {part: torch.stack(values, dim=1).float() for part, values in out.items()}
 
 
 def _grad_drop(
@@ -310,6 +391,7 @@ def attribution_patching(
     ig_mode: Literal["inputs", "activations"] = "inputs",
     batch_size: int = 32,
     grad_drop: bool = False,
+    qk_fix: bool = False,
     control: Sequence[PromptPair] | TokenizedPairs | None = None,
     hook_check: HookCheck | bool = True,
     progress: bool = True,
@@ -321,7 +403,7 @@ def attribution_patching(
         sites: sites to score, each at every layer (``embed``/``pos_embed``: layer 0 only).
         metric: a ``METRICS`` name or ``fn(logits [R, vocab], answer_ids [R], wrong_ids [R])
             -> [R]`` on the logits at each prompt's last real token.
-        direction, per_position, ig_steps, ig_mode, batch_size, grad_drop: see
+        direction, per_position, ig_steps, ig_mode, batch_size, grad_drop, qk_fix: see
             ``AttributionPatchingConfig``.
         control: control pairs whose scores (same settings) are subtracted: what remains is
             specific to ``pairs`` (with ``per_position``, both must have the same token length).
@@ -344,7 +426,7 @@ def attribution_patching(
     cfg = AttributionPatchingConfig(
         sites=tuple(sites) if not isinstance(sites, str) else (sites,), direction=direction,
         metric=metric_name, per_position=per_position, ig_steps=ig_steps, ig_mode=ig_mode,
-        batch_size=batch_size, grad_drop=grad_drop,
+        batch_size=batch_size, grad_drop=grad_drop, qk_fix=qk_fix,
     )
     for site in cfg.sites:
         comp.require_site(model, site)
