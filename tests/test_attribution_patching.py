@@ -415,3 +415,19 @@ def test_qk_fix_follows_exact_query_patching_on_the_fact_world(planted_world):
     plain = _correlations(exact, attribution_patching(model, planted, sites=("q",), progress=False))
     fixed = _correlations(exact, attribution_patching(model, planted, sites=("q",), qk_fix=True, progress=False))
     assert fixed["q"] >= 0.6 and fixed["q"] > plain["q"] + 0.3, (plain, fixed)
+
+
+def test_memory_estimate_picks_a_batch_size_that_fits(arch_model):
+    from mechedit.locate import attribution_memory
+
+    model = arch_model
+    one = attribution_memory(model, n_tokens=7, batch_size=1)
+    assert attribution_memory(model, n_tokens=7, batch_size=8) > 4 * one > 0
+    assert attribution_memory(model, n_tokens=7, batch_size=2, ig_steps=5) > attribution_memory(model, n_tokens=7, batch_size=2)
+    budget = attribution_memory(model, n_tokens=7, batch_size=1, sites=("head",)) * 1.5 / 2**20
+    fitted = attribution_patching(model, PAIRS, sites=("head",), max_memory_mb=budget, progress=False)
+    assert fitted.config["batch_size"] == 1
+    whole = attribution_patching(model, PAIRS, sites=("head",), progress=False)
+    torch.testing.assert_close(fitted["head"].values, whole["head"].values, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="max_memory_mb"):
+        attribution_patching(model, PAIRS, sites=("head",), max_memory_mb=budget / 10, progress=False)

@@ -27,3 +27,14 @@ def test_bench_activation_patching_small_prints_equal_scores():
         diff = float(cells[6].split()[0])
         assert speedup > 0 and diff <= 1e-5, row
         assert re.fullmatch(r"\d+ / \d+ \(.*\)", cells[7]), row  # peak memory of TL / mechedit
+
+
+def test_bench_edge_attribution_small_prints_equal_scores():
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_edge_attribution.py"), "--small", "--threads", "1",
+           "--pairs", "3", "--tokens", "8", "--ig-steps", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| mechedit EAP, same edges per position |" in run.stdout, run.stdout
+    diff = re.search(r"max \|diff\| (\S+)", run.stdout)
+    assert diff and float(diff.group(1)) <= 1e-5, run.stdout

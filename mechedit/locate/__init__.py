@@ -13,6 +13,7 @@ from mechedit.locate.attribution_patching import (
     Attribution,
     AttributionPatchingConfig,
     EdgeAttribution,
+    attribution_memory,
     attribution_patching,
     edge_attribution_patching,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "EdgeFaithfulness",
     "NeuronAttributionConfig",
     "activation_patching",
+    "attribution_memory",
     "attribution_patching",
     "causal_tracing",
     "circuit_patching",

@@ -7,6 +7,7 @@ is interactive in a notebook and goes into an HTML report with ``mechedit.viz.wr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -133,4 +134,58 @@ def before_after(
             hovertemplate="%{x}<br>" + col + " %{y:.4g}<br>change %{customdata:+.4g}<extra></extra>",
         )
     fig.update_layout(barmode="group", title=title, yaxis_title="value", margin={"t": 60, "b": 120})
+    return fig
+
+
+def _node_place(label: str, n_heads: int) -> tuple[float, float]:
+    """Where a writer/reader label sits: x = layer stage (embed left, logits right), y = row."""
+    if label == "embed":
+        return 0.0, n_heads / 2
+    if label == "logits":
+        return float("inf"), n_heads / 2
+    if label.startswith("m"):
+        return 2 * int(label[1:]) + 2.0, n_heads / 2
+    layer, head = label[1:].split(".")[:2]
+    return 2 * int(layer) + 1.0, float(head[1:])
+
+
+def edge_graph(
+    edges: Sequence[Sequence[Any]],
+    *,
+    n_heads: int,
+    title: str = "edge circuit",
+) -> go.Figure:
+    """An edge circuit as a graph: heads and MLPs by layer, edges coloured by sign.
+
+    Args:
+        edges: ``(writer, reader, score)`` triples, as ``EdgeAttribution.top_edges`` /
+            ``greedy_edges`` give them (labels ``embed``, ``a{l}.h{h}``, ``m{l}``; a reader's
+            ``.q`` / ``.k`` / ``.v`` is shown on the edge's hover text).
+        n_heads: heads per layer (rows of the drawing).
+
+    Line width grows with ``|score|``; blue raises the metric, red lowers it.
+    """
+    if not edges:
+        raise ValueError("no edges to draw")
+    nodes: dict[str, tuple[float, float]] = {}
+    for writer, reader, _ in edges:
+        for label in (writer, reader.rsplit(".", 1)[0] if reader.count(".") == 2 else reader):
+            nodes.setdefault(label, _node_place(label, n_heads))
+    right = max((x for x, _ in nodes.values() if x != float("inf")), default=0.0) + 1
+    nodes = {k: (right if x == float("inf") else x, y) for k, (x, y) in nodes.items()}
+    biggest = max(abs(float(s)) for *_, s in edges) or 1.0
+    fig = go.Figure()
+    for writer, reader, score in edges:
+        target = reader.rsplit(".", 1)[0] if reader.count(".") == 2 else reader
+        (x0, y0), (x1, y1) = nodes[writer], nodes[target]
+        fig.add_scatter(
+            x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="text", showlegend=False,
+            text=f"{writer} -> {reader}: {float(score):+.3g}",
+            line={"width": 0.5 + 6 * abs(float(score)) / biggest, "color": "#2b6cb0" if score >= 0 else "#c53030"},
+        )
+    fig.add_scatter(
+        x=[x for x, _ in nodes.values()], y=[y for _, y in nodes.values()], mode="markers+text",
+        text=list(nodes), textposition="top center", marker={"size": 10, "color": "#444"}, showlegend=False,
+    )
+    fig.update_layout(title=title, xaxis={"visible": False}, yaxis={"visible": False}, height=450)
     return fig
