@@ -18,6 +18,13 @@ from mechedit.locate.causal_tracing import (
     causal_tracing,
     subject_embedding_std,
 )
+from mechedit.locate.depn import DEPNConfig, depn, depn_select, random_neurons
+from mechedit.locate.knowledge_neurons import (
+    KnowledgeNeuronsConfig,
+    KnowledgePrompt,
+    knowledge_neurons,
+    knowledge_prompts,
+)
 from mechedit.locate.neuron_attribution import NeuronAttributionConfig, neuron_attribution
 
 __all__ = [
@@ -27,12 +34,20 @@ __all__ = [
     "CausalTrace",
     "CausalTracingConfig",
     "CircuitPatching",
+    "DEPNConfig",
+    "KnowledgeNeuronsConfig",
+    "KnowledgePrompt",
     "NeuronAttributionConfig",
     "activation_patching",
     "attribution_patching",
     "causal_tracing",
     "circuit_patching",
+    "depn",
+    "depn_select",
     "faithfulness",
+    "knowledge_neurons",
+    "knowledge_prompts",
     "neuron_attribution",
+    "random_neurons",
     "subject_embedding_std",
 ]
