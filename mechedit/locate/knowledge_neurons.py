@@ -57,7 +57,7 @@ from mechedit.interventions import Intervention, patch
 from mechedit.models import model_device
 from mechedit.prompts import FactPrompt
 from mechedit.provenance import Provenance
-from mechedit.resume import check_resumable, reference_run, resume
+from mechedit.resume import ReferenceRun, check_resumable, reference_run, resume
 from mechedit.scores import Scores
 from mechedit.tokens import answer_ids, get_tokenizer, token_ids, tokenize_prompts
 
@@ -74,6 +74,7 @@ AlphaGrid = Literal["depn", "dai", "linspace"]
 ALPHA_GRIDS = ("depn", "dai", "linspace")
 _SITES = {"post": "neuron", "pre": "neuron_pre"}
 _MASKED_SUFFIX = "ForMaskedLM"  # HF classes that predict at a mask token (BERT)
+_PROMPTS_PER_REFERENCE = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,40 +330,71 @@ def _ig_full(model: Any, group: list[_Row], names: list[str], grid: Tensor, cfg:
     return acts * grads.reshape(acts.shape) / m
 
 
-def _ig_resume(model: Any, group: list[_Row], names: list[str], layers: list[int], grid: Tensor, cfg: KnowledgeNeuronsConfig, bar: Any) -> Tensor:
-    """As ``_ig_full`` for a causal LM, each row recomputed from its layer at its last position."""
+def _truncated(ref: ReferenceRun, end: int) -> ReferenceRun:
+    """The reference of the rows' first ``end`` positions, each read at position ``end - 1``.
+
+    Under causal attention nothing at positions ``< end`` depends on later tokens, so a prefix of
+    a reference run is the reference run of the prefix.
+    """
+    return ReferenceRun(
+        tokens=ref.tokens[:, :end],
+        last_positions=torch.full_like(ref.last_positions, end - 1),
+        resid=ref.resid[:, :, :end],
+        keys=tuple(k[:, :, :end] for k in ref.keys),
+        values=tuple(v[:, :, :end] for v in ref.values),
+        logits=ref.logits,  # read only for rows that resume after their read position: none here
+        activations={},
+    )
+
+
+def _ig_resume(model: Any, rows: list[_Row], names: list[str], layers: list[int], grid: Tensor, cfg: KnowledgeNeuronsConfig, bar: Any) -> Tensor:
+    """As ``_ig_full`` for a causal LM: each row recomputed from its layer at its one position.
+
+    One reference run of each prompt's whole sequence (prompt + target) serves all its target
+    tokens; rows predicting at the same position share each ``resume`` batch.
+    """
     device = model_device(model)
-    tokens = torch.tensor([r.tokens for r in group], device=device)
-    targets = torch.tensor([r.target for r in group], device=device)
-    n_rows, n_layers, m = len(group), len(names), len(grid)
-    p = tokens.shape[1] - 1  # every row predicts at its last position (see _causal_rows)
-    ref = reference_run(model, tokens, keep=names)
-    acts = torch.stack([ref.activations[n][:, p] for n in names], 1)
+    n_rows, n_layers, m = len(rows), len(names), len(grid)
+    prompts = sorted({r.prompt for r in rows})
+    seq = {p: max((r.tokens for r in rows if r.prompt == p), key=len) for p in prompts}
+    ref_row = {p: i for i, p in enumerate(prompts)}
+    width = max(len(t) for t in seq.values())
+    tokens = torch.tensor([list(seq[p]) + [seq[p][0]] * (width - len(seq[p])) for p in prompts], device=device)
+    ref = reference_run(model, tokens, keep=names)  # right padding: no real token sees the pad
+    row_of = torch.tensor([ref_row[r.prompt] for r in rows], device=device)
+    pos = torch.tensor([r.position for r in rows], device=device)
+    targets = torch.tensor([r.target for r in rows], device=device)
+    acts = torch.stack([ref.activations[n][row_of, pos] for n in names], 1)  # [rows, layer, d]
     grads = torch.zeros_like(acts).reshape(n_rows * n_layers, -1)
-    # cells ordered (layer, row, step) so that start layers never decrease along the batch
-    total = n_rows * n_layers * m
     grid = grid.to(device=device, dtype=acts.dtype)
     layer_ids = torch.tensor(layers, device=device)
-    for start in range(0, total, cfg.batch_size):
-        cell = torch.arange(start, min(start + cfg.batch_size, total), device=device)
-        layer, row, step = cell // (n_rows * m), (cell // m) % n_rows, cell % m
-        scaled = (grid[step, None] * acts[row, layer]).requires_grad_(True)
-        start_layers = layer_ids[layer]
-        edits = []
-        for li, name in enumerate(names):
-            # resume hands block l the rows that started at or below it, in batch order
-            lo, hi = int((layer < li).sum()), int((layer <= li).sum())
-            if hi > lo:
-                edits.append(Intervention(
-                    name, "replace", source=scaled[:hi], source_shape="row",
-                    rows=torch.arange(lo, hi, device=device), positions=0,
-                ))
-        hooks = [e.hook() for e in edits]
-        with torch.enable_grad():
-            logits = resume(model, ref, start_pos=p, rows=row, start_layers=start_layers, fwd_hooks=hooks, differentiable=True)
-            grad = torch.autograd.grad(_target_value(logits, targets[row], cfg.prob), scaled)[0]
-        grads.index_add_(0, row * n_layers + layer, grad)
-        bar.update(len(cell))
+    for p in sorted(set(pos.tolist())):
+        members = (pos == p).nonzero().flatten()
+        view = _truncated(ref, p + 1)
+        # cells (layer, member, step) in that order, so start layers never decrease in a batch
+        total = len(members) * n_layers * m
+        for start in range(0, total, cfg.batch_size):
+            cell = torch.arange(start, min(start + cfg.batch_size, total), device=device)
+            layer, member, step = cell // (len(members) * m), (cell // m) % len(members), cell % m
+            row = members[member]
+            scaled = (grid[step, None] * acts[row, layer]).requires_grad_(True)
+            edits = []
+            for li, name in enumerate(names):
+                # resume hands block l the rows that started at or below it, in batch order
+                lo, hi = int((layer < li).sum()), int((layer <= li).sum())
+                if hi > lo:
+                    edits.append(Intervention(
+                        name, "replace", source=scaled[:hi], source_shape="row",
+                        rows=torch.arange(lo, hi, device=device), positions=0,
+                    ))
+            with torch.enable_grad():
+                logits = resume(
+                    model, view, start_pos=p, rows=row_of[row], start_layers=layer_ids[layer],
+                    fwd_hooks=[e.hook() for e in edits], differentiable=True,
+                )
+                grad = torch.autograd.grad(_target_value(logits, targets[row], cfg.prob), scaled)[0]
+            grads.index_add_(0, row * n_layers + layer, grad)
+            bar.update(len(cell))
     return acts * grads.reshape(acts.shape) / m
 
 
@@ -431,19 +463,23 @@ def knowledge_neurons(
     grid = alphas(cfg.steps, cfg.alpha_grid)
 
     per_item = torch.zeros(len(items), len(scored), d_mlp, dtype=torch.float64)
-    by_length: dict[int, list[int]] = {}
-    for k, r in enumerate(rows):
-        by_length.setdefault(len(r.tokens), []).append(k)  # equal lengths batch without padding
     total = len(rows) * len(scored) * cfg.steps
     with tqdm(total=total, desc="knowledge neurons", unit="row", disable=not progress) as bar:
-        for members in by_length.values():
-            group = [rows[k] for k in members]
-            if how == "resume":
-                values = _ig_resume(model, group, names, scored, grid, cfg, bar)
-            else:
-                values = _ig_full(model, group, names, grid, cfg, bar)
-            owners = torch.tensor([r.prompt for r in group])
-            per_item.index_add_(0, owners, values.detach().to("cpu", torch.float64))
+        if how == "resume":
+            # reference runs of at most _PROMPTS_PER_REFERENCE prompts at a time bound the memory
+            chunks = [
+                [r for r in rows if start <= r.prompt < start + _PROMPTS_PER_REFERENCE]
+                for start in range(0, len(items), _PROMPTS_PER_REFERENCE)
+            ]
+            runs = [(chunk, _ig_resume(model, chunk, names, scored, grid, cfg, bar)) for chunk in chunks]
+        else:
+            by_length: dict[int, list[_Row]] = {}
+            for r in rows:
+                by_length.setdefault(len(r.tokens), []).append(r)  # equal lengths: no padding
+            runs = [(group, _ig_full(model, group, names, grid, cfg, bar)) for group in by_length.values()]
+    for group, values in runs:
+        owners = torch.tensor([r.prompt for r in group])
+        per_item.index_add_(0, owners, values.detach().to("cpu", torch.float64))
 
     full = torch.full((len(items), n_layers, d_mlp), float("nan"), dtype=torch.float64)
     full[:, scored] = per_item
