@@ -117,16 +117,20 @@ def refine_groups(
     lo, hi = keep_range
     out, final = [], []
     for g in range(len(labels)):  # a few threshold moves per group; neurons stay vectorised
-        q = p
-        passed = share[g] > q
-        while int(passed.sum()) < lo and q > 0:
-            q = max(q - step, 0.0)
-            passed = share[g] > q
-        while int(passed.sum()) > hi and q + step < 1:
-            q += step
-            passed = share[g] > q
+        moves = 0
+
+        def share_p(n: int) -> float:  # p after n moves, rounded so that 0.7 - 2 * 0.05 is 0.6
+            return min(max(round(p + n * step, 9), 0.0), 1.0)
+
+        passed = share[g] > share_p(moves)
+        while int(passed.sum()) < lo and share_p(moves) > 0:
+            moves -= 1
+            passed = share[g] > share_p(moves)
+        while int(passed.sum()) > hi and share_p(moves + 1) < 1:
+            moves += 1
+            passed = share[g] > share_p(moves)
         out.append(passed)
-        final.append(round(q, 6))
+        final.append(share_p(moves))
     return torch.stack(out), labels, final
 
 
