@@ -60,12 +60,14 @@ from mechedit.provenance import Provenance
 from mechedit.resume import ReferenceRun, check_resumable, reference_run, resume
 from mechedit.scores import Scores
 from mechedit.tokens import answer_ids, get_tokenizer, token_ids, tokenize_prompts
+from mechedit.zoo.world import PrivateRecord
 
 __all__ = [
     "ALPHA_GRIDS",
     "KnowledgeNeuronsConfig",
     "KnowledgePrompt",
     "alphas",
+    "is_masked_lm",
     "knowledge_neurons",
     "knowledge_prompts",
 ]
@@ -114,8 +116,6 @@ def knowledge_prompts(model: Any, items: Any, targets: Sequence[str] | None = No
     ``factworld-mlm`` is trained on: ``"<prefix> <mask> ... <mask> ."``, one mask per secret
     token); or plain prompt strings with ``targets`` (one target each).
     """
-    from mechedit.zoo.world import PrivateRecord
-
     if isinstance(items, (str, KnowledgePrompt, FactPrompt, PrivateRecord)):
         items = [items]
     items = list(items)
