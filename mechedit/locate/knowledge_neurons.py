@@ -180,7 +180,9 @@ class KnowledgeNeuronsConfig:
         prob: ``"prob"`` (the target's softmax probability, DEPN/Dai) or ``"logprob"``.
         site: ``"post"`` (``mlp.hook_post``, after the nonlinearity; DEPN/Dai) or ``"pre"``.
         layers: layers to score (``None``: all); other layers are NaN in the scores.
-        batch_size: rows (predicted token x layer x step) per forward/backward pass.
+        batch_size: rows (predicted token x layer x step) per forward/backward pass when
+            resumed (one position each); whole forward passes take ``batch_size // n_pos`` rows
+            (at least 1), so either holds about ``batch_size`` positions' logits at once.
         per_prompt: keep one score map per prompt (axis ``"prompt"``) instead of their mean.
         method: ``"auto"`` (``"resume"`` on causal LMs, else ``"full"``), ``"resume"`` or
             ``"full"`` (whole forward passes; the reference).
@@ -311,8 +313,10 @@ def _ig_full(model: Any, group: list[_Row], names: list[str], grid: Tensor, cfg:
     # cell c = (row, layer, step) in row-major order; chunks of cells are forward passes
     total = n_rows * n_layers * m
     grid = grid.to(device=device, dtype=acts.dtype)
-    for start in range(0, total, cfg.batch_size):
-        cell = torch.arange(start, min(start + cfg.batch_size, total), device=device)
+    # a whole forward keeps logits at every position: batch_size counts positions, as resumed rows do
+    chunk = max(1, cfg.batch_size // tokens.shape[1])
+    for start in range(0, total, chunk):
+        cell = torch.arange(start, min(start + chunk, total), device=device)
         row, layer, step = cell // (n_layers * m), (cell // m) % n_layers, cell % m
         scaled = (grid[step, None] * acts[row, layer]).requires_grad_(True)
         edits = [
