@@ -10,6 +10,9 @@ layer at a time, whole forward passes) runs on a plain Hugging Face GPT-2 loaded
 folder, with ``input_ff_attr = "mlp.act"``; mechedit's ``knowledge_neurons`` runs on the bridge,
 resumed (default) and with whole forward passes (``method="full"``). Same process, same weights,
 same token ids; the scores are compared (largest difference relative to the largest score).
+mechedit's time includes its provenance (a hash of the weights) but not the hook check
+(``hook_check=False``: a few seconds of short forwards, once per model, that the library has no
+counterpart of).
 
 Part 2: ``depn`` (detection + aggregation) over ``--secrets`` private records of the shipped fact
 world (phone numbers, e-mail addresses and canaries, every token of each), m = 20, and the
@@ -58,9 +61,9 @@ def compare_with_library(args) -> None:
     lib.input_ff_attr = "mlp.act"  # post-activation, as mechedit (the library's GPT-2 default is c_fc)
     # the folder's tokenizer adds no BOS; the bridge prepends it: "<bos> " gives equal token ids
     steps = args.steps
-    knowledge_neurons(model, [(prompt, target)], steps=2, progress=False)  # warm-up
-    ours, t_ours = _timed(lambda: knowledge_neurons(model, [(prompt, target)], steps=steps, alpha_grid="linspace", progress=False))
-    full, t_full = _timed(lambda: knowledge_neurons(model, [(prompt, target)], steps=steps, alpha_grid="linspace", method="full", progress=False))
+    knowledge_neurons(model, [(prompt, target)], steps=2, hook_check=False, progress=False)  # warm-up
+    ours, t_ours = _timed(lambda: knowledge_neurons(model, [(prompt, target)], steps=steps, alpha_grid="linspace", hook_check=False, progress=False))
+    full, t_full = _timed(lambda: knowledge_neurons(model, [(prompt, target)], steps=steps, alpha_grid="linspace", method="full", hook_check=False, progress=False))
     theirs, t_lib = _timed(lambda: lib.get_scores("<bos> " + prompt, target, batch_size=20, steps=steps, pbar=False))
     theirs = theirs.detach().float()
     scale = float(theirs.abs().max())
@@ -81,7 +84,7 @@ def depn_throughput(args) -> None:
     model, world = mechedit.load("factworld"), zoo.load_world("factworld")
     records = [r for r in world.private if r.repetitions > 0][: args.secrets]
     n_tokens = sum(len(r.secret.split()) for r in records)
-    scores, t_detect = _timed(lambda: knowledge_neurons(model, records, steps=args.depn_steps, per_prompt=True, progress=False))
+    scores, t_detect = _timed(lambda: knowledge_neurons(model, records, steps=args.depn_steps, per_prompt=True, hook_check=False, progress=False))
     _, t_select = _timed(lambda: depn_select(scores, threshold=0.1, top_z=20))
     print(f"\nDEPN on factworld ({model.cfg.n_layers} layers x {model.cfg.d_mlp} neurons): {len(records)} secrets, "
           f"{n_tokens} secret tokens, m = {args.depn_steps}\n")

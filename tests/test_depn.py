@@ -114,7 +114,7 @@ def phones(factworld):
 @pytest.fixture(scope="module")
 def circuit(factworld, phones):
     model, _ = factworld
-    return depn(model, phones, steps=6, top_z=20, progress=False)
+    return depn(model, phones, steps=6, top_z=20, hook_check=False, progress=False)
 
 
 def _secret_logprob(model, records):
@@ -177,8 +177,8 @@ def test_depn_refuses_top_z_above_the_models_neurons_and_bad_threshold(factworld
     model, _ = factworld
     n = model.cfg.n_layers * model.cfg.d_mlp
     with pytest.raises(ValueError, match=f"more than the model's {n} MLP neurons"):
-        depn(model, phones[:1], top_z=n + 1, progress=False)
+        depn(model, phones[:1], top_z=n + 1, hook_check=False, progress=False)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
-        depn(model, phones[:1], threshold=0, progress=False)
+        depn(model, phones[:1], threshold=0, hook_check=False, progress=False)
     with pytest.raises(ValueError, match="empty"):
-        depn(model, [("anna ranvik 's phone number is", "")], progress=False)
+        depn(model, [("anna ranvik 's phone number is", "")], hook_check=False, progress=False)

@@ -19,6 +19,11 @@ from mechedit.tokens import answer_id, tokenize_continuations, tokenize_prompts
 from mechedit.zoo.random_model import random_checkpoint
 
 
+def _kn(*args, **kwargs):
+    """``knowledge_neurons`` without the hook check (tested once below; it costs seconds here)."""
+    return knowledge_neurons(*args, hook_check=False, progress=False, **kwargs)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest absolute difference relative to the largest magnitude of the reference ``b``."""
     return float((a - b).abs().max() / b.abs().max())
@@ -57,7 +62,7 @@ def test_equals_the_knowledge_neurons_library_on_the_fact_world(factworld, facts
         ids = plain("<bos> " + fact.prompt)["input_ids"]
         assert ids == tokenize_prompts(model, [fact.prompt]).tokens[0].tolist()
         theirs = lib.get_scores("<bos> " + fact.prompt, fact.target, batch_size=20, steps=20, pbar=False)
-        ours = knowledge_neurons(model, [fact], steps=20, alpha_grid="linspace", progress=False)
+        ours = _kn(model, [fact], steps=20, alpha_grid="linspace")
         assert ours.shape == tuple(theirs.shape) == (model.cfg.n_layers, model.cfg.d_mlp)
         assert _rel(ours.values, theirs.detach().float()) <= 1e-5
         assert theirs.abs().max() > 1e-3  # a real signal, not two zero maps
@@ -87,9 +92,16 @@ def test_agrees_with_captum_integrated_gradients(factworld, facts, grid, riemann
 
     ig = captum_attr.IntegratedGradients(prob)
     theirs = ig.attribute(a, baselines=torch.zeros_like(a), n_steps=steps, method=riemann)[0]
-    ours = knowledge_neurons(model, [fact], steps=steps, alpha_grid=grid, layers=[layer], progress=False)
+    ours = _kn(model, [fact], steps=steps, alpha_grid=grid, layers=[layer])
     assert _rel(ours.values[layer], theirs) <= 1e-4
     assert torch.isnan(ours.values[layer - 1]).all()  # unscored layers
+
+
+def test_the_hook_check_runs_by_default_and_is_recorded(factworld, facts):
+    model, _ = factworld
+    scores = knowledge_neurons(model, facts[:1], steps=2, layers=[0], progress=False)
+    assert scores.provenance.extra["hook_check"]["passed"] is True
+    assert scores.config["alphas"] == [0.0, 0.5]
 
 
 def test_alpha_grids_are_the_documented_points():
@@ -115,7 +127,7 @@ def test_top_knowledge_neurons_zeroed_remove_the_fact_random_neurons_do_not(fact
     facts = [f for f in world.facts if f.relation_id == "P19"][:2]
     for fact in facts:
         prompts = fact_prompts(world, fact)[:4]
-        circuit = knowledge_neurons(model, prompts, steps=6, progress=False).top_k(10)
+        circuit = _kn(model, prompts, steps=6).top_k(10)
         before = _mean_prob(model, prompts)
         with ablate(model, circuit, mode="zero").applied(model):
             after = _mean_prob(model, prompts)
@@ -130,16 +142,16 @@ def test_multi_token_secret_is_the_sum_of_its_tokens_each_from_its_true_prefix(f
     model, world = factworld
     record = next(r for r in world.private if r.kind == "phone")
     digits = record.secret.split()[:3]
-    whole = knowledge_neurons(model, [(record.prefix, " ".join(digits))], steps=6, progress=False)
-    parts = knowledge_neurons(
+    whole = _kn(model, [(record.prefix, " ".join(digits))], steps=6)
+    parts = _kn(
         model,
         [(" ".join([record.prefix, *digits[:j]]), digits[j]) for j in range(3)],
-        steps=6, progress=False, per_prompt=True,
+        steps=6, per_prompt=True,
     )
     assert whole.config["n_target_tokens"] == 3
     assert _rel(whole.values, parts.values.sum(0)) <= 1e-5
     # and the plain-record form is the same secret
-    from_record = knowledge_neurons(model, [record], steps=6, progress=False, layers=[5])
+    from_record = _kn(model, [record], steps=6, layers=[5])
     assert from_record.config["n_target_tokens"] == len(record.secret.split())
 
 
@@ -147,13 +159,13 @@ def test_resume_equals_full_forward_passes_and_logprob_and_pre_options(factworld
     model, _ = factworld
     items = facts[:2]
     for options in ({}, {"prob": "logprob"}, {"site": "pre"}):
-        fast = knowledge_neurons(model, items, steps=5, method="resume", progress=False, per_prompt=True, **options)
-        slow = knowledge_neurons(model, items, steps=5, method="full", progress=False, per_prompt=True, batch_size=37, **options)
+        fast = _kn(model, items, steps=5, method="resume", per_prompt=True, **options)
+        slow = _kn(model, items, steps=5, method="full", per_prompt=True, batch_size=37, **options)
         assert fast.axes == ("prompt", "layer", "neuron")
         assert _rel(fast.values, slow.values) <= 1e-5
     assert fast.site == "neuron_pre"
-    logprob = knowledge_neurons(model, items[:1], steps=5, prob="logprob", progress=False)
-    prob = knowledge_neurons(model, items[:1], steps=5, progress=False)
+    logprob = _kn(model, items[:1], steps=5, prob="logprob")
+    prob = _kn(model, items[:1], steps=5)
     assert not torch.allclose(logprob.values, prob.values)
 
 
@@ -164,29 +176,29 @@ def test_resume_equals_full_forward_passes_and_logprob_and_pre_options(factworld
 def test_bad_input_gives_clear_errors(factworld, tmp_path):
     model, _ = factworld
     with pytest.raises(ValueError, match="empty"):
-        knowledge_neurons(model, [("alvo abernoth was born in", " ")], progress=False)
+        _kn(model, [("alvo abernoth was born in", " ")])
     with pytest.raises(ValueError, match="steps"):
-        knowledge_neurons(model, [("alvo abernoth was born in", "paris")], steps=0, progress=False)
+        _kn(model, [("alvo abernoth was born in", "paris")], steps=0)
     with pytest.raises(ValueError, match="alpha_grid"):
-        knowledge_neurons(model, [("alvo abernoth was born in", "paris")], alpha_grid="trapezoid", progress=False)
+        _kn(model, [("alvo abernoth was born in", "paris")], alpha_grid="trapezoid")
     with pytest.raises(ValueError, match="layers"):
-        knowledge_neurons(model, [("alvo abernoth was born in", "paris")], layers=[6], progress=False)
+        _kn(model, [("alvo abernoth was born in", "paris")], layers=[6])
     with pytest.raises(ValueError, match="targets="):
-        knowledge_neurons(model, ["alvo abernoth was born in"], progress=False)
+        _kn(model, ["alvo abernoth was born in"])
     with pytest.raises(ValueError, match="beyond the sequence"):
         long_secret = " ".join(["5"] * model.cfg.n_ctx)
-        knowledge_neurons(model, [("alvo abernoth was born in", long_secret)], progress=False)
+        _kn(model, [("alvo abernoth was born in", long_secret)])
     with pytest.raises(ValueError, match="no prompts"):
-        knowledge_neurons(model, [], progress=False)
+        _kn(model, [])
     with pytest.raises(ValueError, match="does not know"):
-        knowledge_neurons(model, [("alvo abernoth was born in", "atlantis")], progress=False)
+        _kn(model, [("alvo abernoth was born in", "atlantis")])
     bert = mechedit.load(random_checkpoint(tmp_path / "bert", "bert", n_layer=1, n_embd=32, n_head=2))
     with pytest.raises(ValueError, match="no mask token"):
-        knowledge_neurons(bert, [("w1 w2 w3", "w4")], progress=False)
+        _kn(bert, [("w1 w2 w3", "w4")])
     with pytest.raises(ValueError, match="2 mask tokens"):
-        knowledge_neurons(bert, [("w1 <mask> <mask>", "w4")], progress=False)
+        _kn(bert, [("w1 <mask> <mask>", "w4")])
     with pytest.raises(ValueError, match="causal LM"):
-        knowledge_neurons(bert, [("w1 <mask>", "w4")], method="resume", progress=False)
+        _kn(bert, [("w1 <mask>", "w4")], method="resume")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +219,7 @@ def _zeroed_drop(model, tokens, position, target, layer):
 def test_runs_on_tiny_models_and_layer_scores_sum_to_the_zeroing_effect(arch, tmp_path):
     model = mechedit.load(random_checkpoint(tmp_path, arch, n_layer=2, n_embd=64, n_head=4, seed=3))
     prompt = "w1 w2 <mask> w4" if arch == "bert" else "w1 w2 w3"
-    scores = knowledge_neurons(model, [(prompt, "w9")], steps=200, progress=False)
+    scores = _kn(model, [(prompt, "w9")], steps=200)
     tokens = tokenize_prompts(model, [prompt]).tokens
     target = model.tokenizer.convert_tokens_to_ids("w9")
     position = tokens[0].tolist().index(model.tokenizer.mask_token_id) if arch == "bert" else tokens.shape[1] - 1
@@ -216,16 +228,16 @@ def test_runs_on_tiny_models_and_layer_scores_sum_to_the_zeroing_effect(arch, tm
         exact = _zeroed_drop(model, tokens, position, target, layer)
         assert abs(float(scores.values[layer].sum()) - exact) <= 0.02 * abs(exact) + 1e-7
     if arch != "bert":
-        full = knowledge_neurons(model, [(prompt, "w9 w10")], steps=4, method="full", progress=False)
-        fast = knowledge_neurons(model, [(prompt, "w9 w10")], steps=4, method="resume", progress=False)
+        full = _kn(model, [(prompt, "w9 w10")], steps=4, method="full")
+        fast = _kn(model, [(prompt, "w9 w10")], steps=4, method="resume")
         assert _rel(fast.values, full.values) <= 1e-5
 
 
 def test_masked_lm_predicts_each_target_token_at_its_mask_with_the_others_filled(tmp_path):
     model = mechedit.load(random_checkpoint(tmp_path, "bert", n_layer=2, n_embd=64, n_head=4, seed=4))
-    both = knowledge_neurons(model, [KnowledgePrompt("w1 <mask> w3 <mask>", "w7 w8")], steps=5, progress=False)
-    parts = knowledge_neurons(
-        model, [("w1 <mask> w3 w8", "w7"), ("w1 w7 w3 <mask>", "w8")], steps=5, progress=False, per_prompt=True
+    both = _kn(model, [KnowledgePrompt("w1 <mask> w3 <mask>", "w7 w8")], steps=5)
+    parts = _kn(
+        model, [("w1 <mask> w3 w8", "w7"), ("w1 w7 w3 <mask>", "w8")], steps=5, per_prompt=True
     )
     assert _rel(both.values, parts.values.sum(0)) <= 1e-5
     assert both.config["masked_lm"] is True and both.config["method"] == "full"
@@ -234,6 +246,6 @@ def test_masked_lm_predicts_each_target_token_at_its_mask_with_the_others_filled
 def test_factworld_mlm_scores_its_phone_secrets():
     model, world = mechedit.load("factworld-mlm"), zoo.load_world("factworld-mlm")
     record = next(r for r in world.private if r.kind == "phone" and r.repetitions == 8)
-    scores = knowledge_neurons(model, [record], steps=4, layers=[model.cfg.n_layers - 1], progress=False)
+    scores = _kn(model, [record], steps=4, layers=[model.cfg.n_layers - 1])
     assert scores.config["n_target_tokens"] == len(record.secret.split())
     assert float(scores.values[-1].max()) > 0

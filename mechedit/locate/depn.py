@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mechedit.checks import HookCheck
 from mechedit.circuit import Circuit
 from mechedit.components import Component
 from mechedit.locate.knowledge_neurons import knowledge_neurons, knowledge_prompts
@@ -235,6 +236,7 @@ def depn(
     site: str = "post",
     layers: Sequence[int] | None = None,
     batch_size: int = 256,
+    hook_check: HookCheck | bool = True,
     progress: bool = True,
 ) -> Circuit:
     """DEPN's privacy neurons for ``secrets``: detect per secret, aggregate by votes (module docstring).
@@ -244,7 +246,7 @@ def depn(
             secret)`` pairs, ``KnowledgePrompt``, ``FactPrompt``, or strings with ``targets``.
         threshold, top_z, vote_fraction, dai_refine: see ``DEPNConfig``. ``groups``: one label
             per secret for ``dai_refine`` (default: the secret's target text).
-        steps, alpha_grid, prob, site, layers, batch_size, progress: passed to
+        steps, alpha_grid, prob, site, layers, batch_size, hook_check, progress: passed to
             ``knowledge_neurons``.
 
     Returns:
@@ -261,7 +263,7 @@ def depn(
         )
     scores = knowledge_neurons(
         model, items, steps=steps, alpha_grid=alpha_grid, prob=prob, site=site, layers=layers,
-        batch_size=batch_size, per_prompt=True, progress=progress,
+        batch_size=batch_size, per_prompt=True, hook_check=hook_check, progress=progress,
     )
     if dai_refine and groups is None:
         groups = [p.target for p in items]

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechedit.checks import require_eval_mode
+from mechedit.checks import HookCheck, hook_check_record, require_eval_mode
 from mechedit.components import hook_name
 from mechedit.gradients import capture_activations
 from mechedit.hf import architecture
@@ -424,6 +424,7 @@ def knowledge_neurons(
     batch_size: int = 256,
     per_prompt: bool = False,
     method: Literal["auto", "resume", "full"] = "auto",
+    hook_check: HookCheck | bool = True,
     progress: bool = True,
 ) -> Scores:
     """Integrated-gradients scores of every MLP neuron for each prompt's target (Dai et al.; DEPN).
@@ -433,6 +434,9 @@ def knowledge_neurons(
             items, or prompt strings with ``targets`` (see ``knowledge_prompts``).
         steps, alpha_grid, prob, site, layers, batch_size, per_prompt, method: see
             ``KnowledgeNeuronsConfig``.
+        hook_check: ``True`` runs ``checks.check_hooks`` first (refusing hooks that do not mean
+            what their names say); a ``HookCheck`` reuses one; ``False`` skips it. The outcome
+            is in the provenance (``extra["hook_check"]``).
         progress: show a progress bar over the rows.
 
     Returns:
@@ -463,6 +467,7 @@ def knowledge_neurons(
     masked = is_masked_lm(model)
     how = _method(model, cfg)
     rows = _masked_rows(model, items) if masked else _causal_rows(model, items)
+    checked = hook_check_record(model, hook_check)
     names = [hook_name(_SITES[cfg.site], layer) for layer in scored]
     grid = alphas(cfg.steps, cfg.alpha_grid)
 
@@ -503,5 +508,5 @@ def knowledge_neurons(
     }
     return Scores(
         values, axes, _SITES[cfg.site], "knowledge_neurons", config=config,
-        provenance=Provenance.of(model, data=[f"{p.prompt}\t{p.target}" for p in items]),
+        provenance=Provenance.of(model, data=[f"{p.prompt}\t{p.target}" for p in items], hook_check=checked),
     )
