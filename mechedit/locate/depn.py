@@ -148,8 +148,9 @@ def depn_select(
     """DEPN's selection and aggregation on per-secret scores (``knowledge_neurons(..., per_prompt=True)``).
 
     ``scores`` has axes ``("prompt", "layer", "neuron")``. ``groups`` (one label per prompt) is
-    required with ``dai_refine`` (``depn`` defaults it to each secret's target text). Returns a ``Circuit`` of ``neuron`` components (or
-    ``neuron_pre``, as scored), most voted first; see the module docstring.
+    required with ``dai_refine`` (``depn`` defaults it to each secret's target text). A
+    ``config`` replaces the keyword settings. Returns a ``Circuit`` of ``neuron`` components
+    (``neuron_pre`` if so scored), most voted first; see the module docstring.
 
     Raises:
         ValueError: scores without a prompt axis, bad settings, ``top_z`` above the number of
