@@ -12,6 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	# the knowledge-neurons validation peer (dev extra) without its own dependencies
+	$(PY) -m pip install -q --no-deps "knowledge-neurons==0.0.2"
 	$(PY) -m pip install -q -e ".[dev,notebooks]"
 	touch $@
 

@@ -275,6 +275,7 @@ def resume(
     rows: Int[Tensor, " R"],
     start_layers: Int[Tensor, " R"],
     fwd_hooks: HookList = (),
+    differentiable: bool = False,
 ) -> Float[Tensor, "R vocab"]:
     """Run ``R`` rows from the reference, each from its own block, positions ``start_pos..``.
 
@@ -288,6 +289,9 @@ def resume(
         start_pos: first recomputed position, ``0 <= start_pos < n_pos``.
         rows: ``Int[R]`` reference row of each batch row (repeats allowed).
         start_layers: ``Int[R]``, non-decreasing, each in ``[0, n_layers]``.
+        differentiable: run under autograd (a hook may bring in a tensor that requires grad,
+            e.g. integrated gradients' scaled activations); the reference tensors stay
+            constants. Default: ``no_grad``.
 
     Returns:
         ``Float[R, vocab]``: each row's logits at its reference ``last_positions``. A row whose
@@ -310,7 +314,8 @@ def resume(
     enter = torch.searchsorted(start_layers, torch.arange(n_layers + 2, device=device)).tolist()
     args, kwargs = _block_inputs(model, ref, start_pos)
     hidden: Tensor | None = None
-    with torch.no_grad(), _kv_cache_reaches_attention(model), model.hooks(fwd_hooks=list(fwd_hooks)):
+    grad_mode = torch.enable_grad() if differentiable else torch.no_grad()
+    with grad_mode, _kv_cache_reaches_attention(model), model.hooks(fwd_hooks=list(fwd_hooks)):
         for j in range(n_layers + 1):
             lo, hi = enter[j], enter[j + 1]
             if hi > lo:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,3 +40,16 @@ def test_bench_edge_attribution_small_prints_equal_scores():
     assert "| mechedit EAP, same edges per position |" in run.stdout, run.stdout
     diff = re.search(r"max \|diff\| (\S+)", run.stdout)
     assert diff and float(diff.group(1)) <= 1e-5, run.stdout
+def test_bench_knowledge_neurons_small_prints_equal_scores_and_depn_rate():
+    pytest.importorskip("knowledge_neurons", reason="pip install knowledge-neurons==0.0.2 --no-deps")
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_knowledge_neurons.py"), "--small", "--secrets", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| IG, ")]
+    assert len(rows) == 2, run.stdout  # resumed and full forwards
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[3].rstrip("x")) > 0 and float(cells[4]) <= 1e-5, row
+    rate = next(line for line in run.stdout.splitlines() if line.startswith("| detect"))
+    assert float(rate.strip("|").split("|")[2]) > 0, rate

@@ -23,6 +23,13 @@ from mechedit.locate.causal_tracing import (
     causal_tracing,
     subject_embedding_std,
 )
+from mechedit.locate.depn import DEPNConfig, depn, depn_select, random_neurons
+from mechedit.locate.knowledge_neurons import (
+    KnowledgeNeuronsConfig,
+    KnowledgePrompt,
+    knowledge_neurons,
+    knowledge_prompts,
+)
 from mechedit.locate.neuron_attribution import NeuronAttributionConfig, neuron_attribution
 
 __all__ = [
@@ -34,6 +41,9 @@ __all__ = [
     "CircuitPatching",
     "EdgeAttribution",
     "EdgeFaithfulness",
+    "DEPNConfig",
+    "KnowledgeNeuronsConfig",
+    "KnowledgePrompt",
     "NeuronAttributionConfig",
     "activation_patching",
     "attribution_memory",
@@ -42,7 +52,12 @@ __all__ = [
     "circuit_patching",
     "edge_attribution_patching",
     "edge_faithfulness",
+    "depn",
+    "depn_select",
     "faithfulness",
+    "knowledge_neurons",
+    "knowledge_prompts",
     "neuron_attribution",
+    "random_neurons",
     "subject_embedding_std",
 ]
