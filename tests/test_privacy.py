@@ -104,8 +104,8 @@ def test_exact_exposure_equals_brute_force_on_tiny_models(tiny, arch):
 def test_exact_exposure_equals_brute_force_on_factworld_digits(factworld):
     model, world = factworld
     canaries = [r for r in world.private if r.kind == "canary"]
-    # first three digits of trained and of control canaries: high and low ranks both occur
-    secrets = [Secret(r.prefix, " ".join(r.secret.split()[:3])) for r in canaries[:3] + canaries[5:7] + canaries[-2:]]
+    # first three digits of a control canary (never trained) and of a 20-copy one
+    secrets = [Secret(r.prefix, " ".join(r.secret.split()[:3])) for r in (canaries[0], canaries[-1])]
     digits = tuple("0123456789")
     lex = exposure(model, secrets)
     logp = exposure(model, secrets, method="logprob")
@@ -114,11 +114,11 @@ def test_exact_exposure_equals_brute_force_on_factworld_digits(factworld):
     assert lex.rank.tolist() == [float(r) for _, r in ranks]
     assert min(r for r, _ in ranks) == 1 and max(r for r, _ in ranks) > 20
     # the sampled estimate lands near the exact log-prob rank (binomial error, 4 sd)
-    pick = [0, 3, 5]
-    est = exposure(model, [secrets[i] for i in pick], method="sampled", n_samples=1000, seed=3)
+    pick = [0, 1]
+    est = exposure(model, [secrets[i] for i in pick], method="sampled", n_samples=500, seed=3)
     for exact, got in zip(logp.rank[pick].tolist(), est.rank.tolist(), strict=True):
         p = (exact - 1) / 999
-        assert abs(got - exact) <= 4 * 999 * math.sqrt(p * (1 - p) / 1000) + 1
+        assert abs(got - exact) <= 4 * 999 * math.sqrt(p * (1 - p) / 500) + 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,16 +167,16 @@ def test_mrr_is_one_for_a_memorised_secret_and_drops_when_a_layer_is_zeroed(fact
 
 def test_privacy_report_before_and_after_an_edit(factworld):
     model, world = factworld
-    phones = [r for r in world.private if r.kind == "phone"][:4]
-    canaries = [r for r in world.private if r.kind == "canary" and r.repetitions in (0, 20)][::3]
-    emails = [r for r in world.private if r.kind == "email"][:2]
+    phones = [r for r in world.private if r.kind == "phone"][:2]
+    canaries = [r for r in world.private if r.kind == "canary" and r.repetitions in (0, 20)][::5]
+    emails = [r for r in world.private if r.kind == "email"][:1]
     facts = [
         mechedit.prompts.FactPrompt(prompt=zoo.world.fill(world.relation[f.relation_id].train_templates[0], f.subject), target=f.value)
-        for f in world.facts[:30]
+        for f in world.facts[:20]
     ]
     edit = ablate(model, [Component("mlp_out", layer=0)], mode="zero")
     report = privacy_report(
-        model, phones + canaries + emails, edit=edit, heldout_texts=list(world.text_heldout[:40]), facts=facts
+        model, phones + canaries + emails, edit=edit, heldout_texts=list(world.text_heldout[:20]), facts=facts
     )
     frame = report.to_frame().set_index("metric")
     assert set(frame.index) >= {"exposure", "mrr", "ma", "s_ma", "el_3", "s_el_3", "extracted", "perplexity", "fact_accuracy"}
@@ -253,7 +253,7 @@ def test_masked_lm_path_on_factworld_mlm():
     mem = memorization(model, phones[:3])
     assert mem.el is None and mem.s_ma.min() > 0.5
     # the masked path's score of the true secret (pseudo-log-likelihood) agrees across two code paths
-    est = exposure(model, controls[:2], method="sampled", n_samples=200)
+    est = exposure(model, controls[:2], method="sampled", n_samples=100)
     assert est.n_better is not None and (est.n_better > 0).all()
     with pytest.raises(ValueError, match="masked LM does not define"):
         exposure(model, phones[:1], method="logprob")

@@ -90,7 +90,7 @@ from mechedit.interventions import real_tokens
 from mechedit.metrics import perplexity
 from mechedit.models import model_device
 from mechedit.prompts import FactPrompt
-from mechedit.tokens import answer_ids, get_tokenizer, tokenize_continuations, token_ids
+from mechedit.tokens import answer_ids, get_tokenizer, token_ids, tokenize_continuations
 
 __all__ = [
     "DIGITS",
@@ -435,10 +435,16 @@ def secret_token_scores(
     require_eval_mode(model, what="privacy metrics")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    masked = is_masked_lm(model)
     encoded = _encode(model, secrets)
     alpha = None if alphabet is None else _alphabet_ids(model, secrets, alphabet, encoded)
-    n, k = len(secrets), max(len(e.secret) for e in encoded)
+    return _token_scores(model, encoded, alpha, batch_size)
+
+
+def _token_scores(
+    model: Any, encoded: Sequence[_Encoded], alpha: Sequence[Sequence[Tensor]] | None, batch_size: int
+) -> SecretTokenScores:
+    masked = is_masked_lm(model)
+    n, k = len(encoded), max(len(e.secret) for e in encoded)
     target = torch.zeros(n, k, dtype=torch.long)
     logprob = torch.zeros(n, k)
     vocab_rank = torch.full((n, k), -1, dtype=torch.long)
@@ -497,10 +503,6 @@ class ExposureResult:
         if self.n_better is not None:
             cols["n_better"] = self.n_better.tolist()
         return pd.DataFrame(cols)
-
-
-def _space_sizes(alpha: Sequence[Sequence[Tensor]]) -> list[list[int]]:
-    return [[len(ids) for ids in per_secret] for per_secret in alpha]
 
 
 def _lexicographic(scores: SecretTokenScores, sizes: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
@@ -629,6 +631,9 @@ def exposure(
       ``R`` above the secret). Exposure beyond ``~log2 n_samples`` is not resolved: ``k = 0``
       reports ``log2 |R|``.
 
+    ``|R|`` follows each secret's length (DEPN's reference code fixes ``|R| = 10^10`` for its
+    10-digit numbers: the same for those).
+
     Raises:
         ValueError: an unknown method, ``"logprob"`` on a masked LM, a secret token outside the
             alphabet (e.g. a non-digit in a digit secret), bad secrets, ``n_samples < 1``.
@@ -639,18 +644,20 @@ def exposure(
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     if not isinstance(max_frontier, int) or max_frontier < 1:
         raise ValueError(f"max_frontier must be a positive int, got {max_frontier!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     secrets = as_secrets(secrets)
+    require_eval_mode(model, what="exposure")
     masked = is_masked_lm(model)
     if method == "logprob" and masked:
         raise ValueError(
             "method='logprob' ranks by sequence probability, which a masked LM does not define; "
             "use method='lexicographic' (DEPN) or 'sampled' (pseudo-log-likelihood)"
         )
-    scores = secret_token_scores(model, secrets, alphabet=alphabet, batch_size=batch_size)
     encoded = _encode(model, secrets)
     alpha = _alphabet_ids(model, secrets, alphabet, encoded)
-    sizes = _space_sizes(alpha)
-    lex_rank, log2_space = _lexicographic(scores, sizes)
+    scores = _token_scores(model, encoded, alpha, batch_size)
+    lex_rank, log2_space = _lexicographic(scores, [[len(ids) for ids in a] for a in alpha])
     n_better = None
     if method == "lexicographic":
         rank = lex_rank
@@ -666,12 +673,13 @@ def exposure(
     else:
         gen = torch.Generator().manual_seed(seed)
         better = []
-        for i, (enc, a) in enumerate(zip(encoded, alpha, strict=True)):
+        for enc, a in zip(encoded, alpha, strict=True):
             picks = torch.stack([ids[torch.randint(len(ids), (n_samples,), generator=gen)] for ids in a], 1)
             cand = _candidate_scores(model, enc, picks, masked, batch_size)
+            # the secret scored by the same code path as its candidates, so that float rounding
+            # cannot make an identical candidate look better
             own = _candidate_scores(model, enc, torch.tensor([enc.secret]), masked, batch_size)
             better.append(int((cand > own[0]).sum()))
-            del i
         n_better = torch.tensor(better)
         space = torch.exp2(log2_space)
         rank = 1 + (space - 1) * n_better.double() / n_samples
@@ -764,11 +772,10 @@ class MemorizationScores:
         return out
 
 
-def _text_ids(model: Any, secrets: Sequence[Secret], encoded: Sequence[_Encoded]) -> tuple[list[list[int]], list[int], int]:
-    """The text rows (BOS + prefix + secret + suffix), each secret's start, and the BOS shift."""
-    tok = get_tokenizer(model)
-    bos = 1 if encoded and tok.bos_token_id is not None and encoded[0].head[:1] == (tok.bos_token_id,) else 0
-    return [e.row for e in encoded], [len(e.head) for e in encoded], bos
+def _bos_shift(model: Any, encoded: Sequence[_Encoded]) -> int:
+    """1 when the rows start with a prepended BOS (which is not part of the text), else 0."""
+    bos = get_tokenizer(model).bos_token_id
+    return int(bos is not None and encoded[0].head[:1] == (bos,))
 
 
 @torch.no_grad()
@@ -818,7 +825,7 @@ def memorization(model: Any, secrets: Sequence[Any], *, n: int = 3, batch_size: 
     require_eval_mode(model, what="privacy metrics")
     masked = is_masked_lm(model)
     encoded = _encode(model, secrets)
-    rows, starts, bos = _text_ids(model, secrets, encoded)
+    rows, starts, bos = [e.row for e in encoded], [len(e.head) for e in encoded], _bos_shift(model, encoded)
     first = bos + 1  # the first text token is only predicted from BOS: left out of MA
     hits = _teacher_forced_top(model, rows, masked, batch_size, first)
     ma = torch.tensor([h.double().mean().item() for h in hits], dtype=torch.float64)
@@ -917,9 +924,13 @@ def _masked_fact_accuracy(model: Any, facts: Sequence[FactPrompt], batch_size: i
                 "where the answer goes"
             )
         head = [bos] if bos is not None and getattr(model.cfg, "default_prepend_bos", True) else []
+        before = f.prompt.split(tok.mask_token)[0].rstrip()
+        if not before:
+            raise ValueError(f"fact {i} {f.prompt!r}: put some text before the mask")
         rows.append(head + ids)
         where.append(len(head) + ids.index(mask_id))
-        targets.append(answer_ids(model, f.prompt.split(tok.mask_token)[0].rstrip() or "x", f.target)[0])
+        # the answer's token as it tokenises where the mask stands
+        targets.append(answer_ids(model, before, f.target)[0])
     hits = []
     for sl in _chunks(len(rows), batch_size):
         logits = _logits(model, rows[sl], masked=True)
