@@ -257,8 +257,15 @@ def test_masked_lm_path_on_factworld_mlm():
     assert est.n_better is not None and (est.n_better > 0).all()
     with pytest.raises(ValueError, match="masked LM does not define"):
         exposure(model, phones[:1], method="logprob")
-    report = privacy_report(model, phones[:3], heldout_texts=list(world.text_heldout[:5]))
+    facts = [
+        mechedit.prompts.FactPrompt(
+            prompt=zoo.world.fill(world.relation[f.relation_id].train_templates[0], f.subject) + " <mask> .", target=f.value
+        )
+        for f in world.facts[:12]
+    ]
+    report = privacy_report(model, phones[:3], heldout_texts=list(world.text_heldout[:5]), facts=facts)
     assert report.metrics["perplexity"][0] < 10 and report.context["masked_lm"]
+    assert report.metrics["fact_accuracy"][0] > 0.9  # the card: 100 % on training templates
 
 
 def test_tiny_bert_runs_every_metric(tiny):
