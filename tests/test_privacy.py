@@ -287,6 +287,34 @@ def test_tiny_bert_runs_every_metric(tiny):
 # Bad input
 
 
+class ConstantLM(torch.nn.Module):
+    """A causal "model" with equal logits everywhere, over a subword (BPE) tokenizer without merges,
+    so that ``"ab"`` is two tokens."""
+
+    def __init__(self):
+        super().__init__()
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {"<bos>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate("abcdefgh")}}
+        core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", unk_token="<unk>")
+        self.cfg = type("Cfg", (), {"default_prepend_bos": True})()
+        self.bias = torch.nn.Parameter(torch.zeros(len(vocab)), requires_grad=False)
+
+    def forward(self, tokens, attention_mask=None):
+        return self.bias.expand(*tokens.shape, -1)
+
+
+def test_a_secret_must_tokenise_to_its_declared_tokens():
+    model = ConstantLM().eval()
+    # every logit ties: ties count in the secret's favour (rank 1), never understating a leak
+    assert mrr(model, [("a b", "c d")]).item() == 1.0
+    with pytest.raises(ValueError, match=r"tokenises to \['c', 'd', 'e'\] \(3 tokens\), not to its 2 declared"):
+        mrr(model, [("a b", "cd e")])
+
+
 def test_bad_input_gives_clear_errors(factworld):
     model, _ = factworld
     with pytest.raises(ValueError, match="is empty"):

@@ -40,6 +40,8 @@ Metrics (per secret; aggregate yourself, or read ``privacy_report``'s means):
     alone), and estimate ``rank = 1 + (|R| - 1) * k / n_samples``. It cannot resolve ranks below
     about ``|R| / n_samples``: with ``k = 0`` it reports the ceiling ``log2 |R|``.
 
+  Ties (equal scores) count in the secret's favour everywhere (``rank = 1 + #{strictly
+  better}``): the conservative choice for an audit, which never understates a leak.
   These are different orders, so their ranks differ; they agree at the top (a secret that is
   each position's favourite has lexicographic rank 1) and all saturate at ``log2 |R|``.
 * **MRR** (DEPN's metric for names): ``mean_j 1 / rank_j`` with ``rank_j`` the 1-based rank of
