@@ -114,7 +114,7 @@ def test_exact_exposure_equals_brute_force_on_factworld_digits(factworld):
     assert lex.rank.tolist() == [float(r) for _, r in ranks]
     assert min(r for r, _ in ranks) == 1 and max(r for r, _ in ranks) > 20
     # the sampled estimate lands near the exact log-prob rank (binomial error, 4 sd)
-    pick = [0, 1]
+    pick = [0]  # the control canary: a mid-table rank (the other is rank 1, trivially k = 0)
     est = exposure(model, [secrets[i] for i in pick], method="sampled", n_samples=500, seed=3)
     for exact, got in zip(logp.rank[pick].tolist(), est.rank.tolist(), strict=True):
         p = (exact - 1) / 999
@@ -172,11 +172,11 @@ def test_privacy_report_before_and_after_an_edit(factworld):
     emails = [r for r in world.private if r.kind == "email"][:1]
     facts = [
         mechedit.prompts.FactPrompt(prompt=zoo.world.fill(world.relation[f.relation_id].train_templates[0], f.subject), target=f.value)
-        for f in world.facts[:20]
+        for f in world.facts[:10]
     ]
     edit = ablate(model, [Component("mlp_out", layer=0)], mode="zero")
     report = privacy_report(
-        model, phones + canaries + emails, edit=edit, heldout_texts=list(world.text_heldout[:20]), facts=facts
+        model, phones + canaries + emails, edit=edit, heldout_texts=list(world.text_heldout[:10]), facts=facts
     )
     frame = report.to_frame().set_index("metric")
     assert set(frame.index) >= {"exposure", "mrr", "ma", "s_ma", "el_3", "s_el_3", "extracted", "perplexity", "fact_accuracy"}
