@@ -85,6 +85,15 @@ def resolve(name_or_dir: str | os.PathLike) -> str:
     return text
 
 
+def is_masked_lm(model: Any) -> bool:
+    """Whether the model behind a bridge (or an HF model) is a masked LM: its HF class is one of
+    transformers' masked-LM heads (``BertForMaskedLM``, ...). Causal LMs and anything else: False."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    original = getattr(model, "original_model", model)
+    return type(original).__name__ in set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
+
+
 def model_device(model: Any) -> torch.device:
     """The device of ``model``'s parameters: where its token inputs must go.
 

@@ -52,9 +52,8 @@ from tqdm.auto import tqdm
 from mechedit.checks import HookCheck, hook_check_record, require_eval_mode
 from mechedit.components import hook_name
 from mechedit.gradients import capture_activations
-from mechedit.hf import architecture
 from mechedit.interventions import Intervention, patch
-from mechedit.models import model_device
+from mechedit.models import is_masked_lm, model_device
 from mechedit.prompts import FactPrompt
 from mechedit.provenance import Provenance
 from mechedit.resume import ReferenceRun, check_resumable, reference_run, resume
@@ -75,7 +74,6 @@ __all__ = [
 AlphaGrid = Literal["depn", "dai", "linspace"]
 ALPHA_GRIDS = ("depn", "dai", "linspace")
 _SITES = {"post": "neuron", "pre": "neuron_pre"}
-_MASKED_SUFFIX = "ForMaskedLM"  # HF classes that predict at a mask token (BERT)
 _PROMPTS_PER_REFERENCE = 64
 
 
@@ -158,11 +156,6 @@ def knowledge_prompts(model: Any, items: Any, targets: Sequence[str] | None = No
                 "pairs, FactPrompt or PrivateRecord objects"
             )
     return out
-
-
-def is_masked_lm(model: Any) -> bool:
-    """Whether ``model`` predicts at mask tokens (a ``...ForMaskedLM`` HF class, e.g. BERT)."""
-    return architecture(model).endswith(_MASKED_SUFFIX)
 
 
 # ---------------------------------------------------------------------------------------------
