@@ -30,19 +30,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_attribution_patching import best_time, floor, make_pairs  # noqa: E402
 
 import mechedit  # noqa: E402
+from mechedit.edges import tl_node_label  # noqa: E402
 from mechedit.locate import edge_attribution_patching  # noqa: E402
 from mechedit.tokens import tokenize_pairs  # noqa: E402
 from mechedit.zoo.random_model import random_checkpoint  # noqa: E402
-
-
-def _label(node) -> str:
-    if node.kind == "embed":
-        return "embed"
-    if node.kind in ("attn_head_out", "q_input", "k_input", "v_input"):
-        return f"a{node.layer}.h{node.head}" + ("" if node.kind == "attn_head_out" else f".{node.kind[0]}")
-    if node.kind in ("mlp_out", "mlp_in"):
-        return f"m{node.layer}"
-    return "logits"
 
 
 def tl_edges(model, batch, n: int) -> dict:
@@ -70,8 +61,8 @@ def edge_diff(tl: dict, mine) -> tuple[float, float]:
     index_r = {name: j for j, name in enumerate(mine.readers)}
     keys = list(tl)
     pos = torch.tensor([w.position for w, _ in keys])
-    wi = torch.tensor([index_w[_label(w)] for w, _ in keys])
-    ri = torch.tensor([index_r[_label(r)] for _, r in keys])
+    wi = torch.tensor([index_w[tl_node_label(w)] for w, _ in keys])
+    ri = torch.tensor([index_r[tl_node_label(r)] for _, r in keys])
     theirs = torch.tensor([tl[k] for k in keys], dtype=torch.float64)
     ours = mine.values[pos, wi, ri].double()
     return float((ours - theirs).abs().max()), float(theirs.abs().max())

@@ -28,7 +28,15 @@ from torch import Tensor
 from mechedit import components as comp
 from mechedit.components import Component
 
-__all__ = ["EdgeGraph", "attention_norm", "edge_component", "edge_graph", "head_projection", "head_results"]
+__all__ = [
+    "EdgeGraph",
+    "attention_norm",
+    "edge_component",
+    "edge_graph",
+    "head_projection",
+    "head_results",
+    "tl_node_label",
+]
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,23 @@ def edge_component(label: str) -> Component | None:
         return Component("mlp_out", int(label[1:]))
     layer, head = label[1:].split(".")[:2]
     return Component("head", int(layer), head=int(head[1:]))
+
+
+def tl_node_label(node: Any) -> str:
+    """The label of a TransformerLens ``attribution_patching.Node`` (its position dropped).
+
+    To read TransformerLens's edge scores against ours: ``(tl_node_label(w), tl_node_label(r))``.
+    """
+    if node.kind == "embed":
+        return "embed"
+    if node.kind in ("attn_head_out", "q_input", "k_input", "v_input"):
+        suffix = "" if node.kind == "attn_head_out" else f".{node.kind[0]}"
+        return f"a{node.layer}.h{node.head}{suffix}"
+    if node.kind in ("mlp_out", "mlp_in"):
+        return f"m{node.layer}"
+    if node.kind == "logits":
+        return "logits"
+    raise ValueError(f"unknown TransformerLens node kind {node.kind!r}")
 
 
 def _as_out_in(module: torch.nn.Module) -> Tensor:

@@ -28,6 +28,19 @@ def _seeded_offline(monkeypatch):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Modules of many small forwards: on a shared 2-core machine two OpenMP threads per op spend
+    most of their time waiting for each other (10-30x slower here).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The public data files in ../shared/data; tests that need them skip where it is absent."""

@@ -12,6 +12,7 @@ from transformer_lens.tools.analysis.attribution_patching import attribution_pat
 
 import mechedit
 from mechedit import zoo
+from mechedit.edges import tl_node_label
 from mechedit.locate import (
     activation_patching,
     attribution_patching,
@@ -241,16 +242,6 @@ def test_grad_drop_blocks_one_layer_at_a_time(arch_model):
 # --- edges (EAP) --------------------------------------------------------------------------------
 
 
-def _tl_label(node):
-    if node.kind == "embed":
-        return "embed"
-    if node.kind in ("attn_head_out", "q_input", "k_input", "v_input"):
-        return f"a{node.layer}.h{node.head}" + ("" if node.kind == "attn_head_out" else f".{node.kind[0]}")
-    if node.kind in ("mlp_out", "mlp_in"):
-        return f"m{node.layer}"
-    return "logits"
-
-
 def test_edge_scores_equal_transformerlens(arch_model):
     from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig
 
@@ -264,7 +255,7 @@ def test_edge_scores_equal_transformerlens(arch_model):
         mine = edge_attribution_patching(model, PAIRS[i : i + 1], per_position=True, progress=False, hook_check=False)
         assert int(mine.mask.sum()) * batch.clean_tokens.shape[1] == len(tl.edge_scores)
         ours = torch.tensor([
-            float(mine.values[wn.position, mine.writers.index(_tl_label(wn)), mine.readers.index(_tl_label(rn))])
+            float(mine.values[wn.position, mine.writers.index(tl_node_label(wn)), mine.readers.index(tl_node_label(rn))])
             for wn, rn in tl.edge_scores
         ])
         theirs = torch.tensor(list(tl.edge_scores.values()))
@@ -305,9 +296,9 @@ def test_edge_faithfulness_is_exact_and_equals_transformerlens(arch_model):
         return (logits[:, -1, a] - logits[:, -1, w]).sum()
 
     tl = attribution_patch(model, batch.clean_tokens, batch.corrupt_tokens, metric, EdgeAttributionConfig(granularity="edge"))
-    chosen = {(_tl_label(wn), _tl_label(rn)) for wn, rn, _ in tl.top_edges(30)}
+    chosen = {(tl_node_label(wn), tl_node_label(rn)) for wn, rn, _ in tl.top_edges(30)}
     theirs = tl_faithfulness(model, batch.clean_tokens, batch.corrupt_tokens, metric,
-                             [e for e in tl.edge_scores if (_tl_label(e[0]), _tl_label(e[1])) in chosen])
+                             [e for e in tl.edge_scores if (tl_node_label(e[0]), tl_node_label(e[1])) in chosen])
     ours = edge_faithfulness(model, PAIRS[:1], sorted(chosen))
     assert ours.recovered == pytest.approx(theirs.recovered, abs=1e-4)
     assert ours.n_edges == len(chosen) < ours.total_edges

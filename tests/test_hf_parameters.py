@@ -34,13 +34,7 @@ PROMPTS = ["w1 w2 w3 w4 w5 w6", "w9 w8 w7 w6 w5 w4"]
 D_MODEL, N_HEADS, D_HEAD = 64, 4, 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids spin-waiting for a second core on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

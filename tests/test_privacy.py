@@ -31,13 +31,7 @@ from mechedit.zoo.random_model import random_checkpoint
 WORDS10 = tuple(f"w{i}" for i in range(10))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The shared machine is oversubscribed: one intra-op thread runs these small batches ~10x faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
