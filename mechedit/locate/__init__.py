@@ -19,6 +19,7 @@ from mechedit.locate.causal_tracing import (
     subject_embedding_std,
 )
 from mechedit.locate.neuron_attribution import NeuronAttributionConfig, neuron_attribution
+from mechedit.locate.pcgu import PCGUConfig, PCGUSelection, pcgu
 
 __all__ = [
     "ActivationPatchingConfig",
@@ -28,11 +29,14 @@ __all__ = [
     "CausalTracingConfig",
     "CircuitPatching",
     "NeuronAttributionConfig",
+    "PCGUConfig",
+    "PCGUSelection",
     "activation_patching",
     "attribution_patching",
     "causal_tracing",
     "circuit_patching",
     "faithfulness",
     "neuron_attribution",
+    "pcgu",
     "subject_embedding_std",
 ]
