@@ -16,6 +16,12 @@ both sides over every trainable tensor (``locate.pcgu.side_gradients``). Timed, 
   tensor and extrapolated to all of them.
 
 The target is ranking / backward <= 0.5. The selected partitions of both are compared.
+
+    python bench/bench_pcgu.py --factworld factworld --lr 2e-3 --k 0.2 --epochs 3
+
+runs the whole unlearning instead on a fact-world model (``world_bias_splits``: train / dev /
+held-out test pairs) with both baselines at the same steps and prints the before/after table
+(``evaluate.bias.bias_edit_table``).
 """
 
 from __future__ import annotations
@@ -72,18 +78,46 @@ def loop_cosines(g_adv, g_dis, specs, sample: int | None) -> tuple[list[float], 
     return values, seconds
 
 
+def factworld_table(name: str, *, lr: float, k: float, epochs: int, batch_size: int) -> None:
+    """Print the before/after table of PCGU and both baselines on fact-world model ``name``."""
+    from mechedit import zoo
+    from mechedit.data_pairs import world_bias_splits
+    from mechedit.edit.pcgu import PCGUUpdateConfig, pcgu_update
+    from mechedit.evaluate.bias import bias_edit_table
+
+    model = mechedit.load(name)
+    world = zoo.load_world(name)
+    splits = world_bias_splits(world)
+    cfg = PCGUUpdateConfig(ranking=PCGUConfig(k=k), lr=lr, epochs=epochs, batch_size=batch_size)
+    result = pcgu_update(model, splits["train"], splits["dev"], config=cfg, baselines=("finetune", "task_vector"))
+    table = bias_edit_table(model, world, result, splits["test"])
+    print(f"{name}: {len(splits['train'])} train / {len(splits['dev'])} dev / {len(splits['test'])} test pairs, "
+          f"lr {lr}, k {k}, {epochs} epochs of batch {batch_size}")
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    for method, run in result.runs.items():
+        print(method, "dev history:", [round(h["dev_bias"], 3) for h in run.history])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--factworld", default=None, help="run the unlearning table on this fact-world model")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--small", action="store_true", help="a 2-layer d_model 64 model")
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--k", type=int, default=10_000)
+    parser.add_argument("--k", type=float, default=10_000, help="count (>= 1) or fraction (< 1)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop-sample", type=int, default=200, help="units per tensor timed in the loop (0: all)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    k_arg = int(args.k) if args.k >= 1 else args.k
+    if args.factworld:
+        factworld_table(args.factworld, lr=args.lr, k=k_arg, epochs=args.epochs, batch_size=args.batch_size)
+        return
     shape = (
         {"n_layer": 2, "n_embd": 64, "n_head": 4}
         if args.small
@@ -104,7 +138,7 @@ def main() -> None:
     specs = partition_specs(model, "input")
     names = [s.name for s in specs]
     n_units = sum(s.n_units for s in specs)
-    k = min(args.k, n_units // 2)
+    k = min(int(args.k), n_units // 2)
     cfg = PCGUConfig(k=k, batch_size=args.pairs)
     g_adv = side_gradients(model, batch, names, "advantaged", cfg)
     g_dis = side_gradients(model, batch, names, "disadvantaged", cfg)

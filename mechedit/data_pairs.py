@@ -52,6 +52,7 @@ __all__ = [
     "pair_problem",
     "valid_pairs",
     "world_bias_pairs",
+    "world_bias_splits",
 ]
 
 
@@ -332,6 +333,22 @@ def world_bias_pairs(world: Any, templates: Sequence[str]) -> list[ContrastivePa
         )
         for more, less, bias in world.bias_pairs(templates=tuple(templates))
     ]
+
+
+def world_bias_splits(world: Any) -> dict[str, list[ContrastivePair]]:
+    """The fact world's planted pairs split for unlearning: ``train``, ``dev`` and ``test``.
+
+    ``train``: the first three training templates (3 x 60 occupations); ``dev`` (checkpoint
+    selection): the other three training templates; ``test``: the two held-out templates, which
+    the model never saw. Every split covers every occupation.
+    """
+    from mechedit.zoo.world import BIAS_TEMPLATES_HELDOUT, BIAS_TEMPLATES_TRAIN
+
+    return {
+        "train": world_bias_pairs(world, BIAS_TEMPLATES_TRAIN[:3]),
+        "dev": world_bias_pairs(world, BIAS_TEMPLATES_TRAIN[3:]),
+        "test": world_bias_pairs(world, BIAS_TEMPLATES_HELDOUT),
+    }
 
 
 # --- StereoSet -------------------------------------------------------------------------------------

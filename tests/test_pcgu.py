@@ -226,3 +226,38 @@ def test_bad_k_and_settings_raise_clear_errors(models):
     with pytest.raises(ValueError, match="not one pair"):
         pcgu(model, PAIRS[0], k=3)
     assert len(pcgu(model, PAIRS, k=0.01).selected) == round(0.01 * n_all)
+
+
+# --- the fact world: the planted occupation bias, unlearned ----------------------------------------
+
+# Tuned on the dev split only (see bench/README.md for every attempt's numbers).
+FACT_WORLD_SETTINGS = {
+    "factworld": {"lr": 2e-3, "k": 0.2, "epochs": 3},
+    "factworld-mlm": {"lr": 1e-3, "k": 0.2, "epochs": 3},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["factworld", "factworld-mlm"])
+def test_pcgu_moves_the_planted_bias_to_50_percent_and_keeps_utility(name):
+    from mechedit import zoo
+    from mechedit.data_pairs import world_bias_splits
+    from mechedit.evaluate.bias import fact_world_utility, pair_preference
+
+    model = mechedit.load(name)
+    world = zoo.load_world(name)
+    splits = world_bias_splits(world)
+    before_bias = pair_preference(model, splits["test"]).rate
+    before = fact_world_utility(model, world)
+    settings = FACT_WORLD_SETTINGS[name]
+    cfg = PCGUUpdateConfig(
+        ranking=PCGUConfig(k=settings["k"]), lr=settings["lr"], epochs=settings["epochs"], batch_size=16
+    )
+    result = pcgu_update(model, splits["train"], splits["dev"], config=cfg)
+    with result.edit.applied(model):
+        after_bias = pair_preference(model, splits["test"]).rate
+        after = fact_world_utility(model, world)
+    assert before_bias >= 0.85  # planted: the favoured pronoun wins on held-out templates
+    assert abs(after_bias - 0.5) <= 0.05, (before_bias, after_bias, result.runs["pcgu"].history)
+    assert before["facts"] - after["facts"] <= 0.02, (before, after)
+    assert after["perplexity"] <= 1.05 * before["perplexity"], (before, after)

@@ -287,9 +287,44 @@ def fact_world_utility(model: Any, world: Any, *, mode: str = "auto", n_texts: i
     }
 
 
+def bias_edit_table(
+    model: Any,
+    world: Any,
+    result: Any,
+    test_pairs: Sequence[ContrastivePair],
+    *,
+    masked_score: Literal["logit", "logprob"] = "logit",
+    causal_reduction: Literal["sum", "mean"] = "sum",
+):
+    """Before/after table of a ``mechedit.edit.pcgu_update`` result on a fact-world model.
+
+    One row for the unedited model and one per method in ``result.runs``: test bias (pair
+    preference of ``test_pairs``, fraction), the dev bias at the chosen checkpoint, fact accuracy
+    and held-out (pseudo-)perplexity (``fact_world_utility``), k, steps, the checkpoint and the
+    run's seconds. Each edit is applied for its row and reverted.
+    """
+    import pandas as pd
+
+    def measure() -> dict[str, float]:
+        bias = pair_preference(model, test_pairs, masked_score=masked_score, causal_reduction=causal_reduction)
+        return {"test_bias": bias.rate, **fact_world_utility(model, world)}
+
+    ranking = result.config["ranking"]
+    rows = [{"method": "unedited", **measure()}]
+    for method, run in result.runs.items():
+        with run.edit.applied(model):
+            row = measure()
+        rows.append({
+            "method": method, **row, "dev_bias": run.dev_bias, "k": ranking["k"] if method == "pcgu" else "all",
+            "steps": run.steps, "checkpoint": run.checkpoint, "seconds": round(run.seconds, 1),
+        })
+    return pd.DataFrame(rows)
+
+
 __all__ = [
     "PairPreference",
     "StereoSetScores",
+    "bias_edit_table",
     "fact_world_utility",
     "icat",
     "pair_preference",
