@@ -276,10 +276,11 @@ def fact_world_utility(model: Any, world: Any, *, mode: str = "auto", n_texts: i
     texts = list(world.text_heldout[:n_texts])
     tok = get_tokenizer(model)
     if mode == "masked":
-        return {
-            "facts": mlm.fact_fill_accuracy(model, world, tok, world.facts, "heldout"),
-            "perplexity": mlm.pseudo_perplexity(model, tok, texts),
-        }
+        try:
+            pseudo = mlm.pseudo_perplexity(model, tok, texts)
+        except OverflowError:  # a broken model's pseudo-perplexity overflows a float
+            pseudo = float("inf")
+        return {"facts": mlm.fact_fill_accuracy(model, world, tok, world.facts, "heldout"), "perplexity": pseudo}
     return {
         "facts": measure.fact_accuracy(model, world, tok, world.facts, "heldout"),
         # a broken model's perplexity overflows a float: report it as infinite
