@@ -161,6 +161,7 @@ def _shared_mask(model: Any, texts: Sequence[str], others: Sequence[str]) -> tup
     return mine.tokens, mine.attention_mask, shared
 
 
+@torch.no_grad()
 def shared_token_scores(
     model: Any, texts: Sequence[str], others: Sequence[str], mode: str = "auto", batch_size: int = 64
 ) -> Tensor:
