@@ -230,16 +230,29 @@ def test_bad_k_and_settings_raise_clear_errors(models):
 
 # --- the fact world: the planted occupation bias, unlearned ----------------------------------------
 
-# Tuned on the dev split only (see bench/README.md for every attempt's numbers).
+# The settings of bench/README.md's table (every tuning attempt is listed there). Fewer epochs
+# than the table's 3 give the same edit: batches are drawn epoch by epoch from one seeded
+# stream, and the dev bias never came closer to 50 % after the chosen steps (18 and 2).
 FACT_WORLD_SETTINGS = {
-    "factworld": {"lr": 2e-3, "k": 0.2, "epochs": 3},
-    "factworld-mlm": {"lr": 1e-3, "k": 0.2, "epochs": 3},
+    "factworld": {"lr": 2e-3, "k": 0.2, "epochs": 2},
+    "factworld-mlm": {"lr": 1e-3, "k": 0.2, "epochs": 1},
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["factworld", "factworld-mlm"])
 def test_pcgu_moves_the_planted_bias_to_50_percent_and_keeps_utility(name):
+    # ~100 small forward/backward passes: on a shared 2-core machine, two threads per op spend
+    # more time waiting on each other than computing
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _unlearn_and_check(name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _unlearn_and_check(name):
     from mechedit import zoo
     from mechedit.data_pairs import world_bias_splits
     from mechedit.evaluate.bias import fact_world_utility, pair_preference
