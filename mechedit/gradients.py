@@ -251,13 +251,18 @@ def parameter_gradients(
     tokens: Int[torch.Tensor, "batch pos"],
     param_names: Sequence[str],
     metric: Metric,
+    *,
+    attention_mask: torch.Tensor | None = None,
 ) -> ParameterGradients:
     """One forward and one backward pass: d metric / d parameter for ``param_names``.
 
     ``param_names`` are plain Hugging Face names (``transformer.h.0.mlp.c_fc.weight``; see
     ``mechedit.hf.hf_parameters``). Only these parameters are differentiated; their
     ``requires_grad`` flags are switched on for the pass and restored after, and no ``.grad``
-    buffer is written. ``tokens`` are moved to the model's device.
+    buffer is written. ``tokens`` are moved to the model's device. ``attention_mask``
+    (``[batch, pos]``, 1/True at real tokens) is passed to the forward: needed for padded rows
+    of a bidirectional model (BERT), where padding changes every position; right padding of a
+    causal model does not need it.
 
     Raises:
         RuntimeError: training mode, ``torch.inference_mode()``, or a gradient that came back
@@ -275,7 +280,11 @@ def parameter_gradients(
         for p in unique:
             p.requires_grad_(True)
         with torch.enable_grad():
-            logits = model(tokens.to(model_device(model)))
+            device = model_device(model)
+            if attention_mask is None:
+                logits = model(tokens.to(device))
+            else:
+                logits = model(tokens.to(device), attention_mask=attention_mask.to(device))
             value = _scalar(metric(logits))
             grads = torch.autograd.grad(value, unique, allow_unused=True)
     finally:

@@ -6,6 +6,7 @@ weight edit as a plain Hugging Face checkpoint.
 """
 
 from mechedit.edit.activation import MODES, ActivationEdit, ablate, mean_activations
+from mechedit.edit.pcgu import PCGURun, PCGUUpdate, PCGUUpdateConfig, pcgu_update
 from mechedit.edit.protocol import Edit, load_edit
 from mechedit.edit.weights import (
     BaseModelMismatchError,
@@ -23,10 +24,14 @@ __all__ = [
     "Edit",
     "EditFormatError",
     "EditStateError",
+    "PCGURun",
+    "PCGUUpdate",
+    "PCGUUpdateConfig",
     "Recording",
     "WeightEdit",
     "ablate",
     "load_edit",
     "mean_activations",
+    "pcgu_update",
     "zero_neurons",
 ]

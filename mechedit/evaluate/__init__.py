@@ -1,6 +1,13 @@
 """Evaluation suites: each a function returning a result that serialises to JSON and a DataFrame."""
 
 from mechedit.evaluate.attribution_check import AttributionCheck, verify_attribution
+from mechedit.evaluate.bias import (
+    PairPreference,
+    StereoSetScores,
+    fact_world_utility,
+    pair_preference,
+    stereoset_scores,
+)
 from mechedit.evaluate.facts import (
     EditReport,
     EvalRow,
@@ -40,6 +47,9 @@ __all__ = [
     "SecretTokenScores",
     "answer_flips",
     "as_secrets",
+    "PairPreference",
+    "ReportFormatError",
+    "StereoSetScores",
     "evaluate_fact_edit",
     "exposure",
     "fact_item_scores",
@@ -50,5 +60,8 @@ __all__ = [
     "mrr",
     "privacy_report",
     "secret_token_scores",
+    "fact_world_utility",
+    "pair_preference",
+    "stereoset_scores",
     "verify_attribution",
 ]

@@ -31,6 +31,7 @@ from mechedit.locate.knowledge_neurons import (
     knowledge_prompts,
 )
 from mechedit.locate.neuron_attribution import NeuronAttributionConfig, neuron_attribution
+from mechedit.locate.pcgu import PCGUConfig, PCGUSelection, pcgu
 
 __all__ = [
     "ActivationPatchingConfig",
@@ -45,6 +46,8 @@ __all__ = [
     "KnowledgeNeuronsConfig",
     "KnowledgePrompt",
     "NeuronAttributionConfig",
+    "PCGUConfig",
+    "PCGUSelection",
     "activation_patching",
     "attribution_memory",
     "attribution_patching",
@@ -59,5 +62,6 @@ __all__ = [
     "knowledge_prompts",
     "neuron_attribution",
     "random_neurons",
+    "pcgu",
     "subject_embedding_std",
 ]
