@@ -44,6 +44,7 @@ __all__ = [
     "ContrastivePair",
     "SkippedPairsWarning",
     "StereoSetTriple",
+    "differing_span",
     "WinoGenderSentence",
     "load_crows_pairs",
     "load_stereoset_intrasentence",
@@ -58,6 +59,18 @@ __all__ = [
 
 class SkippedPairsWarning(UserWarning):
     """Some pairs were skipped (identical sides, a difference outside the span, ...); counts in the text."""
+
+
+def differing_span(a: Sequence[Any], d: Sequence[Any]) -> tuple[int, int, int]:
+    """``(start, end_a, end_d)``: items ``start .. end_x - 1`` of each sequence are where they
+    differ; the items before ``start`` and after the ends are shared (words or token ids)."""
+    start = 0
+    while start < min(len(a), len(d)) and a[start] == d[start]:
+        start += 1
+    tail = 0
+    while tail < min(len(a), len(d)) - start and a[-1 - tail] == d[-1 - tail]:
+        tail += 1
+    return start, len(a) - tail, len(d) - tail
 
 
 @dataclass(frozen=True)
@@ -101,14 +114,7 @@ class ContrastivePair:
         the words before ``start`` and after the ends are shared. Identical sides give an empty
         span (``start == end``).
         """
-        a, d = self.advantaged.split(), self.disadvantaged.split()
-        start = 0
-        while start < min(len(a), len(d)) and a[start] == d[start]:
-            start += 1
-        tail = 0
-        while tail < min(len(a), len(d)) - start and a[-1 - tail] == d[-1 - tail]:
-            tail += 1
-        return start, len(a) - tail, len(d) - tail
+        return differing_span(self.advantaged.split(), self.disadvantaged.split())
 
 
 def pair_problem(pair: ContrastivePair) -> str | None:

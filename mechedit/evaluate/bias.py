@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from mechedit.checks import require_eval_mode
-from mechedit.data_pairs import ContrastivePair, StereoSetTriple
-from mechedit.locate.pcgu import _token_span, scoring_mode, side_scores, tokenize_pair_sides
+from mechedit.data_pairs import ContrastivePair, StereoSetTriple, differing_span
+from mechedit.locate.pcgu import scoring_mode, side_scores, tokenize_pair_sides
 from mechedit.models import model_device
 from mechedit.tokens import get_tokenizer, tokenize_prompts
 
@@ -154,7 +154,7 @@ def _shared_mask(model: Any, texts: Sequence[str], others: Sequence[str]) -> tup
     for i in range(len(texts)):
         a = mine.tokens[i][mine.attention_mask[i]].tolist()
         b = theirs.tokens[i][theirs.attention_mask[i]].tolist()
-        start, end, _ = _token_span(a, b)
+        start, end, _ = differing_span(a, b)
         shared[i, start:end] = False
         if a and a[0] == bos:
             shared[i, 0] = False

@@ -55,7 +55,7 @@ from transformers.pytorch_utils import Conv1D
 from mechedit.checks import require_eval_mode
 from mechedit.circuit import Circuit
 from mechedit.components import Component, _owners, partition_sizes
-from mechedit.data_pairs import ContrastivePair, pair_problem, warn_skipped
+from mechedit.data_pairs import ContrastivePair, differing_span, pair_problem, warn_skipped
 from mechedit.gradients import parameter_gradients
 from mechedit.hf import LAYOUTS, architecture, hf_model, hf_parameters
 from mechedit.models import model_device
@@ -170,16 +170,6 @@ def scoring_mode(model: Any, mode: str = "auto") -> str:
     return "masked" if architecture(model) in MASKED_ARCHITECTURES else "causal"
 
 
-def _token_span(a: Sequence[int], d: Sequence[int]) -> tuple[int, int, int]:
-    start = 0
-    while start < min(len(a), len(d)) and a[start] == d[start]:
-        start += 1
-    tail = 0
-    while tail < min(len(a), len(d)) - start and a[-1 - tail] == d[-1 - tail]:
-        tail += 1
-    return start, len(a) - tail, len(d) - tail
-
-
 def tokenize_pair_sides(model: Any, pairs: Sequence[ContrastivePair], mode: str = "auto") -> PairBatch:
     """Tokenise both sides of ``pairs`` for ``mode``; unusable pairs are skipped and counted.
 
@@ -210,7 +200,7 @@ def tokenize_pair_sides(model: Any, pairs: Sequence[ContrastivePair], mode: str 
     dis = tokenize_prompts(model, [p.disadvantaged for p in kept], device="cpu")
     rows_a = [t[m].tolist() for t, m in zip(adv.tokens, adv.attention_mask)]
     rows_d = [t[m].tolist() for t, m in zip(dis.tokens, dis.attention_mask)]
-    spans = [_token_span(a, d) for a, d in zip(rows_a, rows_d)]
+    spans = [differing_span(a, d) for a, d in zip(rows_a, rows_d)]
     use = []
     for i, (start, end_a, end_d) in enumerate(spans):
         if rows_a[i] == rows_d[i]:
