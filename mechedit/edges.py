@@ -36,6 +36,8 @@ __all__ = [
     "head_projection",
     "head_results",
     "tl_node_label",
+    "writer_hooks",
+    "writer_outputs",
 ]
 
 
@@ -181,3 +183,21 @@ def head_results(model: Any, layer: int, z: Tensor) -> Tensor:
     w_o = _as_out_in(_projection(model, layer, "o"))  # [d_model, heads * d_head]
     w_o = w_o.reshape(w_o.shape[0], z.shape[2], z.shape[3])
     return torch.einsum("bphe,dhe->bphd", z, w_o.to(z.dtype))
+
+
+def writer_hooks(n_layers: int) -> list[str]:
+    """The hooks every writer's output is read from: the embedding, each ``hook_z``, each MLP out."""
+    return ["hook_embed"] + [f"blocks.{i}.{h}" for i in range(n_layers) for h in ("attn.hook_z", "hook_mlp_out")]
+
+
+def writer_outputs(model: Any, acts: dict[str, Tensor], n_layers: int) -> Tensor:
+    """Every writer's output ``[batch, pos, writer, d_model]`` in graph order, from ``writer_hooks``.
+
+    Linear in ``acts`` (W_O's bias is left out), so differences of two runs' activations give the
+    writers' differences.
+    """
+    parts = [acts["hook_embed"].unsqueeze(2)]
+    for layer in range(n_layers):
+        parts.append(head_results(model, layer, acts[f"blocks.{layer}.attn.hook_z"]))
+        parts.append(acts[f"blocks.{layer}.hook_mlp_out"].unsqueeze(2))
+    return torch.cat(parts, dim=2)

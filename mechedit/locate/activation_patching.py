@@ -46,7 +46,15 @@ from tqdm.auto import tqdm
 from mechedit import components as comp
 from mechedit.checks import HookCheck, hook_check_record, require_eval_mode
 from mechedit.circuit import Circuit
-from mechedit.edges import EdgeGraph, attention_norm, edge_graph, head_projection, head_results
+from mechedit.edges import (
+    EdgeGraph,
+    attention_norm,
+    edge_graph,
+    head_projection,
+    head_results,
+    writer_hooks,
+    writer_outputs,
+)
 from mechedit.gradients import capture_activations
 from mechedit.metrics import PAIR_METRICS, PairMetric, pair_metric
 from mechedit.prompts import PromptPair, TokenizedPairs
@@ -880,16 +888,8 @@ def _edge_ablation_hooks(model: Any, graph: EdgeGraph, replaced: Tensor, ablated
 
 def _writer_outputs(model: Any, tokens: Tensor, graph: EdgeGraph) -> tuple[Tensor, Tensor]:
     """Every writer's output ``[batch, pos, writer, d_model]`` and the logits of a run."""
-    names = ["hook_embed"] + [
-        f"blocks.{layer}.{hook}" for layer in range(graph.n_layers) for hook in ("attn.hook_z", "hook_mlp_out")
-    ]
-    run = capture_activations(model, tokens, names)
-    acts = run.activations
-    parts = [acts["hook_embed"].unsqueeze(2)]
-    for layer in range(graph.n_layers):
-        parts.append(head_results(model, layer, acts[f"blocks.{layer}.attn.hook_z"]))
-        parts.append(acts[f"blocks.{layer}.hook_mlp_out"].unsqueeze(2))
-    return torch.cat(parts, dim=2), run.logits
+    run = capture_activations(model, tokens, writer_hooks(graph.n_layers))
+    return writer_outputs(model, run.activations, graph.n_layers), run.logits
 
 
 def edge_faithfulness(

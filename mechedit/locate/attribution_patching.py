@@ -63,7 +63,14 @@ from tqdm.auto import tqdm
 from mechedit import components as comp
 from mechedit.checks import HookCheck, hook_check_record, require_eval_mode
 from mechedit.circuit import Circuit
-from mechedit.edges import attention_norm, edge_component, edge_graph, head_projection, head_results
+from mechedit.edges import (
+    attention_norm,
+    edge_component,
+    edge_graph,
+    head_projection,
+    writer_hooks,
+    writer_outputs,
+)
 from mechedit.gradients import activations_and_gradients, capture_activations
 from mechedit.metrics import PAIR_METRICS, PairMetric, pair_metric
 from mechedit.prompts import PromptPair, TokenizedPairs
@@ -544,24 +551,13 @@ def attribution_patching(
 
 def _edge_hooks(n_layers: int) -> tuple[list[str], list[str]]:
     """Hooks read on both runs (writers) and on the base run only (readers' inputs/gradients)."""
-    writers = ["hook_embed"] + [f"blocks.{i}.{h}" for i in range(n_layers) for h in ("attn.hook_z", "hook_mlp_out")]
+    writers = writer_hooks(n_layers)
     readers = [
         f"blocks.{i}.{h}"
         for i in range(n_layers)
         for h in ("ln1.hook_in", "attn.hook_q", "attn.hook_k", "attn.hook_v", "ln2.hook_in")
     ] + [f"blocks.{n_layers - 1}.hook_resid_post"]
     return writers, readers
-
-
-def _writer_deltas(model: Any, other: dict[str, Tensor], base: dict[str, Tensor], n_layers: int) -> Tensor:
-    """``a_other - a_base`` of every writer, ``[batch, pos, writer, d_model]`` (graph order)."""
-    deltas = [(other["hook_embed"] - base["hook_embed"]).unsqueeze(2)]
-    for layer in range(n_layers):
-        z = f"blocks.{layer}.attn.hook_z"
-        deltas.append(head_results(model, layer, other[z] - base[z]))
-        mlp = f"blocks.{layer}.hook_mlp_out"
-        deltas.append((other[mlp] - base[mlp]).unsqueeze(2))
-    return torch.cat(deltas, dim=2)
 
 
 def _attention_reader_grads(model: Any, layer: int, acts: dict[str, Tensor], grads: dict[str, Tensor]) -> Tensor:
@@ -612,7 +608,7 @@ def _edge_batch(
     n = len(last)
     base = {h: captured.activations[h][:n] for h in writer_hooks}  # alpha = 0: the base run
     with torch.no_grad():
-        deltas = _writer_deltas(model, other.activations, base, n_layers)
+        deltas = writer_outputs(model, {h: other.activations[h] - base[h] for h in writer_hooks}, n_layers)
     mean_k = lambda t: t.view(k, n, *t.shape[1:]).mean(0)  # noqa: E731 - average the IG points
     readers = []
     for layer in range(n_layers):
