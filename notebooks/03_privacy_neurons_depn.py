@@ -40,7 +40,7 @@ from mechedit.viz import heatmap
 
 model = mechedit.load("factworld")
 world = zoo.load_world("factworld")
-phones = [r for r in world.private if r.kind == "phone"][::10]  # 6 numbers, 2/4/8 copies mixed
+phones = [r for r in world.private if r.kind == "phone"][::15]  # 4 numbers, 2/4/8 copies mixed
 secrets = as_secrets(phones)
 for r in phones:
     print(f"{r.prefix!r} -> {r.secret!r} ({r.repetitions} copies per epoch)")
@@ -65,7 +65,7 @@ print(scores.axes, tuple(scores.values.shape))
 votes = keep_mask(scores.values, 0.1).sum(0).float()
 heatmap(
     Scores(votes, ("layer", "neuron"), "neuron", "depn_votes"),
-    title="DEPN votes per neuron (6 phone numbers, t = 0.1)", colorscale="Viridis", zmid=None,
+    title="DEPN votes per neuron (4 phone numbers, t = 0.1)", colorscale="Viridis", zmid=None,
 )
 
 # %%
@@ -99,17 +99,20 @@ assert torch.equal(exposure(model, secrets).exposure, before_exp)  # the model i
 # %%
 facts = [
     FactPrompt(prompt=zoo.world.fill(world.relation[f.relation_id].train_templates[0], f.subject), target=f.value)
-    for f in world.facts[:100]
+    for f in world.facts[:50]
 ]
 table = depn_controls(
-    model, phones, scores=scores, top_z=25, heldout_texts=list(world.text_heldout[:20]), facts=facts
+    model, phones, scores=scores, top_z=25, heldout_texts=list(world.text_heldout[:10]), facts=facts
 )
 table.round(3)
 
 # %% [markdown]
-# What to read: zeroing DEPN's neurons removes most of the exposure and every secret's greedy
-# answer changes, while random neurons do nothing; moving the same neurons in a random direction
-# by as much does part of it (these neurons matter, but zeroing them is what erases the digits);
-# activation x gradient ranks the neurons less well; summing IG scores without votes comes close
-# to DEPN on this small world. On `factworld-mlm` (`bench/depn_table.py`) the effect is much
-# weaker: the masked model's digits are spread over more neurons.
+# What to read (measured with 6 and 12 phone numbers; see `bench/depn_table.py` for the full
+# table): zeroing DEPN's 25 neurons cuts exposure by half or more (12 phones: 26.4 -> 13.0 bits)
+# and changes every secret's greedy answer, at no cost in perplexity or fact accuracy; as many
+# random neurons do nothing. Moving the same neurons in a random direction by the zeroing's norm
+# does little (12 phones: 26.4 -> 22.2 bits): what matters is removing these activations, not
+# disturbing them. Plain activation x gradient picks less useful neurons (-> 21.7 bits). IG
+# scores summed without the votes do about as well as DEPN on this small world (12 phones:
+# 14.8 bits vs DEPN's 13.0; 6 phones: 5.6 vs 9.2): the vote matters little when every secret's
+# digits live in the same few layer-0 neurons. On `factworld-mlm` the effect is much weaker.
