@@ -42,7 +42,15 @@ from torch import Tensor
 from mechedit.checks import HookCheck
 from mechedit.circuit import Circuit
 from mechedit.components import Component, hook_name
-from mechedit.evaluate.privacy import answer_flips
+from mechedit.edit import ablate
+from mechedit.evaluate.privacy import (
+    _encode,
+    _mask_id,
+    _masked_rows,
+    answer_flips,
+    as_secrets,
+    privacy_report,
+)
 from mechedit.gradients import activations_and_gradients
 from mechedit.locate.knowledge_neurons import KnowledgePrompt, knowledge_neurons, knowledge_prompts
 from mechedit.models import is_masked_lm, model_device
@@ -384,8 +392,6 @@ def secret_attribution(model: Any, secrets: Any, *, site: str = "neuron") -> Sco
     Positive: removing the neuron is predicted to hide the secret. One forward and backward pass
     per secret (its rows share one length, so no padding enters a masked LM).
     """
-    from mechedit.evaluate.privacy import _encode, _mask_id, _masked_rows, as_secrets
-
     secrets = as_secrets(secrets)
     masked = is_masked_lm(model)
     names = [hook_name(site, layer) for layer in range(model.cfg.n_layers)]
@@ -461,9 +467,6 @@ def depn_controls(
     ``heldout_texts``), ``fact_accuracy_*`` (with ``facts``), ``time_s`` (seconds to choose the
     neurons, IG included for ``depn`` / ``ig_no_vote``). ``time_s`` is wall-clock time.
     """
-    from mechedit.edit import ablate
-    from mechedit.evaluate.privacy import as_secrets, privacy_report
-
     secrets = as_secrets(secrets)
     ig_time = 0.0
     if scores is None:
