@@ -21,8 +21,8 @@
 # neuron; keep the `top_z` most voted), **edit** (zero them). We measure exposure (bits; DEPN's
 # per-digit rank) and MRR before and after, and compare with the controls: as many random
 # neurons, DEPN's neurons moved in a random direction by the zeroing's norm, neurons by plain
-# activation x gradient, and IG scores summed without the votes. Runs in about two minutes on
-# 2 CPU cores when idle (4 minutes measured with the cores shared by other jobs).
+# activation x gradient, and IG scores summed without the votes. Measured: 4 minutes on 2 CPU
+# cores shared with other jobs (not yet timed on idle cores).
 
 # %%
 import torch
