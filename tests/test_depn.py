@@ -182,3 +182,48 @@ def test_depn_refuses_top_z_above_the_models_neurons_and_bad_threshold(factworld
         depn(model, phones[:1], threshold=0, hook_check=False, progress=False)
     with pytest.raises(ValueError, match="empty"):
         depn(model, [("anna ranvik 's phone number is", "")], hook_check=False, progress=False)
+
+
+def test_perturb_neurons_moves_them_as_far_as_zeroing_in_a_seeded_random_direction(factworld, phones):
+    from mechedit.locate import perturb_neurons
+
+    model, _ = factworld
+    circuit = Circuit(tuple(Component("neuron", 0, neuron=j) for j in (3, 17, 40, 41)))
+    tokens = tokenize_continuations(model, [r.prefix for r in phones[:2]], [r.secret for r in phones[:2]]).tokens
+    name = "blocks.0.mlp.hook_post"
+
+    def post():
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=[name])
+        return cache[name]
+
+    clean = post()
+    with perturb_neurons(model, circuit, seed=3):
+        moved = post()
+    with perturb_neurons(model, circuit, seed=3):
+        again = post()
+    idx = [3, 17, 40, 41]
+    shift = (moved - clean)[..., idx]
+    assert torch.allclose(shift.norm(dim=-1), clean[..., idx].norm(dim=-1), rtol=1e-4, atol=1e-6)
+    # a random direction, not the zeroing one (cosine with -a well away from 1)
+    cos = torch.nn.functional.cosine_similarity(shift, -clean[..., idx], dim=-1)
+    assert cos.abs().mean() < 0.8
+    others = [j for j in range(model.cfg.d_mlp) if j not in idx]
+    assert torch.equal(moved[..., others], clean[..., others])
+    assert torch.equal(moved, again)  # seeded
+    assert torch.equal(post(), clean)  # the hooks are gone
+
+
+def test_secret_attribution_top_neurons_matter_more_than_random(factworld, phones):
+    from mechedit.locate import secret_attribution
+
+    model, _ = factworld
+    scores = secret_attribution(model, phones[:4])
+    assert scores.axes == ("layer", "neuron") and scores.values.shape == (model.cfg.n_layers, model.cfg.d_mlp)
+    top = Circuit(tuple(Component("neuron", int(i) // model.cfg.d_mlp, neuron=int(i) % model.cfg.d_mlp) for i in scores.values.flatten().topk(10).indices))
+    before = _secret_logprob(model, phones[:4])
+    with ablate(model, top, mode="zero").applied(model):
+        drop = before - _secret_logprob(model, phones[:4])
+    with ablate(model, random_neurons(model, top, seed=0), mode="zero").applied(model):
+        random_drop = before - _secret_logprob(model, phones[:4])
+    assert drop > 0.3 and drop > 5 * abs(random_drop)  # measured 0.68 nats over 4 secrets

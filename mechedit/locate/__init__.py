@@ -23,7 +23,15 @@ from mechedit.locate.causal_tracing import (
     causal_tracing,
     subject_embedding_std,
 )
-from mechedit.locate.depn import DEPNConfig, depn, depn_select, random_neurons
+from mechedit.locate.depn import (
+    DEPNConfig,
+    depn,
+    depn_controls,
+    depn_select,
+    perturb_neurons,
+    random_neurons,
+    secret_attribution,
+)
 from mechedit.locate.knowledge_neurons import (
     KnowledgeNeuronsConfig,
     KnowledgePrompt,
@@ -56,12 +64,15 @@ __all__ = [
     "edge_attribution_patching",
     "edge_faithfulness",
     "depn",
+    "depn_controls",
     "depn_select",
     "faithfulness",
     "knowledge_neurons",
     "knowledge_prompts",
     "neuron_attribution",
+    "perturb_neurons",
     "random_neurons",
     "pcgu",
+    "secret_attribution",
     "subject_embedding_std",
 ]
