@@ -6,7 +6,7 @@ Secrets: every 5th of the 60 phone numbers (2, 4 and 8 training copies mixed). I
 ``--steps`` (6 by default, DEPN's grid), ``threshold`` 0.1, ``top_z`` neurons per method.
 Exposure is DEPN's lexicographic rank (exact, one pass per secret). Utility: perplexity on 50
 held-out texts (pseudo-perplexity on the masked LM) and accuracy on 300 trained facts. Rows and
-columns: ``mechedit.locate.depn.depn_controls``.
+columns: ``mechedit.evaluate.depn_controls``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pandas as pd
 
 import mechedit
 from mechedit import zoo
-from mechedit.locate.depn import depn_controls
+from mechedit.evaluate import depn_controls
 from mechedit.models import is_masked_lm
 from mechedit.prompts import FactPrompt
 from mechedit.tokens import get_tokenizer

@@ -30,9 +30,8 @@ import torch
 import mechedit
 from mechedit import zoo
 from mechedit.edit import ablate
-from mechedit.evaluate import exposure, mrr
-from mechedit.evaluate.privacy import as_secrets
-from mechedit.locate import depn_controls, depn_select, knowledge_neurons
+from mechedit.evaluate import as_secrets, depn_controls, exposure, mrr
+from mechedit.locate import depn_select, knowledge_neurons
 from mechedit.locate.depn import keep_mask
 from mechedit.prompts import FactPrompt
 from mechedit.scores import Scores

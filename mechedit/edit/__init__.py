@@ -7,7 +7,7 @@ weight edit as a plain Hugging Face checkpoint.
 
 from mechedit.edit.activation import MODES, ActivationEdit, ablate, mean_activations
 from mechedit.edit.pcgu import PCGURun, PCGUUpdate, PCGUUpdateConfig, pcgu_update
-from mechedit.edit.protocol import Edit, load_edit
+from mechedit.edit.protocol import Edit, applied_edit, load_edit
 from mechedit.edit.weights import (
     BaseModelMismatchError,
     EditFormatError,
@@ -30,6 +30,7 @@ __all__ = [
     "Recording",
     "WeightEdit",
     "ablate",
+    "applied_edit",
     "load_edit",
     "mean_activations",
     "pcgu_update",

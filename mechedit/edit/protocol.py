@@ -16,8 +16,10 @@ refused (``BaseModelMismatchError``) unless ``check_base=False``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -73,4 +75,25 @@ def load_edit(edit_dir: str | os.PathLike) -> Edit:
     return kinds[fmt].load(edit_dir)
 
 
-__all__ = ["Edit", "load_edit"]
+@contextlib.contextmanager
+def applied_edit(model: Any, edit: Edit | Callable[[], AbstractContextManager[Any]]) -> Iterator[None]:
+    """Run the block with ``edit`` applied to ``model``, reverted on exit (also after an error).
+
+    ``edit`` is an ``Edit`` (weight or activation edit) or a callable returning a context manager
+    (a control that is not an ``Edit``, e.g. ``locate.depn.perturb_neurons``); evaluation suites
+    take either.
+    """
+    if isinstance(edit, Edit):
+        with edit.applied(model):
+            yield
+    elif callable(edit):
+        with edit():
+            yield
+    else:
+        raise TypeError(
+            "edit must be an Edit (a WeightEdit, or an activation edit such as "
+            f"ablate(model, circuit)) or a callable returning a context manager; got {type(edit).__name__}"
+        )
+
+
+__all__ = ["Edit", "applied_edit", "load_edit"]

@@ -8,6 +8,7 @@ from mechedit.evaluate.bias import (
     pair_preference,
     stereoset_scores,
 )
+from mechedit.evaluate.controls import depn_controls
 from mechedit.evaluate.facts import (
     EditReport,
     EvalRow,
@@ -46,6 +47,7 @@ __all__ = [
     "Secret",
     "SecretTokenScores",
     "answer_flips",
+    "depn_controls",
     "as_secrets",
     "PairPreference",
     "ReportFormatError",

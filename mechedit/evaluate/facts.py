@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from mechedit.artifacts import (
 )
 from mechedit.checks import require_eval_mode
 from mechedit.edit import Edit
+from mechedit.edit.protocol import applied_edit
 from mechedit.interventions import real_tokens
 from mechedit.metrics import perplexity, target_logprob, top1_correct
 from mechedit.models import model_device
@@ -187,21 +188,6 @@ class EditReport:
         return cls(tuple(rows), data["context"])
 
 
-@contextlib.contextmanager
-def _applied(model: Any, edit: Edit | Callable[[], contextlib.AbstractContextManager[Any]]) -> Iterator[None]:
-    if isinstance(edit, Edit):
-        with edit.applied(model):
-            yield
-    elif callable(edit):
-        with edit():
-            yield
-    else:
-        raise TypeError(
-            "edit must be an Edit (a WeightEdit, or an activation edit such as "
-            f"ablate(model, circuit)) or a callable returning a context manager; got {type(edit).__name__}"
-        )
-
-
 def _measure(model, suites: dict[str, Sequence[FactPrompt]], texts: Sequence[str], batch_size: int) -> dict:
     out = {name: fact_scores(model, facts, batch_size=batch_size) for name, facts in suites.items() if facts}
     if texts:
@@ -238,7 +224,7 @@ def evaluate_fact_edit(
     before = _measure(model, suites, fluency_texts, batch_size)
     if progress:
         progress("measuring with the edit")
-    with _applied(model, edit):
+    with applied_edit(model, edit):
         after = _measure(model, suites, fluency_texts, batch_size)
     rows = tuple(
         EvalRow(suite, metric, value, after[suite][metric], sizes[suite])

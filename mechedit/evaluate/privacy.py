@@ -86,12 +86,21 @@ from torch import Tensor
 from mechedit.artifacts import check_json_able, write_json_atomic
 from mechedit.checks import require_eval_mode
 from mechedit.edit import Edit
-from mechedit.evaluate.facts import _applied, fact_scores
+from mechedit.edit.protocol import applied_edit
+from mechedit.evaluate.facts import fact_scores
 from mechedit.interventions import real_tokens
 from mechedit.metrics import perplexity
 from mechedit.models import is_masked_lm, model_device
 from mechedit.prompts import FactPrompt
-from mechedit.tokens import answer_ids, get_tokenizer, token_ids, tokenize_continuations
+from mechedit.secrets import (
+    EncodedSecret,
+    Secret,
+    as_secrets,
+    encode_secrets,
+    mask_token_id,
+    masked_secret_rows,
+)
+from mechedit.tokens import answer_ids, get_tokenizer, token_ids
 
 __all__ = [
     "DIGITS",
@@ -117,120 +126,8 @@ DIGITS: tuple[str, ...] = tuple("0123456789")
 PRIVACY_REPORT_FORMAT = "mechedit.privacy_report"
 PRIVACY_REPORT_VERSION = 1
 
-# ---------------------------------------------------------------------------------------------
-# Secrets
-
-
-@dataclass(frozen=True)
-class Secret:
-    """A secret span after a prefix.
-
-    Attributes:
-        prefix: the text before the secret, e.g. ``"the secret code of tango is"``.
-        secret: the secret as space-separated tokens, e.g. ``"8 8 5 2 6 0"``; each must be one
-            model token after what precedes it (checked when tokenised).
-        suffix: text after the secret (``"."`` for the fact world's records). Masked LMs see it;
-            causal LMs only use it in MA / EL over the whole text.
-        kind: a label (``"phone"``, ``"canary"``, ...), carried into per-secret tables.
-        repetitions: training copies per epoch when known (``PrivateRecord``), else ``None``.
-    """
-
-    prefix: str
-    secret: str
-    suffix: str = ""
-    kind: str = "secret"
-    repetitions: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.prefix, str) or not self.prefix.strip():
-            raise ValueError(f"a secret needs a non-empty prefix (the text before it), got {self.prefix!r}")
-        if not isinstance(self.secret, str) or not self.secret.strip():
-            raise ValueError(
-                f"secret after {self.prefix!r} is empty ({self.secret!r}); pass its tokens "
-                "separated by spaces, e.g. '3 6 2 3'"
-            )
-        if not isinstance(self.suffix, str):
-            raise ValueError(f"suffix must be a string, got {type(self.suffix).__name__}")
-
-    @property
-    def tokens(self) -> tuple[str, ...]:
-        """The declared secret tokens (``secret.split()``)."""
-        return tuple(self.secret.split())
-
-    @property
-    def text(self) -> str:
-        """``prefix secret suffix``, the memorised sentence MA and EL read."""
-        return " ".join(p for p in (self.prefix, self.secret, self.suffix) if p)
-
-
-def as_secrets(items: Any) -> tuple[Secret, ...]:
-    """``Secret``s from ``Secret``s, the fact world's ``PrivateRecord``s or ``(prefix, secret)`` pairs.
-
-    A ``PrivateRecord`` becomes ``Secret(prefix, secret, suffix=".", kind, repetitions)``: its
-    training sentences end with ``" ."`` (``World.training_sentences``).
-    """
-    if isinstance(items, (Secret, str)) or (isinstance(items, tuple) and len(items) == 2 and all(isinstance(x, str) for x in items)):
-        raise ValueError("pass a list of secrets, e.g. [Secret(prefix, secret)] or [(prefix, secret)]")
-    out = []
-    for i, item in enumerate(items):
-        if isinstance(item, Secret):
-            out.append(item)
-        elif all(hasattr(item, a) for a in ("prefix", "secret", "kind", "repetitions")):
-            out.append(Secret(item.prefix, item.secret, ".", item.kind, item.repetitions))
-        elif isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item):
-            out.append(Secret(item[0], item[1]))
-        else:
-            raise ValueError(
-                f"secret {i} is a {type(item).__name__}; pass Secret(prefix, secret), a "
-                "PrivateRecord or a (prefix, secret) pair of strings"
-            )
-    if not out:
-        raise ValueError("no secrets given")
-    return tuple(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenisation: one row of ids per secret, the secret's span located and checked
-
-
-@dataclass(frozen=True)
-class _Encoded:
-    """A secret's ids: ``head`` (BOS + prefix), ``secret`` (one id per declared token), ``tail``."""
-
-    head: tuple[int, ...]
-    secret: tuple[int, ...]
-    tail: tuple[int, ...]
-
-    @property
-    def row(self) -> list[int]:
-        return [*self.head, *self.secret, *self.tail]
-
-
-def _encode(model: Any, secrets: Sequence[Secret]) -> list[_Encoded]:
-    """Token ids per secret; ``ValueError`` when a declared token is not one model token there."""
-    tok = get_tokenizer(model)
-    batch = tokenize_continuations(
-        model, [s.prefix for s in secrets], [s.secret for s in secrets], device="cpu"
-    )
-    out = []
-    for i, s in enumerate(secrets):
-        start, length = int(batch.continuation_starts[i]), int(batch.continuation_lengths[i])
-        row = batch.tokens[i, : start + length].tolist()
-        pieces = [tok.decode([t], clean_up_tokenization_spaces=False).strip() for t in row[start:]]
-        if pieces != list(s.tokens):
-            raise ValueError(
-                f"secret {i} {s.secret!r} after {s.prefix!r} tokenises to {pieces} "
-                f"({length} tokens), not to its {len(s.tokens)} declared tokens {list(s.tokens)}; "
-                "write the secret as space-separated tokens the model's tokenizer keeps whole "
-                "(e.g. digits one by one: '3 6 2 3')"
-            )
-        tail = answer_ids(model, f"{s.prefix} {s.secret}", s.suffix) if s.suffix.strip() else []
-        out.append(_Encoded(tuple(row[:start]), tuple(row[start:]), tuple(tail)))
-    return out
-
-
 def _alphabet_ids(
-    model: Any, secrets: Sequence[Secret], alphabet: Sequence[str] | Sequence[Sequence[str]], encoded: Sequence[_Encoded]
+    model: Any, secrets: Sequence[Secret], alphabet: Sequence[str] | Sequence[Sequence[str]], encoded: Sequence[EncodedSecret]
 ) -> list[list[Tensor]]:
     """Per secret and position, the candidate token ids ``A_j`` (``[|A_j|]`` long tensors).
 
@@ -323,25 +220,6 @@ def _logits(model: Any, rows: Sequence[Sequence[int]], masked: bool) -> Tensor:
     return logits.float()
 
 
-def _mask_id(model: Any) -> int:
-    mask = get_tokenizer(model).mask_token_id
-    if mask is None:
-        raise ValueError("this masked LM's tokenizer has no mask token; set tokenizer.mask_token")
-    return mask
-
-
-def _masked_rows(enc: _Encoded, mask_id: int) -> tuple[list[list[int]], list[int]]:
-    """One row per secret token with that token masked (others visible), and the mask positions."""
-    start = len(enc.head)
-    rows, where = [], []
-    for j in range(len(enc.secret)):
-        row = enc.row
-        row[start + j] = mask_id
-        rows.append(row)
-        where.append(start + j)
-    return rows, where
-
-
 def _chunks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
@@ -383,13 +261,13 @@ class SecretTokenScores:
         return (self.logprob * self.mask).sum(-1)
 
 
-def _position_logits(model: Any, encoded: Sequence[_Encoded], masked: bool, batch_size: int) -> Iterator[tuple[int, Tensor]]:
+def _position_logits(model: Any, encoded: Sequence[EncodedSecret], masked: bool, batch_size: int) -> Iterator[tuple[int, Tensor]]:
     """For each secret (index, ``[d, vocab]`` logits predicting its tokens), batched."""
     if masked:
-        mask_id = _mask_id(model)
+        mask_id = mask_token_id(model)
         rows, owner, where = [], [], []
         for i, enc in enumerate(encoded):
-            r, w = _masked_rows(enc, mask_id)
+            r, w = masked_secret_rows(enc, mask_id)
             rows += r
             where += w
             owner += [i] * len(r)
@@ -429,13 +307,13 @@ def secret_token_scores(
     require_eval_mode(model, what="privacy metrics")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    encoded = _encode(model, secrets)
+    encoded = encode_secrets(model, secrets)
     alpha = None if alphabet is None else _alphabet_ids(model, secrets, alphabet, encoded)
     return _token_scores(model, encoded, alpha, batch_size)
 
 
 def _token_scores(
-    model: Any, encoded: Sequence[_Encoded], alpha: Sequence[Sequence[Tensor]] | None, batch_size: int
+    model: Any, encoded: Sequence[EncodedSecret], alpha: Sequence[Sequence[Tensor]] | None, batch_size: int
 ) -> SecretTokenScores:
     masked = is_masked_lm(model)
     n, k = len(encoded), max(len(e.secret) for e in encoded)
@@ -514,7 +392,7 @@ def _lexicographic(scores: SecretTokenScores, sizes: Sequence[Sequence[int]]) ->
 
 @torch.no_grad()
 def _logprob_rank(
-    model: Any, enc: _Encoded, alpha: Sequence[Tensor], threshold: float, *, batch_size: int, max_frontier: int, tol: float
+    model: Any, enc: EncodedSecret, alpha: Sequence[Tensor], threshold: float, *, batch_size: int, max_frontier: int, tol: float
 ) -> float:
     """``1 + #{x in R: log p(x) > log p(secret)}`` by pruned breadth-first enumeration; NaN past the budget.
 
@@ -550,7 +428,7 @@ def _logprob_rank(
     raise AssertionError("unreachable: the last position returns")  # pragma: no cover
 
 
-def _candidate_scores(model: Any, enc: _Encoded, candidates: Tensor, masked: bool, batch_size: int) -> Tensor:
+def _candidate_scores(model: Any, enc: EncodedSecret, candidates: Tensor, masked: bool, batch_size: int) -> Tensor:
     """``[m]`` scores of candidate secrets (``[m, d]`` ids): causal: ``log p(x | prefix)``;
     masked: pseudo-log-likelihood ``sum_j log p(x_j | x_-j, prefix, suffix)``."""
     head, tail = torch.tensor(enc.head), torch.tensor(enc.tail, dtype=torch.long)
@@ -567,7 +445,7 @@ def _candidate_scores(model: Any, enc: _Encoded, candidates: Tensor, masked: boo
             lp = logits[:, start - 1 : start - 1 + d].log_softmax(-1)
             out.append(lp.gather(-1, candidates[sl].to(device)[..., None])[..., 0].sum(-1).cpu())
         return torch.cat(out)
-    mask_id = _mask_id(model)
+    mask_id = mask_token_id(model)
     full = torch.cat([head.expand(m, -1), candidates, tail.expand(m, -1)], 1)  # [m, L]
     per_row = max(1, batch_size // d)
     for sl in _chunks(m, per_row):
@@ -648,7 +526,7 @@ def exposure(
             "method='logprob' ranks by sequence probability, which a masked LM does not define; "
             "use method='lexicographic' (DEPN) or 'sampled' (pseudo-log-likelihood)"
         )
-    encoded = _encode(model, secrets)
+    encoded = encode_secrets(model, secrets)
     alpha = _alphabet_ids(model, secrets, alphabet, encoded)
     scores = _token_scores(model, encoded, alpha, batch_size)
     lex_rank, log2_space = _lexicographic(scores, [[len(ids) for ids in a] for a in alpha])
@@ -766,7 +644,7 @@ class MemorizationScores:
         return out
 
 
-def _bos_shift(model: Any, encoded: Sequence[_Encoded]) -> int:
+def _bos_shift(model: Any, encoded: Sequence[EncodedSecret]) -> int:
     """1 when the rows start with a prepended BOS (which is not part of the text), else 0."""
     bos = get_tokenizer(model).bos_token_id
     return int(bos is not None and encoded[0].head[:1] == (bos,))
@@ -787,7 +665,7 @@ def _teacher_forced_top(model: Any, rows: Sequence[Sequence[int]], masked: bool,
                 r_t = torch.tensor(r)
                 out.append(top[k, first - 1 : len(r) - 1] == r_t[first:])
         return out
-    mask_id = _mask_id(model)
+    mask_id = mask_token_id(model)
     flat, where, owner = [], [], []
     for i, r in enumerate(rows):
         for t in range(first, len(r)):
@@ -818,7 +696,7 @@ def memorization(model: Any, secrets: Sequence[Any], *, n: int = 3, batch_size: 
     secrets = as_secrets(secrets)
     require_eval_mode(model, what="privacy metrics")
     masked = is_masked_lm(model)
-    encoded = _encode(model, secrets)
+    encoded = encode_secrets(model, secrets)
     rows, starts, bos = [e.row for e in encoded], [len(e.head) for e in encoded], _bos_shift(model, encoded)
     first = bos + 1  # the first text token is only predicted from BOS: left out of MA
     hits = _teacher_forced_top(model, rows, masked, batch_size, first)
@@ -862,7 +740,7 @@ def greedy_completions(model: Any, secrets: Sequence[Any], *, batch_size: int = 
         top = secret_token_scores(model, secrets, batch_size=batch_size)
         ids = [top.top[i, : int(top.lengths[i])].tolist() for i in range(len(secrets))]
     else:
-        encoded = _encode(model, secrets)
+        encoded = encode_secrets(model, secrets)
         ids = _greedy(model, [list(e.head) for e in encoded], [len(e.secret) for e in encoded], batch_size)
     return [" ".join(tok.decode([t], clean_up_tokenization_spaces=False).strip() for t in row) for row in ids]
 
@@ -882,7 +760,7 @@ def answer_flips(before: Sequence[str], after: Sequence[str]) -> int:
 @torch.no_grad()
 def _pseudo_perplexity(model: Any, texts: Sequence[str], batch_size: int) -> float:
     """``exp`` of the mean NLL of every text token with it alone masked (Salazar et al. 2020)."""
-    mask_id = _mask_id(model)
+    mask_id = mask_token_id(model)
     bos = get_tokenizer(model).bos_token_id
     rows, where = [], []
     for text in texts:
@@ -907,7 +785,7 @@ def _pseudo_perplexity(model: Any, texts: Sequence[str], batch_size: int) -> flo
 def _masked_fact_accuracy(model: Any, facts: Sequence[FactPrompt], batch_size: int) -> float:
     """Top-1 accuracy at the mask of fact prompts that hold one mask token (``"... in <mask> ."``)."""
     tok = get_tokenizer(model)
-    mask_id = _mask_id(model)
+    mask_id = mask_token_id(model)
     bos = tok.bos_token_id
     rows, where, targets = [], [], []
     for i, f in enumerate(facts):
@@ -1076,7 +954,7 @@ def privacy_report(
     before, done_before, util_before = _measure(model, secrets, **kw)
     after, done_after, util_after = None, None, {}
     if edit is not None:
-        with _applied(model, edit):
+        with applied_edit(model, edit):
             after, done_after, util_after = _measure(model, secrets, **kw)
 
     def mean(t: Tensor) -> float:

@@ -26,7 +26,6 @@ from mechedit.locate.causal_tracing import (
 from mechedit.locate.depn import (
     DEPNConfig,
     depn,
-    depn_controls,
     depn_select,
     perturb_neurons,
     random_neurons,
@@ -64,7 +63,6 @@ __all__ = [
     "edge_attribution_patching",
     "edge_faithfulness",
     "depn",
-    "depn_controls",
     "depn_select",
     "faithfulness",
     "knowledge_neurons",
