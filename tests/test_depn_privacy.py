@@ -34,9 +34,10 @@ import pytest
 import mechedit
 from mechedit import zoo
 from mechedit.edit import ablate
+from mechedit.evaluate import depn_controls
 from mechedit.evaluate.facts import fact_scores
 from mechedit.evaluate.privacy import as_secrets, exposure
-from mechedit.locate import depn, random_neurons
+from mechedit.locate import depn, depn_select, knowledge_neurons, random_neurons
 from mechedit.metrics import perplexity
 from mechedit.prompts import FactPrompt
 
@@ -76,3 +77,27 @@ def test_depn_neurons_cut_phone_exposure_by_40_percent_at_little_cost(setting):
     random_exp = [_measure(model, secrets, texts, facts[:1], ablate(model, random_neurons(model, circuit, seed=s), mode="zero"))[0] for s in range(2)]
     assert max(exp0 - e for e in random_exp) < 0.25 * (exp0 - exp1)  # measured <= 0.05 bits
     assert _measure(model, secrets, texts[:1], facts[:1])[0] == exp0  # the edits are gone
+
+
+def test_depn_controls_table_separates_depn_from_its_controls(setting):
+    """The controls in one call: DEPN's row is the circuit ``depn`` chose and cuts exposure like
+    the test above; random neurons leave exposure and every greedy answer alone; the
+    random-direction perturbation of the same neurons does far less than zeroing them."""
+    model, world, phones, facts, circuit = setting
+    scores = knowledge_neurons(model, phones, steps=6, per_prompt=True, hook_check=False, progress=False)
+    assert set(depn_select(scores, threshold=0.1, top_z=25)) == set(circuit)  # the table's DEPN row edits these
+    table = depn_controls(
+        model, phones, scores=scores, top_z=25, heldout_texts=list(world.text_heldout[:10]), facts=facts[:60], el=False
+    )
+    rows = table.set_index("method")
+    assert "el_3_before" not in rows and {"ma_after", "perplexity_after", "fact_accuracy_after"} <= set(rows)
+    assert list(rows.index) == ["depn", "random", "random_direction", "act_x_grad", "ig_no_vote"]
+    assert (rows["neurons"] == 25).all() and (rows["exposure_before"] == rows.loc["depn", "exposure_before"]).all()
+    depn_row, random_row = rows.loc["depn"], rows.loc["random"]
+    assert depn_row["exposure_after"] <= 0.6 * depn_row["exposure_before"]  # measured 26.44 -> 12.97
+    assert abs(random_row["exposure_after"] - random_row["exposure_before"]) < 0.5 and random_row["flips"] == 0
+    assert depn_row["flips"] >= 10  # measured 12 of 12: the answers change, not only probabilities
+    depn_drop = depn_row["exposure_before"] - depn_row["exposure_after"]
+    direction_drop = rows.loc["random_direction", "exposure_before"] - rows.loc["random_direction", "exposure_after"]
+    assert direction_drop < 0.6 * depn_drop  # measured 4.2 vs 13.5 bits
+    assert _measure(model, as_secrets(phones), [world.text_heldout[0]], facts[:1])[0] == depn_row["exposure_before"]

@@ -47,6 +47,7 @@ def depn_controls(
     heldout_texts: Sequence[str] = (),
     facts: Sequence[Any] = (),
     exposure_method: str = "lexicographic",
+    el: bool = True,
     steps: int = 20,
     seed: int = 0,
     batch_size: int = 128,
@@ -67,7 +68,7 @@ def depn_controls(
     ``scores`` are the per-secret IG scores (``knowledge_neurons(..., per_prompt=True)``);
     ``None`` computes them (``steps``). Columns: ``method``, ``neurons``, ``exposure_before``,
     ``exposure_after`` (bits, ``exposure_method``), ``mrr_*``, ``ma_*``, ``el_3_*`` (causal
-    only), ``extracted_after``, ``flips``, ``perplexity_before`` / ``_after`` (with
+    only; ``el=False`` skips EL, the costliest metric), ``extracted_after``, ``flips``, ``perplexity_before`` / ``_after`` (with
     ``heldout_texts``), ``fact_accuracy_*`` (with ``facts``), ``time_s`` (seconds to choose the
     neurons, IG included for ``depn`` / ``ig_no_vote``). ``time_s`` is wall-clock time.
     """
@@ -100,7 +101,7 @@ def depn_controls(
         ("act_x_grad", by_grad, lambda: ablate(model, by_grad, mode="zero").applied(model), grad_time),
         ("ig_no_vote", no_vote, lambda: ablate(model, no_vote, mode="zero").applied(model), no_vote_time),
     ]
-    kw = dict(heldout_texts=heldout_texts, facts=facts, exposure_method=exposure_method, batch_size=batch_size)
+    kw = dict(heldout_texts=heldout_texts, facts=facts, exposure_method=exposure_method, el=el, batch_size=batch_size)
     before = privacy_report(model, secrets, **kw)
     rows = []
     for name, chosen, edit, seconds in edits:

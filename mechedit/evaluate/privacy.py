@@ -684,12 +684,14 @@ def _teacher_forced_top(model: Any, rows: Sequence[Sequence[int]], masked: bool,
     return list(torch.split(hit, counts))
 
 
-def memorization(model: Any, secrets: Sequence[Any], *, n: int = 3, batch_size: int = 128) -> MemorizationScores:
+def memorization(model: Any, secrets: Sequence[Any], *, n: int = 3, el: bool = True, batch_size: int = 128) -> MemorizationScores:
     """MA, S-MA and (causal LMs) EL_n, S-EL_n of each secret; formulas in the module docstring.
 
     ``n`` is EL's n-gram length (Jang et al. use 10 on 200-token texts; the fact world's
-    records are 10-20 tokens, hence 3). Raises ``ValueError`` when a text is too short for
-    ``n`` (fewer than ``n + 1`` tokens) or a secret has fewer than ``n`` tokens.
+    records are 10-20 tokens, hence 3). ``el=False`` skips EL and S-EL (``None``): they greedily
+    generate from every prefix of every text, by far the costliest metric here. Raises
+    ``ValueError`` when a text is too short for ``n`` (fewer than ``n + 1`` tokens) or a secret
+    has fewer than ``n`` tokens.
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
@@ -705,7 +707,7 @@ def memorization(model: Any, secrets: Sequence[Any], *, n: int = 3, batch_size: 
         [h[s - first : s - first + len(e.secret)].double().mean().item() for h, s, e in zip(hits, starts, encoded, strict=True)],
         dtype=torch.float64,
     )
-    if masked:
+    if masked or not el:
         return MemorizationScores(ma, s_ma, None, None, n)
     for i, (r, e) in enumerate(zip(rows, encoded, strict=True)):
         if len(r) - bos < n + 1:
@@ -877,6 +879,7 @@ def _measure(
     alphabet: Any,
     exposure_method: str,
     n: int,
+    el: bool,
     n_samples: int,
     seed: int,
     heldout_texts: Sequence[str],
@@ -894,7 +897,7 @@ def _measure(
         exp[fits] = res.exposure
     per["exposure"] = exp
     per["mrr"] = mrr(model, secrets, batch_size=batch_size)
-    mem = memorization(model, secrets, n=n, batch_size=batch_size)
+    mem = memorization(model, secrets, n=n, el=el, batch_size=batch_size)
     per["ma"], per["s_ma"] = mem.ma, mem.s_ma
     if mem.el is not None and mem.s_el is not None:
         per[f"el_{n}"], per[f"s_el_{n}"] = mem.el, mem.s_el
@@ -930,6 +933,7 @@ def privacy_report(
     exposure_method: str = "lexicographic",
     alphabet: Sequence[str] | Sequence[Sequence[str]] | None = DIGITS,
     n: int = 3,
+    el: bool = True,
     n_samples: int = 1000,
     seed: int = 0,
     batch_size: int = 128,
@@ -941,14 +945,15 @@ def privacy_report(
     or a zero-argument callable returning a context manager; the model is left as given.
     Exposure (``exposure_method``, see ``exposure``) is measured on the secrets whose every
     token is in ``alphabet`` (digits by default; ``None`` skips exposure) and is NaN for the
-    others; MRR, MA/S-MA, EL_n/S-EL_n (causal) and extraction on all. ``heldout_texts`` give
+    others; MRR, MA/S-MA, EL_n/S-EL_n (causal; ``el=False`` skips them, the costliest) and
+    extraction on all. ``heldout_texts`` give
     perplexity (pseudo-perplexity on a masked LM); ``facts`` (non-private ``FactPrompt``s; on a
     masked LM with the mask token in the prompt) give fact accuracy. Means in ``metrics``.
     """
     secrets = as_secrets(secrets)
     fits = _fits(secrets, alphabet)
     kw = dict(
-        fits=fits, alphabet=alphabet, exposure_method=exposure_method, n=n, n_samples=n_samples,
+        fits=fits, alphabet=alphabet, exposure_method=exposure_method, n=n, el=el, n_samples=n_samples,
         seed=seed, heldout_texts=heldout_texts, facts=facts, batch_size=batch_size,
     )
     before, done_before, util_before = _measure(model, secrets, **kw)
