@@ -28,8 +28,8 @@ from mechedit.circuit import Circuit
 from mechedit.edit import ablate, zero_neurons
 from mechedit.evaluate import EditReport, evaluate_fact_edit, fact_item_scores
 from mechedit.locate import NeuronAttributionConfig, neuron_attribution
-from mechedit.prompts import FactPrompt
 from mechedit.scores import Scores
+from mechedit.zoo.prompts import fact_prompts
 from mechedit.zoo.world import Fact, World, fill
 
 
@@ -72,16 +72,6 @@ class DemoResult:
     report: EditReport
     paths: dict[str, Path] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def fact_prompts(world: World, fact: Fact, *, heldout: bool = False) -> list[FactPrompt]:
-    """``fact`` in each training template of its relation (or each held-out one)."""
-    rel = world.relation[fact.relation_id]
-    templates = rel.heldout_templates if heldout else rel.train_templates
-    return [
-        FactPrompt(prompt=fill(t, fact.subject), subject=fact.subject, target=fact.value, relation_id=fact.relation_id)
-        for t in templates
-    ]
 
 
 def choose_fact(model: Any, world: World, config: DemoConfig) -> Fact:

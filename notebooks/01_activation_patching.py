@@ -28,8 +28,8 @@ import mechedit
 from mechedit import zoo
 from mechedit.checks import check_hooks
 from mechedit.locate import activation_patching
-from mechedit.prompts import PromptPair
 from mechedit.viz import heatmap
+from mechedit.zoo.prompts import fact_pairs
 from mechedit.zoo.world import fill
 
 model = mechedit.load("factworld-planted")
@@ -47,19 +47,8 @@ print(model.cfg.n_layers, "layers; the facts were planted in layer", planted_lay
 rng = random.Random(0)
 
 
-def pairs_for(facts, pool):
-    pairs = []
-    for fact in facts:
-        partner = rng.choice([g for g in pool if g.relation_id == fact.relation_id
-                              and g.subject != fact.subject and g.value != fact.value])
-        template = world.relation[fact.relation_id].train_templates[1]
-        pairs.append(PromptPair(clean=fill(template, fact.subject), corrupt=fill(template, partner.subject),
-                                answer=fact.value, wrong_answer=partner.value))
-    return pairs
-
-
-planted = pairs_for(world.planted_facts, world.planted_facts)
-control = pairs_for(rng.sample(world.facts, 40), world.facts)
+planted = fact_pairs(world, world.planted_facts, pool=world.planted_facts, rng=rng)
+control = fact_pairs(world, rng.sample(world.facts, 40), rng=rng)
 print(planted[0])
 
 # %% [markdown]

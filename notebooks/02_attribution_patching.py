@@ -37,9 +37,8 @@ from mechedit.locate import (
     edge_attribution_patching,
     edge_faithfulness,
 )
-from mechedit.prompts import PromptPair
 from mechedit.viz import edge_graph, heatmap
-from mechedit.zoo.world import fill
+from mechedit.zoo.prompts import fact_pairs
 
 model = mechedit.load("factworld-planted")
 world = zoo.load_world("factworld-planted")
@@ -47,19 +46,8 @@ planted_layer = zoo.metadata("factworld-planted")["planted_layer"]
 rng = random.Random(0)
 
 
-def pairs_for(facts, pool):
-    pairs = []
-    for fact in facts:
-        partner = rng.choice([g for g in pool if g.relation_id == fact.relation_id
-                              and g.subject != fact.subject and g.value != fact.value])
-        template = world.relation[fact.relation_id].train_templates[1]  # "the <relation> of {} is"
-        pairs.append(PromptPair(clean=fill(template, fact.subject), corrupt=fill(template, partner.subject),
-                                answer=fact.value, wrong_answer=partner.value))
-    return pairs
-
-
-planted = pairs_for(world.planted_facts, world.planted_facts)
-control = pairs_for(rng.sample(world.facts, 20), world.facts)
+planted = fact_pairs(world, world.planted_facts, pool=world.planted_facts, rng=rng)
+control = fact_pairs(world, rng.sample(world.facts, 20), rng=rng)
 hooks_ok = check_hooks(model).require()
 
 # %% [markdown]

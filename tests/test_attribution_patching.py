@@ -21,6 +21,7 @@ from mechedit.locate import (
 )
 from mechedit.prompts import PromptPair
 from mechedit.tokens import tokenize_pairs
+from mechedit.zoo.prompts import fact_pairs
 from mechedit.zoo.random_model import random_checkpoint
 
 PAIRS = [
@@ -132,25 +133,13 @@ def test_bad_input(arch_model):
         model.eval()
 
 
-def _fact_pairs(world, facts, pool, rng):
-    from mechedit.zoo.world import fill
-
-    out = []
-    for fact in facts:
-        partner = rng.choice([g for g in pool if g.relation_id == fact.relation_id and g.subject != fact.subject and g.value != fact.value])
-        template = world.relation[fact.relation_id].train_templates[1]  # "the <relation> of {} is"
-        out.append(PromptPair(clean=fill(template, fact.subject), corrupt=fill(template, partner.subject),
-                              answer=fact.value, wrong_answer=partner.value))
-    return out
-
-
 @pytest.fixture(scope="module")
 def planted_world():
     name = "factworld-planted"
     model, world = mechedit.load(name), zoo.load_world(name)
     rng = random.Random(0)
-    planted = _fact_pairs(world, world.planted_facts, world.planted_facts, rng)
-    control = _fact_pairs(world, rng.sample(world.facts, 20), world.facts, rng)
+    planted = fact_pairs(world, world.planted_facts, pool=world.planted_facts, rng=rng)
+    control = fact_pairs(world, rng.sample(world.facts, 20), rng=rng)
     exact = {site: activation_patching(model, planted, site=site, progress=False, hook_check=False)
              for site in ("head", "resid_pre", "q")}
     return model, zoo.metadata(name)["planted_layer"], planted, control, exact
