@@ -85,6 +85,11 @@ def test_suites_of_an_edit_case_hold_the_right_prompts(world):
     assert {p.subject for p in suites.same_subject} == {fact.subject}
     assert all(p.target_new is None for p in suites.same_subject)
     assert suites.fluency == world.text_heldout
+    # candidates for renormalised accuracy: the relation's values (a new value from elsewhere added)
+    assert suites.efficacy[0].candidates == rel.values
+    outside = fact_edit_suites(world, [fact], ["violin"], neighbours_per_fact=0, candidates=False)
+    assert outside.efficacy[0].candidates is None and outside.paraphrase[0].target_new == "violin"
+    assert fact_edit_suites(world, [fact], ["violin"]).efficacy[0].candidates == (*rel.values, "violin")
     # a forget case of two people: no new answers anywhere, the other edited person no neighbour
     forget = fact_edit_suites(world, [fact, other], mc_rotations=False)
     assert forget.case == "forget" and not forget.is_edit
@@ -263,7 +268,8 @@ def test_zeroing_located_neurons_forgets_and_random_neurons_do_not(factworld, wo
         assert row(located, suite, "exact_true").before == 1.0
         assert row(located, suite, "exact_true").after <= 0.15, suite
         assert row(located, suite, "p_true").change < -0.5, suite
-        assert row(located, suite, "rank_true").after > 1
+        assert row(located, suite, "mrr_true").after < 0.6
+        assert row(located, suite, "choice_accuracy_true").after < row(located, suite, "choice_accuracy_true").before == 1.0
         assert row(control, suite, "exact_true").after == 1.0
         assert abs(row(control, suite, "p_true").change) < 0.05
     # the same person's other facts survive; perplexity barely moves

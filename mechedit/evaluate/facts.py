@@ -24,7 +24,9 @@ Teacher-forced and generated measurements
 An answer ``a = (a_1, ..., a_m)`` is the tokens it adds after its prompt ``x`` (resolved in
 context, ``mechedit.tokens.answer_ids``). Both measurements run the same forward passes a
 generation would: the input ends at the position that predicts the next token, so an activation
-edit at "the last token" (``pos=-1``) acts where it would act while generating.
+edit at "the last token" (``pos=-1``) acts where it would act while generating. (The usual
+single pass over ``x a`` gives the same teacher-forced numbers for weight edits, but moves such
+an activation edit onto the answer's last token.)
 
 * **Teacher-forced** (``measure="teacher_forced"``): step ``j`` is fed the *true* prefix
   ``x a_<j``. Per item: ``logprob = sum_j log p(a_j | x, a_<j)`` (nats, <= 0; multi-token answers
@@ -32,12 +34,15 @@ edit at "the last token" (``pos=-1``) acts where it would act while generating.
   fraction of steps whose argmax over the vocabulary is ``a_j`` (partial credit; EasyEdit's
   "teacher-forced accuracy"), ``rank`` = the worst step's rank of ``a_j`` (1 + the number of tokens
   with a strictly higher logit; 1 = every token top-1). Reported: the means of ``p``,
-  ``logprob`` and ``token_accuracy`` and the **median** ``rank`` over items, suffixed ``_true``
+  ``logprob`` and ``token_accuracy``, the **median** ``rank`` and ``mrr`` (the mean of
+  ``1 / rank``, in (0, 1]; it moves when the median hides a minority) over items, suffixed ``_true``
   (the world's answer) or ``_new`` (the edit's). In an edit case also ``new_beats_true``, the
   fraction with ``logprob_new > logprob_true`` (CounterFact's efficacy score; on neighbours, the
-  complement of its neighbourhood score), and on multiple choice ``choice_accuracy_*``, the
-  fraction whose letter has the highest logit among the options' letters (accuracy renormalised
-  over the options, the usual MC score).
+  complement of its neighbourhood score). Where a suite's prompts list ``candidates`` (multiple
+  choice: the option letters; ``fact_edit_suites``' other suites: the relation's values) also
+  ``choice_accuracy_*``, the fraction whose answer has the highest logit among the candidates'
+  tokens (accuracy renormalised over the candidates: the usual MC score; candidates must be one
+  token each).
 * **Generated** (``measure="generated"``): step ``j`` is fed the model's *own* greedy tokens.
   ``exact_*`` is the fraction of items whose greedy continuation of exactly ``m`` tokens equals
   ``a``.
@@ -408,7 +413,12 @@ def mc_item(question: MCQuestion, *, new_value: str | None = None) -> FactPrompt
     )
 
 
-def _world_prompts(world: World, fact: Fact, templates: Iterable[str], new_value: str | None) -> list[FactPrompt]:
+def _world_prompts(
+    world: World, fact: Fact, templates: Iterable[str], new_value: str | None, *, candidates: bool
+) -> list[FactPrompt]:
+    values = None
+    if candidates:  # the relation's values, and a new value from outside them
+        values = tuple(dict.fromkeys((*world.relation[fact.relation_id].values, *([new_value] if new_value else []))))
     return [
         FactPrompt(
             prompt=fill(t, fact.subject),
@@ -416,6 +426,7 @@ def _world_prompts(world: World, fact: Fact, templates: Iterable[str], new_value
             target_new=new_value,
             subject=fact.subject,
             relation_id=fact.relation_id,
+            candidates=values,
         )
         for t in templates
     ]
@@ -453,6 +464,7 @@ def fact_edit_suites(
     exclude: Iterable[Fact] = (),
     mc_rotations: bool = True,
     mc_seed: int = 0,
+    candidates: bool = True,
     fluency_texts: Sequence[str] | None = None,
     case: str | None = None,
 ) -> FactEditSuites:
@@ -471,6 +483,9 @@ def fact_edit_suites(
         mc_rotations: ask each multiple-choice question four times with the true value at
             A, B, C and D (a letter preference cannot score); ``False`` asks it once.
         mc_seed: seeds the distractors.
+        candidates: give every declarative prompt its relation's values as ``candidates``, so
+            the report adds ``choice_accuracy_*``: accuracy renormalised over the relation's
+            values (the measure Mechanistic Unlearning reports); ``False`` leaves them out.
         fluency_texts: texts for perplexity; ``None`` = ``world.text_heldout``.
         case: the rows' label; ``None`` -> ``"forget"`` or ``"edit"``.
 
@@ -532,19 +547,21 @@ def fact_edit_suites(
     seen_neighbours: set[tuple[Fact, str | None]] = set()
     for f, new in zip(facts, news, strict=True):
         rel = world.relation[f.relation_id]
-        efficacy += _world_prompts(world, f, rel.train_templates, new)
-        paraphrase += _world_prompts(world, f, rel.heldout_templates, new)
+        efficacy += _world_prompts(world, f, rel.train_templates, new, candidates=candidates)
+        paraphrase += _world_prompts(world, f, rel.heldout_templates, new, candidates=candidates)
         split = "planted" if f.subject in planted else people[f.subject].mc_split
         mc += [mc_item(q, new_value=new) for q in _mc_questions(world, f, new, split, seed=mc_seed, rotations=mc_rotations)]
         near = [n for n in world.neighbours(f) if n.subject not in edited_people and n not in excluded]
         for n in near[:neighbours_per_fact] if neighbours_per_fact is not None else near:
             if (n, new) not in seen_neighbours:
                 seen_neighbours.add((n, new))
-                neighbourhood += _world_prompts(world, n, rel.train_templates, new)
+                neighbourhood += _world_prompts(world, n, rel.train_templates, new, candidates=candidates)
         for rid, value in people[f.subject].facts.items():
             other = Fact(f.subject, rid, value)
             if other not in edited and other not in excluded:
-                same_subject += _world_prompts(world, other, world.relation[rid].train_templates, None)
+                same_subject += _world_prompts(
+                    world, other, world.relation[rid].train_templates, None, candidates=candidates
+                )
     same_subject = list(dict.fromkeys(same_subject))  # two edited relations of one person
     return FactEditSuites(
         efficacy=tuple(efficacy),
@@ -578,6 +595,7 @@ def _suite_scores(model: Any, prompts: Sequence[FactPrompt], batch_size: int) ->
             f"logprob_{key}": scores.logprob[part].mean().item(),
             f"token_accuracy_{key}": scores.token_accuracy[part].mean().item(),
             f"rank_{key}": float(statistics.median(scores.rank[part].tolist())),
+            f"mrr_{key}": (1.0 / scores.rank[part].float()).mean().item(),
         }
         out.update({("teacher_forced", metric): v for metric, v in tf.items()})
         out[("generated", f"exact_{key}")] = scores.exact[part].float().mean().item()
