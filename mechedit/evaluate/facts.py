@@ -226,8 +226,9 @@ def answer_item_scores(
     """Teacher-forced and generated scores of each ``answers[i]`` after ``prompts[i]``.
 
     Teacher forcing scores every (item, step) as one row, ``x a_<j`` predicting ``a_j``, all
-    rows batched; generation runs ``max m`` greedy steps over the prompts, each step one
-    forward of the whole batch (no key/value cache: answers are a few tokens). BOS as
+    rows batched; generation takes its first token from the teacher-forced step 0 (the same
+    input) and runs ``max m - 1`` further greedy steps over the prompts, each one forward of the
+    batch (no key/value cache: answers are a few tokens). One-token answers cost one pass. BOS as
     ``model.to_tokens`` (``cfg.default_prepend_bos``). Causal LMs only.
 
     Raises:
@@ -251,32 +252,37 @@ def answer_item_scores(
     owner = torch.tensor([i for i, m in enumerate(lengths) for _ in range(m)])
     rows = [seq[: s + j] for seq, s, m in zip(sequences, starts, lengths, strict=True) for j in range(m)]
     targets = torch.cat(answer_tokens)
-    logprob, correct, rank = [], [], []
+    logprob, top, rank = [], [], []
     for lo in range(0, len(rows), batch_size):
         logits = _next_token_logits(model, rows[lo : lo + batch_size], pad_id, device).cpu()
         target = targets[lo : lo + batch_size]
         chosen = logits.gather(1, target[:, None])[:, 0]
         logprob.append(logits.log_softmax(-1).gather(1, target[:, None])[:, 0])
-        correct.append(logits.argmax(-1) == target)
+        top.append(logits.argmax(-1))
         rank.append(1 + (logits > chosen[:, None]).sum(-1))
     n = len(sequences)
     m = torch.tensor(lengths)
+    top = torch.cat(top)
     item_logprob = torch.zeros(n).index_add_(0, owner, torch.cat(logprob))
-    item_acc = torch.zeros(n).index_add_(0, owner, torch.cat(correct).float()) / m
+    item_acc = torch.zeros(n).index_add_(0, owner, (top == targets).float()) / m
     item_rank = torch.zeros(n, dtype=torch.long).scatter_reduce_(0, owner, torch.cat(rank), "amax")
 
-    # Generation: greedy, each row fed its own previous choices. A prompt asked for several
-    # answers (the true and the new one) is generated once, as long as its longest answer.
+    # Generation: greedy, each row fed its own previous choices. Its first step is the
+    # teacher-forced step 0 (the prompt alone), so it starts from that argmax; a prompt asked
+    # for several answers (the true and the new one) is generated once, to its longest answer.
+    first = top[m.cumsum(0) - m]  # [n], the argmax after each prompt
     prompt_of = [tuple(batch.tokens[i, :s].tolist()) for i, s in enumerate(starts)]
     steps: dict[tuple[int, ...], int] = {}
-    for key, m_i in zip(prompt_of, lengths, strict=True):
+    first_of: dict[tuple[int, ...], int] = {}
+    for key, m_i, token in zip(prompt_of, lengths, first.tolist(), strict=True):
         steps[key] = max(steps.get(key, 0), m_i)
+        first_of.setdefault(key, token)
     unique = list(steps)
     continuation: dict[tuple[int, ...], torch.Tensor] = {}
     for lo in range(0, len(unique), batch_size):
         chunk = unique[lo : lo + batch_size]
-        generated = [torch.tensor(key, dtype=torch.long) for key in chunk]
-        for _ in range(max(steps[key] for key in chunk)):
+        generated = [torch.tensor([*key, first_of[key]], dtype=torch.long) for key in chunk]
+        for _ in range(max(steps[key] for key in chunk) - 1):
             choice = _next_token_logits(model, generated, pad_id, device).argmax(-1).cpu()
             generated = [torch.cat([g, c[None]]) for g, c in zip(generated, choice, strict=True)]
         continuation.update({key: g[len(key) :] for key, g in zip(chunk, generated, strict=True)})
@@ -293,7 +299,7 @@ def answer_item_scores(
 
 def _as_prompts(name: str, values: Any) -> tuple[FactPrompt, ...]:
     if isinstance(values, FactPrompt):
-        raise ValueError(f"{name} must be a list of FactPrompt, not one prompt: [{name}]")
+        raise ValueError(f"{name} must be a list of FactPrompt, not one prompt; wrap it in a list")
     out = tuple(values)
     for i, item in enumerate(out):
         if not isinstance(item, FactPrompt):
