@@ -138,7 +138,7 @@ def test_fact_report_is_the_same_for_weight_and_activation_edits(model, tmp_path
     path = by_hook.save(tmp_path / "report.json")
     again = EditReport.load(path)
     assert again.rows == by_hook.rows
-    path.write_text(path.read_text().replace('"version": 1', '"version": 7'))
+    path.write_text(path.read_text().replace('"version": 2', '"version": 7'))
     with pytest.raises(ValueError, match="unsupported version"):
         EditReport.load(path)
 

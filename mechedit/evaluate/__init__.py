@@ -10,12 +10,17 @@ from mechedit.evaluate.bias import (
 )
 from mechedit.evaluate.controls import depn_controls
 from mechedit.evaluate.facts import (
+    AnswerScores,
     EditReport,
     EvalRow,
+    FactEditSuites,
     ReportFormatError,
+    answer_item_scores,
     evaluate_fact_edit,
+    fact_edit_suites,
     fact_item_scores,
     fact_scores,
+    mc_item,
 )
 from mechedit.evaluate.privacy import (
     DIGITS,
@@ -37,16 +42,19 @@ from mechedit.evaluate.privacy import (
 
 __all__ = [
     "DIGITS",
+    "AnswerScores",
     "AttributionCheck",
     "EditReport",
     "EvalRow",
     "ExposureResult",
+    "FactEditSuites",
     "MemorizationScores",
     "PrivacyReport",
     "ReportFormatError",
     "Secret",
     "SecretTokenScores",
     "answer_flips",
+    "answer_item_scores",
     "depn_controls",
     "as_secrets",
     "PairPreference",
@@ -54,10 +62,12 @@ __all__ = [
     "StereoSetScores",
     "evaluate_fact_edit",
     "exposure",
+    "fact_edit_suites",
     "fact_item_scores",
     "fact_scores",
     "greedy_completions",
     "is_masked_lm",
+    "mc_item",
     "memorization",
     "mrr",
     "privacy_report",
