@@ -5,7 +5,10 @@ sequence, at the layer causal tracing locates, at the planted layer and at wrong
 prints per run: new-answer accuracy on the edited prompts (training templates) and on held-out
 templates, other people's birth-city accuracy (neighbours: 40 trained people, training
 templates) and held-out perplexity, before -> after. AlphaEdit runs preserve the keys of other
-trained people's birth-city prompts (100 people, disjoint from the evaluated neighbours).
+trained people's birth-city prompts (100 people, disjoint from the evaluated neighbours). The
+key covariance and the prefixes come from the first 4,000 sentences of the training corpus
+(``world.training_sentences(0)``: fact sentences and general text, as ROME's Wikipedia is GPT-2's
+kind of text); 2 prefixes per prompt.
 
     python bench/rank_one_table.py [--runs NAME ...] [--threads 1]
 """
@@ -74,10 +77,11 @@ def traced_layer(model, data: dict) -> tuple[int, dict]:
 
 
 def run(model, data: dict, *, layer, config: RankOneConfig, alphaedit: bool) -> dict:
+    """One edit of all the requests at ``layer``, measured by ``evaluate_fact_edit``."""
     world = data["world"]
     start = time.perf_counter()
     edit = rank_one_edit(
-        model, data["requests"], layer=layer, texts=list(world.training_sentences(0)),
+        model, data["requests"], layer=layer, texts=list(world.training_sentences(0))[:4000],
         preserve=data["preserved"] if alphaedit else None, config=config,
     )
     seconds = time.perf_counter() - start
@@ -124,7 +128,8 @@ def main() -> None:
                 traced, info = traced_layer(model, data)
                 print(f"<!-- causal tracing: {info} -->")
             layer = traced
-        out = run(model, data, layer=layer, config=RankOneConfig(**kwargs), alphaedit=alphaedit)
+        config = RankOneConfig(**{"n_prefixes": 2, **kwargs})
+        out = run(model, data, layer=layer, config=config, alphaedit=alphaedit)
         cells = " | ".join(
             f"{out[k][0]:.3f} -> {out[k][1]:.3f}" for k in ("edited", "heldout", "neighbours", "perplexity")
         )

@@ -177,12 +177,12 @@ def test_null_space_basis_and_least_squares_mode():
     assert (k0 @ basis).abs().max() < 1e-10
     with pytest.raises(ValueError, match="no null space"):
         null_space_basis(torch.randn(40, 16, generator=g, dtype=torch.float64), tol=1e-9)
-    # contexts mode: u = (λC + K^T K)^-1 K^T 1, the minimiser of sum (u.k_i - 1)^2 + λ u^T C u
+    # contexts mode: u = (nλC + K^T K)^-1 K^T 1, the minimiser of mean (u.k_i - 1)^2 + λ u^T C u
     keys = torch.randn(6, 16, generator=g, dtype=torch.float64)
     c, r = _spd(16, 4), torch.randn(8, generator=g, dtype=torch.float64)
     delta_w = rank_one_delta(keys, r, c, cov_weight=0.3)
     u = delta_w.T @ r / (r @ r)
-    chol = torch.linalg.cholesky(0.3 * c)
+    chol = torch.linalg.cholesky(6 * 0.3 * c)
     design = torch.cat([keys, chol.T])  # stacked least squares: [K; sqrt(λC)] u ≈ [1; 0]
     target = torch.cat([torch.ones(6, dtype=torch.float64), torch.zeros(16, dtype=torch.float64)])
     assert torch.allclose(u, torch.linalg.lstsq(design, target[:, None]).solution[:, 0], atol=1e-10)

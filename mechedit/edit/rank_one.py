@@ -107,12 +107,19 @@ class RankOneConfig:
             looks its facts up; the essence prompt then uses its own last token too).
         key_mode: ``"mean"`` (ROME): one key ``k*``, the mean over contexts, written exactly
             (``W' k* + b = v*``); ``"contexts"``: every context's own key ``k_i``, and ``u``
-            minimises ``sum_i (u^T k_i - 1)^2 + cov_weight * u^T C u`` (MEMIT's single-layer
+            minimises ``mean_i (u^T k_i - 1)^2 + cov_weight * u^T C u`` (MEMIT's single-layer
             normal equations for one fact's contexts; the update is still ``δ u^T``, rank one).
             Use it where the keys of one fact differ a lot between prompts (at ``"last"``).
         cov_weight: ``λ``, the weight of ``C`` against the contexts' keys in ``"contexts"`` mode
-            (MEMIT's ``mom2_update_weight``; ``C`` is a mean over tokens, the keys' term a sum
-            over contexts). Unused in ``"mean"`` mode, where the scale of ``C`` cancels.
+            (MEMIT's ``mom2_update_weight``, here per context: both terms are means, so it does
+            not depend on how many contexts there are). Larger keeps other keys' outputs closer
+            and reaches the edit's keys less. ``None`` (default) chooses it per edit: the largest
+            of ``10^6, 10^5.75, ..., 10^-2`` at which the edited weight alone (no ``δ`` hook) gives
+            every request prompt itself (bare, no prefix) the new answer with a mean per-token
+            NLL ``<= auto_max_nll``; if none does, the smallest (recorded as ``reached: false``). Unused in ``"mean"`` mode, where
+            the scale of ``C`` cancels.
+        auto_max_nll: the automatic ``cov_weight``'s criterion, nats (``ln 2``: p(new) >= 1/2,
+            so a one-token new answer is the top-1 token in every context).
         n_prefixes: random general-text prefixes per request prompt, besides the bare prompt
             (ROME: 20 generated ones). 0 uses the bare prompts only.
         seed: seeds the choice of prefixes.
@@ -136,7 +143,8 @@ class RankOneConfig:
 
     fact_token: str = "subject_last"
     key_mode: str = "mean"
-    cov_weight: float = 1e4
+    cov_weight: float | None = None
+    auto_max_nll: float = math.log(2)
     n_prefixes: int = 5
     seed: int = 0
     v_steps: int = 25
@@ -172,8 +180,12 @@ class RankOneConfig:
             )
         if self.key_mode not in KEY_MODES:
             raise ValueError(f"key_mode must be one of {KEY_MODES}, got {self.key_mode!r}")
-        if not (isinstance(self.cov_weight, (int, float)) and math.isfinite(self.cov_weight) and self.cov_weight > 0):
-            raise ValueError(f"cov_weight must be a finite number > 0, got {self.cov_weight!r}")
+        if self.cov_weight is not None and not (
+            isinstance(self.cov_weight, (int, float)) and math.isfinite(self.cov_weight) and self.cov_weight > 0
+        ):
+            raise ValueError(f"cov_weight must be a finite number > 0 or None (automatic), got {self.cov_weight!r}")
+        if not (isinstance(self.auto_max_nll, (int, float)) and self.auto_max_nll > 0):
+            raise ValueError(f"auto_max_nll must be a number > 0 (nats), got {self.auto_max_nll!r}")
         if self.fact_token not in FACT_TOKENS:
             raise ValueError(f"fact_token must be one of {FACT_TOKENS}, got {self.fact_token!r}")
         if self.layer_rule is not None and self.layer_rule not in LAYER_RULES:
@@ -440,6 +452,41 @@ def key_covariance(
 
 
 @dataclass(frozen=True)
+class _Targets:
+    """The new answer after every context, teacher-forced: tokens and where to read them."""
+
+    batch: Any  # TokenizedContinuations on the model's device
+    positions: Tensor  # [n] the fact token of each context
+    tok_pos: Tensor  # [n, width] position of continuation token j (clamped past a row's end)
+    tok_ids: Tensor  # [n, width] its id
+    tok_mask: Tensor  # [n, width] True at real continuation tokens
+
+    @classmethod
+    def of(cls, model: Any, facts: Sequence[FactPrompt], prefixes: Sequence[str], token: str) -> _Targets:
+        device = model_device(model)
+        ctx = _contexts(model, facts, prefixes, token)
+        news = [f.target_new for f in facts for _ in range(1 + len(prefixes))]
+        batch = tokenize_continuations(model, ctx.texts, news, device=device)  # type: ignore[arg-type]
+        # Continuation token j of row b sits at start+j and is predicted at start+j-1.
+        width = int(batch.continuation_lengths.max())
+        offsets = torch.arange(width, device=device)
+        mask = offsets[None, :] < batch.continuation_lengths[:, None]
+        pos = (batch.continuation_starts[:, None] + offsets[None, :]).clamp(max=batch.tokens.shape[1] - 1)
+        return cls(batch, ctx.positions.to(device), pos, batch.tokens.gather(1, pos), mask)
+
+    @property
+    def n(self) -> int:
+        return int(self.positions.shape[0])
+
+    def nll(self, logits: Tensor) -> Float[Tensor, " n"]:
+        """Per context, the mean per-token NLL of the new answer (nats, float64)."""
+        logp = torch.log_softmax(logits.double(), -1)
+        rows = torch.arange(self.n, device=logits.device)[:, None]
+        tok_lp = logp[rows, self.tok_pos - 1].gather(-1, self.tok_ids[..., None]).squeeze(-1)
+        return -(tok_lp * self.tok_mask).sum(1) / self.tok_mask.sum(1)
+
+
+@dataclass(frozen=True)
 class _ValueFit:
     delta: Tensor  # [d_model] float64
     v0_norm: float
@@ -466,23 +513,15 @@ def compute_value(
     facts = _checked_requests(facts, need_new=True)
     require_eval_mode(model, what="rank-one value optimisation", needs_grad=True)
     device = model_device(model)
-    ctx = _contexts(model, facts, prefixes, cfg.fact_token)
-    news = [f.target_new for f in facts for _ in range(1 + len(prefixes))]
-    batch = tokenize_continuations(model, ctx.texts, news, device=device)  # type: ignore[arg-type]
-    rows = torch.arange(len(ctx.texts), device=device)
-    subj = ctx.positions.to(device)
-    if layer == int(model.cfg.n_layers) - 1 and bool((subj < batch.continuation_starts - 1).any()):
+    targets = _Targets.of(model, facts, prefixes, cfg.fact_token)
+    rows = torch.arange(targets.n, device=device)
+    subj = targets.positions
+    if layer == int(model.cfg.n_layers) - 1 and bool((subj < targets.batch.continuation_starts - 1).any()):
         raise ValueError(
             f"layer {layer} is the model's last: its MLP output at the {cfg.fact_token} token reaches "
             "no later position, so it cannot change the answer after a prompt that goes on past "
             "the subject. Edit an earlier layer"
         )
-    # Teacher forcing: continuation token j of row b sits at start+j, predicted at start+j-1.
-    width = int(batch.continuation_lengths.max())
-    offsets = torch.arange(width, device=device)
-    tok_mask = offsets[None, :] < batch.continuation_lengths[:, None]
-    tok_pos = (batch.continuation_starts[:, None] + offsets[None, :]).clamp(max=batch.tokens.shape[1] - 1)
-    tok_ids = batch.tokens.gather(1, tok_pos)
 
     subject = facts[0].subject
     essence = FactPrompt(prompt=cfg.essence_template.format(subject), target=facts[0].target, subject=subject)
@@ -511,10 +550,7 @@ def compute_value(
 
     def losses() -> tuple[Tensor, Tensor]:
         with model.hooks(fwd_hooks=[(name, add_delta(subj, rows))]):
-            logits = model(batch.tokens)
-        logp = torch.log_softmax(logits.double(), -1)
-        tok_lp = logp[rows[:, None], tok_pos - 1].gather(-1, tok_ids[..., None]).squeeze(-1)
-        nll = -(tok_lp * tok_mask).sum(1) / tok_mask.sum(1)
+            nll = targets.nll(model(targets.batch.tokens))
         kl = torch.zeros((), dtype=torch.float64, device=device)
         if cfg.kl_factor > 0:
             with model.hooks(fwd_hooks=[(name, add_delta(ess_pos, torch.arange(1, device=device)))]):
@@ -585,7 +621,7 @@ def rank_one_delta(
     *,
     ridge: float = 0.0,
     null_basis: Float[Tensor, "d_mlp m"] | None = None,
-    cov_weight: float = 1e4,
+    cov_weight: float = 1000.0,
 ) -> Float[Tensor, "d_model d_mlp"]:
     """``ΔW = residual u^T`` (float64), ``u`` the key-side vector of a rank-one edit.
 
@@ -594,8 +630,8 @@ def rank_one_delta(
     * One key ``[d_mlp]`` (ROME): ``u^T key = 1`` minimising ``u^T C u``, so
       ``u = C^{-1} key / (key^T C^{-1} key)`` and ``(W + ΔW) key = W key + residual`` exactly.
     * Keys ``[n, d_mlp]`` (one per context): ``u`` minimises
-      ``sum_i (u^T k_i - 1)^2 + cov_weight * u^T C u``, so
-      ``u = (cov_weight C + K^T K)^{-1} K^T 1``.
+      ``mean_i (u^T k_i - 1)^2 + cov_weight * u^T C u``, so
+      ``u = (n cov_weight C + K^T K)^{-1} K^T 1``.
 
     With ``null_basis`` (``U``, ``[d_mlp, m]``, orthonormal) ``u = U a`` is confined to its span
     and the same problem is solved for ``a`` (AlphaEdit's projection): then
@@ -614,7 +650,7 @@ def rank_one_delta(
     if k.ndim == 2:
         basis = torch.eye(d, dtype=c.dtype) if null_basis is None else null_basis.double()
         kp = k @ basis
-        a = torch.linalg.solve(cov_weight * basis.T @ c @ basis + kp.T @ kp, kp.sum(0))
+        a = torch.linalg.solve(k.shape[0] * cov_weight * basis.T @ c @ basis + kp.T @ kp, kp.sum(0))
         u = basis @ a
         if not bool(torch.isfinite(u).all()) or float((k @ u).mean()) <= 0:
             raise ValueError(
@@ -645,6 +681,42 @@ def rank_one_delta(
 # --------------------------------------------------------------------------------------------
 # The edit
 # --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _auto_cov_weight(
+    model: Any,
+    param: torch.nn.Parameter,
+    in_out: bool,
+    facts: Sequence[FactPrompt],
+    prefixes: Sequence[str],
+    keys: Tensor,
+    residual: Tensor,
+    covariance: Tensor,
+    basis: Tensor | None,
+    cfg: RankOneConfig,
+) -> tuple[Tensor, float, dict[str, Any]]:
+    """The update at the largest ``cov_weight`` whose edited weight alone gives every request
+    prompt the new answer (mean per-token NLL ``<= cfg.auto_max_nll``; ``RankOneConfig.cov_weight``).
+
+    Prefixed contexts are left out of the criterion: they are there to make ``δ`` and the keys
+    robust, and requiring them too chose weights ~100x smaller on the fact world, at the cost of
+    other people's facts."""
+    targets = _Targets.of(model, facts, (), cfg.fact_token)  # the request prompts themselves
+    original = param.detach().clone()
+    delta_w, weight, worst = None, math.nan, math.nan
+    try:
+        for exponent in torch.arange(6.0, -2.01, -0.25).tolist():
+            weight = 10.0**exponent
+            delta_w = rank_one_delta(keys, residual, covariance, ridge=cfg.cov_ridge, null_basis=basis, cov_weight=weight)
+            param.add_((delta_w.T if in_out else delta_w).to(param.dtype).to(param.device))
+            worst = float(targets.nll(model(targets.batch.tokens)).max())
+            param.copy_(original)
+            if worst <= cfg.auto_max_nll:
+                break
+    finally:
+        param.copy_(original)
+    return delta_w, weight, {"reached": worst <= cfg.auto_max_nll, "max_prompt_nll": worst}  # type: ignore[return-value]
 
 
 def _u_of(delta_w: Tensor, residual: Tensor) -> Tensor:
@@ -808,10 +880,15 @@ def rank_one_edit(
             if preserved is not None:
                 basis = null_space_basis(preserved, tol=cfg.null_space_tol)
                 null_dims.append(int(basis.shape[1]))
-            delta_w = rank_one_delta(
-                keys if cfg.key_mode == "contexts" else k, residual, covariance,
-                ridge=cfg.cov_ridge, null_basis=basis, cov_weight=cfg.cov_weight,
-            )
+            if cfg.key_mode == "contexts" and cfg.cov_weight is None:
+                delta_w, fit_info["cov_weight"], fit_info["auto"] = _auto_cov_weight(
+                    model, param, in_out, group, prefix_list, keys, residual, covariance, basis, cfg
+                )
+            else:
+                delta_w = rank_one_delta(
+                    keys if cfg.key_mode == "contexts" else k, residual, covariance,
+                    ridge=cfg.cov_ridge, null_basis=basis, cov_weight=cfg.cov_weight or 1.0,
+                )
             with torch.no_grad():
                 update = (delta_w.T if in_out else delta_w).to(param.dtype).to(param.device)
                 param.add_(update)
