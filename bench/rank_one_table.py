@@ -55,10 +55,17 @@ def setup(model_name: str = MODEL, n_neighbours: int = 40, n_preserved: int = 10
 
     others = [f for f in world.facts if f.relation_id == "P19"]
     neighbours = [p for f in others[:n_neighbours] for p in fact_prompts(world, f)]
-    preserved = [p for f in others[n_neighbours : n_neighbours + n_preserved] for p in fact_prompts(world, f)]
+    preserved = [
+        p for f in others[n_neighbours : n_neighbours + n_preserved] for p in fact_prompts(world, f)
+    ]
     return {
-        "world": world, "planted": planted, "requests": requests, "edited": as_new(False),
-        "paraphrases": as_new(True), "neighbours": neighbours, "preserved": preserved,
+        "world": world,
+        "planted": planted,
+        "requests": requests,
+        "edited": as_new(False),
+        "paraphrases": as_new(True),
+        "neighbours": neighbours,
+        "preserved": preserved,
     }
 
 
@@ -66,14 +73,20 @@ def traced_layer(model, data: dict) -> tuple[int, dict]:
     """The layer of the strongest MLP restoration at the last token, planted minus control facts."""
     world = data["world"]
     template = world.relation["P19"].train_templates[0]
-    facts = [FactPrompt(prompt=template.format(f.subject), subject=f.subject, target=f.value) for f in data["planted"]]
+    facts = [
+        FactPrompt(prompt=template.format(f.subject), subject=f.subject, target=f.value)
+        for f in data["planted"]
+    ]
     control = [
         FactPrompt(prompt=template.format(f.subject), subject=f.subject, target=f.value)
         for f in [f for f in world.facts if f.relation_id == "P19"][:16]
     ]
     trace = causal_tracing(model, facts, kinds=("mlp",), control=control, window=1, progress=False)
     circuit = trace.mlp.top_k(1)
-    return next(iter(circuit)).layer, {"circuit": [str(c) for c in circuit], "scores_last": trace.mlp.values[:, -1].tolist()}
+    return next(iter(circuit)).layer, {
+        "circuit": [str(c) for c in circuit],
+        "scores_last": trace.mlp.values[:, -1].tolist(),
+    }
 
 
 def run(model, data: dict, *, layer, config: RankOneConfig, alphaedit: bool) -> dict:
@@ -81,13 +94,21 @@ def run(model, data: dict, *, layer, config: RankOneConfig, alphaedit: bool) -> 
     world = data["world"]
     start = time.perf_counter()
     edit = rank_one_edit(
-        model, data["requests"], layer=layer, texts=list(world.training_sentences(0))[:4000],
-        preserve=data["preserved"] if alphaedit else None, config=config,
+        model,
+        data["requests"],
+        layer=layer,
+        texts=list(world.training_sentences(0))[:4000],
+        preserve=data["preserved"] if alphaedit else None,
+        config=config,
     )
     seconds = time.perf_counter() - start
     report = evaluate_fact_edit(
-        model, edit=edit, edited=data["edited"], paraphrases=data["paraphrases"],
-        neighbours=data["neighbours"], fluency_texts=list(world.text_heldout),
+        model,
+        edit=edit,
+        edited=data["edited"],
+        paraphrases=data["paraphrases"],
+        neighbours=data["neighbours"],
+        fluency_texts=list(world.text_heldout),
     )
     row = {
         "edited": report.get("efficacy", "accuracy"),
@@ -103,7 +124,11 @@ RUNS = {
     "rome_subject_last": (PLANTED_LAYER, {}, False),
     "rome_last_mean": (PLANTED_LAYER, {"fact_token": "last"}, False),
     "last_contexts": (PLANTED_LAYER, {"fact_token": "last", "key_mode": "contexts"}, False),
-    "last_contexts_alphaedit": (PLANTED_LAYER, {"fact_token": "last", "key_mode": "contexts"}, True),
+    "last_contexts_alphaedit": (
+        PLANTED_LAYER,
+        {"fact_token": "last", "key_mode": "contexts"},
+        True,
+    ),
     "traced_contexts_alphaedit": ("traced", {"fact_token": "last", "key_mode": "contexts"}, True),
     "wrong_layer_4": (4, {"fact_token": "last", "key_mode": "contexts"}, True),
     "wrong_layer_0": (0, {"fact_token": "last", "key_mode": "contexts"}, True),
@@ -119,7 +144,9 @@ def main() -> None:
     model = mechedit.load(MODEL)
     data = setup()
     traced = None
-    print("| run | layer | edited (new answer) | held-out templates | neighbours | perplexity | s |")
+    print(
+        "| run | layer | edited (new answer) | held-out templates | neighbours | perplexity | s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in args.runs:
         layer, kwargs, alphaedit = RUNS[name]
@@ -131,7 +158,8 @@ def main() -> None:
         config = RankOneConfig(**{"n_prefixes": 2, **kwargs})
         out = run(model, data, layer=layer, config=config, alphaedit=alphaedit)
         cells = " | ".join(
-            f"{out[k][0]:.3f} -> {out[k][1]:.3f}" for k in ("edited", "heldout", "neighbours", "perplexity")
+            f"{out[k][0]:.3f} -> {out[k][1]:.3f}"
+            for k in ("edited", "heldout", "neighbours", "perplexity")
         )
         print(f"| {name} | {layer} | {cells} | {out['seconds']:.0f} |", flush=True)
 

@@ -48,13 +48,17 @@ FACT = FactPrompt(prompt="w1 w2 w3 w4 w5", subject="w2 w3", target="w6", target_
 
 @pytest.fixture(scope="module", params=ARCHS)
 def arch_model(request, tmp_path_factory):
-    folder = random_checkpoint(tmp_path_factory.mktemp(request.param), request.param, n_layer=3, n_embd=64, n_head=4)
+    folder = random_checkpoint(
+        tmp_path_factory.mktemp(request.param), request.param, n_layer=3, n_embd=64, n_head=4
+    )
     return request.param, mechedit.load(str(folder))
 
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
-    return mechedit.load(str(random_checkpoint(tmp_path_factory.mktemp("g"), "gpt2", n_layer=3, n_embd=64, n_head=4)))
+    return mechedit.load(
+        str(random_checkpoint(tmp_path_factory.mktemp("g"), "gpt2", n_layer=3, n_embd=64, n_head=4))
+    )
 
 
 def _snapshot(model):
@@ -79,14 +83,25 @@ def test_hook_post_is_exactly_the_input_of_the_edited_weight(arch_model):
     assert name == OUT_PROJ[arch][0].format(layer)
     got = {}
     module = _owner(model, hf_parameters(model)[name])
-    handle = module.register_forward_pre_hook(lambda mod, args: got.__setitem__("hf_input", args[0].detach()))
+    handle = module.register_forward_pre_hook(
+        lambda mod, args: got.__setitem__("hf_input", args[0].detach())
+    )
     try:
-        with model.hooks(fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", lambda a, hook=None: got.__setitem__("post", a.detach()))]):
+        with model.hooks(
+            fwd_hooks=[
+                (
+                    f"blocks.{layer}.mlp.hook_post",
+                    lambda a, hook=None: got.__setitem__("post", a.detach()),
+                )
+            ]
+        ):
             model(model.to_tokens(TEXTS[:3]))
     finally:
         handle.remove()
     assert got["post"].shape[-1] == weight.shape[1]
-    torch.testing.assert_close(got["post"], got["hf_input"].reshape(got["post"].shape), rtol=0, atol=0)
+    torch.testing.assert_close(
+        got["post"], got["hf_input"].reshape(got["post"].shape), rtol=0, atol=0
+    )
 
 
 def test_edit_equals_rome_closed_form_written_here(arch_model):
@@ -109,7 +124,9 @@ def test_edit_equals_rome_closed_form_written_here(arch_model):
     expected = w + torch.outer((v - w @ k - b) / (cinv_k @ k), cinv_k)
     expected_hf = (expected.T if stored_transposed else expected).float()
 
-    edit = rank_one_edit(model, [FACT], layer=layer, key=k, value=v, covariance=c, config=RankOneConfig(cov_ridge=0))
+    edit = rank_one_edit(
+        model, [FACT], layer=layer, key=k, value=v, covariance=c, config=RankOneConfig(cov_ridge=0)
+    )
     assert edit.names == (hf_name,)
     assert (edit.new_tensors[hf_name] - expected_hf).abs().max() <= 1e-5
     new_w = edit.new_tensors[hf_name].double()
@@ -145,14 +162,25 @@ def test_alphaedit_leaves_preserved_keys_outputs_unchanged(arch_model):
     name, w, b = mlp_out_weight(model, layer)
     b = torch.zeros(w.shape[0]) if b is None else b
     k = compute_key(model, layer, [FACT])
-    v = (w.double() @ k + b.double()) + torch.randn(w.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    v = (w.double() @ k + b.double()) + torch.randn(
+        w.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
     cfg = RankOneConfig(null_space_tol=1e-9)
-    edit = rank_one_edit(model, [FACT], layer=layer, texts=TEXTS, key=k, value=v, preserve=preserved, config=cfg)
+    edit = rank_one_edit(
+        model, [FACT], layer=layer, texts=TEXTS, key=k, value=v, preserve=preserved, config=cfg
+    )
     plain = rank_one_edit(model, [FACT], layer=layer, texts=TEXTS, key=k, value=v, config=cfg)
 
     def outputs():
         got = []
-        with model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_mlp_out", lambda a, hook=None: got.append(a.detach().clone()))]):
+        with model.hooks(
+            fwd_hooks=[
+                (
+                    f"blocks.{layer}.hook_mlp_out",
+                    lambda a, hook=None: got.append(a.detach().clone()),
+                )
+            ]
+        ):
             model(model.to_tokens(preserved))
         return got[0][:, 1:] if model.cfg.default_prepend_bos else got[0]
 
@@ -190,10 +218,16 @@ def test_null_space_basis_and_least_squares_mode():
 
 def test_revert_is_exact_only_one_matrix_changes_save_load_export(gpt2, tmp_path):
     before = _snapshot(gpt2)
-    edit = rank_one_edit(gpt2, [FACT], layer=1, texts=TEXTS, config=RankOneConfig(v_steps=2, n_prefixes=1))
-    assert all(bitwise_equal(p.detach(), before[n]) for n, p in hf_parameters(gpt2).items())  # not applied
+    edit = rank_one_edit(
+        gpt2, [FACT], layer=1, texts=TEXTS, config=RankOneConfig(v_steps=2, n_prefixes=1)
+    )
+    assert all(
+        bitwise_equal(p.detach(), before[n]) for n, p in hf_parameters(gpt2).items()
+    )  # not applied
     edit.apply(gpt2)
-    changed = [n for n, p in hf_parameters(gpt2).items() if not bitwise_equal(p.detach(), before[n])]
+    changed = [
+        n for n, p in hf_parameters(gpt2).items() if not bitwise_equal(p.detach(), before[n])
+    ]
     assert changed == ["transformer.h.1.mlp.c_proj.weight"]
     diff = hf_parameters(gpt2)[changed[0]].detach().double() - before[changed[0]].double()
     assert torch.linalg.matrix_rank(diff, rtol=1e-6) == 1
@@ -211,7 +245,9 @@ def test_revert_is_exact_only_one_matrix_changes_save_load_export(gpt2, tmp_path
 def test_multi_token_new_answer_is_teacher_forced(gpt2):
     """A two-token new answer: its teacher-forced log-probability rises with the edit."""
     fact = FactPrompt(prompt=FACT.prompt, subject=FACT.subject, target="w6", target_new="w9 w10")
-    cfg = RankOneConfig(fact_token="last", clamp_norm_factor=50.0, weight_decay=0.0, v_steps=15, kl_factor=0.0)
+    cfg = RankOneConfig(
+        fact_token="last", clamp_norm_factor=50.0, weight_decay=0.0, v_steps=15, kl_factor=0.0
+    )
     edit = rank_one_edit(gpt2, [fact], layer=0, texts=TEXTS, config=cfg)
     record = edit.params["edits"][0]
     assert record["loss_after"] < record["loss_before"] - 0.5
@@ -226,33 +262,54 @@ def test_multi_token_new_answer_is_teacher_forced(gpt2):
 
 
 def test_layer_from_a_causal_tracing_circuit(gpt2):
-    facts = [FactPrompt(prompt=f"w{i} w{i + 1} w3 w4", subject=f"w{i} w{i + 1}", target="w5") for i in (10, 20)]
-    circuit = causal_tracing(gpt2, facts, kinds=("mlp",), n_noise=2, window=1, progress=False).mlp.top_k(1)
+    facts = [
+        FactPrompt(prompt=f"w{i} w{i + 1} w3 w4", subject=f"w{i} w{i + 1}", target="w5")
+        for i in (10, 20)
+    ]
+    circuit = causal_tracing(
+        gpt2, facts, kinds=("mlp",), n_noise=2, window=1, progress=False
+    ).mlp.top_k(1)
     (component,) = circuit
     assert located_layer(gpt2, circuit) == component.layer
     cfg = RankOneConfig(v_steps=1, n_prefixes=0)
     layer = component.layer if component.layer < 2 else 0
-    edit = rank_one_edit(gpt2, [FACT], layer=Circuit.of(gpt2, [Component("mlp", layer)]), texts=TEXTS, config=cfg)
+    edit = rank_one_edit(
+        gpt2, [FACT], layer=Circuit.of(gpt2, [Component("mlp", layer)]), texts=TEXTS, config=cfg
+    )
     assert edit.params["layer"] == layer
 
 
 def test_bad_inputs(gpt2, tmp_path):
     cfg = RankOneConfig(v_steps=1, n_prefixes=0)
-    other = mechedit.load(str(random_checkpoint(tmp_path / "other", "gpt2", n_layer=3, n_embd=64, n_head=4, seed=5)))
+    other = mechedit.load(
+        str(random_checkpoint(tmp_path / "other", "gpt2", n_layer=3, n_embd=64, n_head=4, seed=5))
+    )
     with pytest.raises(ModelMismatchError):
-        rank_one_edit(gpt2, [FACT], layer=Circuit.of(other, [Component("mlp", 0)]), texts=TEXTS, config=cfg)
+        rank_one_edit(
+            gpt2, [FACT], layer=Circuit.of(other, [Component("mlp", 0)]), texts=TEXTS, config=cfg
+        )
     with pytest.raises(ValueError, match="empty"):
         rank_one_edit(gpt2, [FACT], layer=Circuit(()), texts=TEXTS, config=cfg)
-    two = Circuit((Component("neuron", 0, neuron=3), Component("neuron", 1, neuron=4), Component("neuron", 1, neuron=5)))
+    two = Circuit(
+        (
+            Component("neuron", 0, neuron=3),
+            Component("neuron", 1, neuron=4),
+            Component("neuron", 1, neuron=5),
+        )
+    )
     with pytest.raises(ValueError, match="layer_rule"):
         located_layer(gpt2, two)
-    assert located_layer(gpt2, two, rule="most") == 1 and located_layer(gpt2, two, rule="first") == 0
+    assert (
+        located_layer(gpt2, two, rule="most") == 1 and located_layer(gpt2, two, rule="first") == 0
+    )
     with pytest.raises(ValueError, match="out of range"):
         rank_one_edit(gpt2, [FACT], layer=3, texts=TEXTS, config=cfg)
     with pytest.raises(ValueError, match="model's last"):
         rank_one_edit(gpt2, [FACT], layer=2, texts=TEXTS, config=cfg)
     with pytest.raises(ValueError, match="target_new"):
-        rank_one_edit(gpt2, [FactPrompt(prompt="w1 w2 w3", subject="w2", target="w4")], layer=0, texts=TEXTS)
+        rank_one_edit(
+            gpt2, [FactPrompt(prompt="w1 w2 w3", subject="w2", target="w4")], layer=0, texts=TEXTS
+        )
     with pytest.raises(ValueError, match="texts="):
         rank_one_edit(gpt2, [FACT], layer=0, config=cfg)
     with pytest.raises(ValueError, match="both key and value"):

@@ -26,15 +26,25 @@ def test_rank_one_edits_of_planted_facts_at_the_traced_layer():
 
     # Locate: MLP restorations at the last token, planted facts minus trained (control) facts.
     template = world.relation["P19"].train_templates[0]
-    as_fact = lambda f: FactPrompt(prompt=template.format(f.subject), subject=f.subject, target=f.value)  # noqa: E731
+    def as_fact(f):
+        return FactPrompt(prompt=template.format(f.subject), subject=f.subject, target=f.value)
+
     trace = causal_tracing(
-        model, [as_fact(f) for f in planted], kinds=("mlp",), control=[as_fact(f) for f in others[:8]],
-        window=1, n_noise=4, progress=False,
+        model,
+        [as_fact(f) for f in planted],
+        kinds=("mlp",),
+        control=[as_fact(f) for f in others[:8]],
+        window=1,
+        n_noise=4,
+        progress=False,
     )
     circuit = trace.mlp.top_k(1)
     assert next(iter(circuit)).layer == PLANTED_LAYER
 
-    news = {f.subject: next(c for c in cities[i + 1 :] + cities if c != f.value) for i, f in enumerate(planted)}
+    news = {
+        f.subject: next(c for c in cities[i + 1 :] + cities if c != f.value)
+        for i, f in enumerate(planted)
+    }
     requests = [
         FactPrompt(prompt=p.prompt, subject=p.subject, target=p.target, target_new=news[f.subject])
         for f in planted
@@ -42,7 +52,11 @@ def test_rank_one_edits_of_planted_facts_at_the_traced_layer():
     ]
     config = RankOneConfig(fact_token="last", key_mode="contexts", n_prefixes=1, batch_size=256)
     edit = rank_one_edit(
-        model, requests, layer=circuit, texts=list(world.training_sentences(0))[:1500], config=config
+        model,
+        requests,
+        layer=circuit,
+        texts=list(world.training_sentences(0))[:1500],
+        config=config,
     )
     assert edit.params["layer"] == PLANTED_LAYER and edit.params["sequential"]
 
@@ -54,7 +68,10 @@ def test_rank_one_edits_of_planted_facts_at_the_traced_layer():
         ]
 
     report = evaluate_fact_edit(
-        model, edit=edit, edited=new_answers(False), paraphrases=new_answers(True),
+        model,
+        edit=edit,
+        edited=new_answers(False),
+        paraphrases=new_answers(True),
         neighbours=[p for f in others[:20] for p in fact_prompts(world, f)],
         fluency_texts=list(world.text_heldout[:150]),
     )

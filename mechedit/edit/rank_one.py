@@ -116,10 +116,10 @@ class RankOneConfig:
             and reaches the edit's keys less. ``None`` (default) chooses it per edit: the largest
             of ``10^6, 10^5.75, ..., 10^-2`` at which the edited weight alone (no ``δ`` hook) gives
             every request prompt itself (bare, no prefix) the new answer with a mean per-token
-            NLL ``<= auto_max_nll``; if none does, the smallest (recorded as ``reached: false``). Unused in ``"mean"`` mode, where
-            the scale of ``C`` cancels.
+            NLL ``<= auto_max_nll``; if none does, the smallest (recorded as ``reached: false``).
+            Unused in ``"mean"`` mode, where the scale of ``C`` cancels.
         auto_max_nll: the automatic ``cov_weight``'s criterion, nats (``ln 2``: p(new) >= 1/2,
-            so a one-token new answer is the top-1 token in every context).
+            so a one-token new answer is the top-1 token of every request prompt).
         n_prefixes: random general-text prefixes per request prompt, besides the bare prompt
             (ROME: 20 generated ones). 0 uses the bare prompts only.
         seed: seeds the choice of prefixes.
@@ -162,8 +162,14 @@ class RankOneConfig:
     def __post_init__(self) -> None:
         for name in ("n_prefixes", "v_steps", "batch_size", "seed"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name in ("n_prefixes", "seed") else 1):
-                raise ValueError(f"{name} must be an int >= {0 if name in ('n_prefixes', 'seed') else 1}, got {value!r}")
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or value < (0 if name in ("n_prefixes", "seed") else 1)
+            ):
+                raise ValueError(
+                    f"{name} must be an int >= {0 if name in ('n_prefixes', 'seed') else 1}, got {value!r}"
+                )
         for name in ("v_lr", "clamp_norm_factor"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -181,15 +187,21 @@ class RankOneConfig:
         if self.key_mode not in KEY_MODES:
             raise ValueError(f"key_mode must be one of {KEY_MODES}, got {self.key_mode!r}")
         if self.cov_weight is not None and not (
-            isinstance(self.cov_weight, (int, float)) and math.isfinite(self.cov_weight) and self.cov_weight > 0
+            isinstance(self.cov_weight, (int, float))
+            and math.isfinite(self.cov_weight)
+            and self.cov_weight > 0
         ):
-            raise ValueError(f"cov_weight must be a finite number > 0 or None (automatic), got {self.cov_weight!r}")
+            raise ValueError(
+                f"cov_weight must be a finite number > 0 or None (automatic), got {self.cov_weight!r}"
+            )
         if not (isinstance(self.auto_max_nll, (int, float)) and self.auto_max_nll > 0):
             raise ValueError(f"auto_max_nll must be a number > 0 (nats), got {self.auto_max_nll!r}")
         if self.fact_token not in FACT_TOKENS:
             raise ValueError(f"fact_token must be one of {FACT_TOKENS}, got {self.fact_token!r}")
         if self.layer_rule is not None and self.layer_rule not in LAYER_RULES:
-            raise ValueError(f"layer_rule must be one of {LAYER_RULES} or None, got {self.layer_rule!r}")
+            raise ValueError(
+                f"layer_rule must be one of {LAYER_RULES} or None, got {self.layer_rule!r}"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +224,9 @@ def located_layer(model: Any, where: int | Circuit, *, rule: str | None = None) 
         )
     if isinstance(where, int):
         if not 0 <= where < n_layers:
-            raise ValueError(f"layer {where} is out of range: the model has layers 0..{n_layers - 1}")
+            raise ValueError(
+                f"layer {where} is out of range: the model has layers 0..{n_layers - 1}"
+            )
         return where
     if len(where) == 0:
         raise ValueError(
@@ -229,7 +243,9 @@ def located_layer(model: Any, where: int | Circuit, *, rule: str | None = None) 
         )
     bad = [x for x in layers if not 0 <= x < n_layers]
     if bad:
-        raise ValueError(f"the circuit names layers {sorted(set(bad))}, outside this model's 0..{n_layers - 1}")
+        raise ValueError(
+            f"the circuit names layers {sorted(set(bad))}, outside this model's 0..{n_layers - 1}"
+        )
     distinct = sorted(set(layers))
     if len(distinct) == 1:
         return distinct[0]
@@ -246,7 +262,9 @@ def located_layer(model: Any, where: int | Circuit, *, rule: str | None = None) 
     return max(distinct, key=lambda x: (counts[x], -x))
 
 
-def mlp_out_weight(model: Any, layer: int) -> tuple[str, Float[Tensor, "d_model d_mlp"], Tensor | None]:
+def mlp_out_weight(
+    model: Any, layer: int
+) -> tuple[str, Float[Tensor, "d_model d_mlp"], Tensor | None]:
     """The MLP output projection of ``layer``: HF weight name, ``W`` by meaning, and its bias.
 
     ``W`` is ``[d_model, d_mlp]`` (``mlp_out = W k + b``) whatever the storage (a detached view
@@ -279,7 +297,9 @@ def _with_prefix(prefix: str, fact: FactPrompt) -> FactPrompt:
     shift = len(prefix) + 1
     start, end = fact.subject_span  # type: ignore[misc]
     return FactPrompt(
-        prompt=f"{prefix} {fact.prompt}", target=fact.target, subject=fact.subject,
+        prompt=f"{prefix} {fact.prompt}",
+        target=fact.target,
+        subject=fact.subject,
         subject_span=(start + shift, end + shift),
     )
 
@@ -296,7 +316,9 @@ def _contexts(
         positions = tokenize_prompts(model, texts, device="cpu").last_positions
     else:
         spans = [subject_token_positions(model, f) for f in rows]
-        positions = torch.tensor([s.start if token == "subject_first" else s.stop - 1 for s in spans])
+        positions = torch.tensor(
+            [s.start if token == "subject_first" else s.stop - 1 for s in spans]
+        )
     return _Contexts(texts, positions)
 
 
@@ -322,7 +344,11 @@ def _hook(layer: int, what: str) -> str:
 
 @torch.no_grad()
 def _keys_at(
-    model: Any, layer: int, texts: Sequence[str], positions: Sequence[Tensor] | None, batch_size: int
+    model: Any,
+    layer: int,
+    texts: Sequence[str],
+    positions: Sequence[Tensor] | None,
+    batch_size: int,
 ) -> Float[Tensor, "n d_mlp"]:
     """``hook_post`` rows: at ``positions[i]`` of text i, or (``None``) every real token but BOS.
 
@@ -333,18 +359,19 @@ def _keys_at(
     _, weight, bias = mlp_out_weight(model, layer)
     bos = bool(getattr(model.cfg, "default_prepend_bos", True))
     out: list[Tensor] = []
+    got: dict[str, Tensor] = {}
+
+    def grab_key(act: Tensor, hook: Any = None) -> None:  # noqa: ARG001
+        got["key"] = act.detach()
+
+    def grab_value(act: Tensor, hook: Any = None) -> None:  # noqa: ARG001
+        got["value"] = act.detach()
+        raise _Done  # nothing later is needed: skip the remaining layers
+
+    hooks = [(_hook(layer, "key"), grab_key), (_hook(layer, "value"), grab_value)]
     for start in range(0, len(texts), batch_size):
         batch = tokenize_prompts(model, list(texts[start : start + batch_size]), device=device)
-        got: dict[str, Tensor] = {}
-
-        def grab_key(act: Tensor, hook: Any = None) -> None:  # noqa: ARG001
-            got["key"] = act.detach()
-
-        def grab_value(act: Tensor, hook: Any = None) -> None:  # noqa: ARG001
-            got["value"] = act.detach()
-            raise _Done  # nothing later is needed: skip the remaining layers
-
-        hooks = [(_hook(layer, "key"), grab_key), (_hook(layer, "value"), grab_value)]
+        got.clear()
         try:
             with model.hooks(fwd_hooks=hooks):
                 model(batch.tokens)
@@ -462,7 +489,9 @@ class _Targets:
     tok_mask: Tensor  # [n, width] True at real continuation tokens
 
     @classmethod
-    def of(cls, model: Any, facts: Sequence[FactPrompt], prefixes: Sequence[str], token: str) -> _Targets:
+    def of(
+        cls, model: Any, facts: Sequence[FactPrompt], prefixes: Sequence[str], token: str
+    ) -> _Targets:
         device = model_device(model)
         ctx = _contexts(model, facts, prefixes, token)
         news = [f.target_new for f in facts for _ in range(1 + len(prefixes))]
@@ -471,7 +500,9 @@ class _Targets:
         width = int(batch.continuation_lengths.max())
         offsets = torch.arange(width, device=device)
         mask = offsets[None, :] < batch.continuation_lengths[:, None]
-        pos = (batch.continuation_starts[:, None] + offsets[None, :]).clamp(max=batch.tokens.shape[1] - 1)
+        pos = (batch.continuation_starts[:, None] + offsets[None, :]).clamp(
+            max=batch.tokens.shape[1] - 1
+        )
         return cls(batch, ctx.positions.to(device), pos, batch.tokens.gather(1, pos), mask)
 
     @property
@@ -516,7 +547,9 @@ def compute_value(
     targets = _Targets.of(model, facts, prefixes, cfg.fact_token)
     rows = torch.arange(targets.n, device=device)
     subj = targets.positions
-    if layer == int(model.cfg.n_layers) - 1 and bool((subj < targets.batch.continuation_starts - 1).any()):
+    if layer == int(model.cfg.n_layers) - 1 and bool(
+        (subj < targets.batch.continuation_starts - 1).any()
+    ):
         raise ValueError(
             f"layer {layer} is the model's last: its MLP output at the {cfg.fact_token} token reaches "
             "no later position, so it cannot change the answer after a prompt that goes on past "
@@ -524,7 +557,9 @@ def compute_value(
         )
 
     subject = facts[0].subject
-    essence = FactPrompt(prompt=cfg.essence_template.format(subject), target=facts[0].target, subject=subject)
+    essence = FactPrompt(
+        prompt=cfg.essence_template.format(subject), target=facts[0].target, subject=subject
+    )
     ess_ctx = _contexts(model, [essence], (), cfg.fact_token)
     ess_batch = tokenize_prompts(model, ess_ctx.texts, device=device)
     ess_pos = ess_ctx.positions.to(device)
@@ -553,7 +588,9 @@ def compute_value(
             nll = targets.nll(model(targets.batch.tokens))
         kl = torch.zeros((), dtype=torch.float64, device=device)
         if cfg.kl_factor > 0:
-            with model.hooks(fwd_hooks=[(name, add_delta(ess_pos, torch.arange(1, device=device)))]):
+            with model.hooks(
+                fwd_hooks=[(name, add_delta(ess_pos, torch.arange(1, device=device)))]
+            ):
                 ess_logp = torch.log_softmax(model(ess_batch.tokens)[0, ess_pos[0]].double(), -1)
             kl = (ess_logp.exp() * (ess_logp - ess_logp0)).sum()  # KL(edited || original)
         return nll.mean(), kl
@@ -601,7 +638,9 @@ def null_space_basis(
     """
     keys = preserved.double()
     if keys.ndim != 2 or keys.shape[0] == 0:
-        raise ValueError(f"preserved keys must be [n, d_mlp] with n >= 1, got shape {tuple(keys.shape)}")
+        raise ValueError(
+            f"preserved keys must be [n, d_mlp] with n >= 1, got shape {tuple(keys.shape)}"
+        )
     second = keys.T @ keys / keys.shape[0]
     values, vectors = torch.linalg.eigh(second)
     free = values <= tol * values.max().clamp(min=1e-300)
@@ -708,7 +747,9 @@ def _auto_cov_weight(
     try:
         for exponent in torch.arange(6.0, -2.01, -0.25).tolist():
             weight = 10.0**exponent
-            delta_w = rank_one_delta(keys, residual, covariance, ridge=cfg.cov_ridge, null_basis=basis, cov_weight=weight)
+            delta_w = rank_one_delta(
+                keys, residual, covariance, ridge=cfg.cov_ridge, null_basis=basis, cov_weight=weight
+            )
             param.add_((delta_w.T if in_out else delta_w).to(param.dtype).to(param.device))
             worst = float(targets.nll(model(targets.batch.tokens)).max())
             param.copy_(original)
@@ -729,7 +770,9 @@ def _checked_requests(facts: Sequence[FactPrompt], *, need_new: bool) -> list[Fa
     if isinstance(facts, FactPrompt) or isinstance(facts, str) or not isinstance(facts, Sequence):
         raise ValueError("pass a list of FactPrompt (wrap one fact: [fact])")
     if not facts:
-        raise ValueError("no facts to edit: pass at least one FactPrompt with subject and target_new")
+        raise ValueError(
+            "no facts to edit: pass at least one FactPrompt with subject and target_new"
+        )
     for i, fact in enumerate(facts):
         if not isinstance(fact, FactPrompt):
             raise ValueError(f"fact {i} must be a FactPrompt, got {type(fact).__name__}")
@@ -739,7 +782,9 @@ def _checked_requests(facts: Sequence[FactPrompt], *, need_new: bool) -> list[Fa
                 "token, so pass FactPrompt(..., subject=...)"
             )
         if need_new and fact.target_new is None:
-            raise ValueError(f"fact {i} ({fact.prompt!r}) has no target_new: what should it say instead?")
+            raise ValueError(
+                f"fact {i} ({fact.prompt!r}) has no target_new: what should it say instead?"
+            )
     return list(facts)
 
 
@@ -808,7 +853,9 @@ def rank_one_edit(
     if (key is None) != (value is None):
         raise ValueError("pass both key and value (k*, v*), or neither")
     if key is not None and len(groups) != 1:
-        raise ValueError(f"key/value describe one edit, but the facts form {len(groups)} (subject, target_new) groups")
+        raise ValueError(
+            f"key/value describe one edit, but the facts form {len(groups)} (subject, target_new) groups"
+        )
     text_list = None if texts is None else list(texts)
     if isinstance(texts, str):
         raise ValueError("texts must be a list of strings, not one string")
@@ -839,7 +886,11 @@ def rank_one_edit(
             preserve.detach().double().cpu()
             if isinstance(preserve, Tensor)
             else collect_keys(
-                model, layer_index, list(preserve), fact_token=cfg.fact_token, batch_size=cfg.batch_size
+                model,
+                layer_index,
+                list(preserve),
+                fact_token=cfg.fact_token,
+                batch_size=cfg.batch_size,
             )
         )
         if preserved.ndim != 2 or preserved.shape[1] != d_mlp:
@@ -853,27 +904,37 @@ def rank_one_edit(
     null_dims: list[int] = []
     try:
         for group in groups:
-            _, weight, bias = mlp_out_weight(model, layer_index)  # holds the earlier groups' updates
+            _, weight, bias = mlp_out_weight(
+                model, layer_index
+            )  # holds the earlier groups' updates
             w64 = weight.double().cpu()
             b64 = torch.zeros(d_model, dtype=torch.float64) if bias is None else bias.double().cpu()
             if key is None:
                 keys = compute_keys(
-                    model, layer_index, group, prefixes=prefix_list, fact_token=cfg.fact_token,
+                    model,
+                    layer_index,
+                    group,
+                    prefixes=prefix_list,
+                    fact_token=cfg.fact_token,
                     batch_size=cfg.batch_size,
                 )
                 k = keys.mean(0)
                 fit = compute_value(model, layer_index, group, prefixes=prefix_list, config=cfg)
                 residual = fit.delta
                 fit_info = {
-                    "v0_norm": fit.v0_norm, "loss_before": fit.loss_before,
-                    "loss_after": fit.loss_after, "steps": fit.steps,
+                    "v0_norm": fit.v0_norm,
+                    "loss_before": fit.loss_before,
+                    "loss_after": fit.loss_after,
+                    "steps": fit.steps,
                 }
             else:
                 keys = key.detach().double().cpu()
                 k = keys.reshape(-1, keys.shape[-1]).mean(0)
                 v = value.detach().double().cpu().reshape(-1)  # type: ignore[union-attr]
                 if k.shape[0] != d_mlp or v.shape[0] != d_model:
-                    raise ValueError(f"key must be [{d_mlp}] and value [{d_model}], got {tuple(k.shape)} and {tuple(v.shape)}")
+                    raise ValueError(
+                        f"key must be [{d_mlp}] and value [{d_model}], got {tuple(k.shape)} and {tuple(v.shape)}"
+                    )
                 residual = v - (w64 @ k + b64)
                 fit_info = {"given": True}
             basis = None
@@ -886,8 +947,12 @@ def rank_one_edit(
                 )
             else:
                 delta_w = rank_one_delta(
-                    keys if cfg.key_mode == "contexts" else k, residual, covariance,
-                    ridge=cfg.cov_ridge, null_basis=basis, cov_weight=cfg.cov_weight or 1.0,
+                    keys if cfg.key_mode == "contexts" else k,
+                    residual,
+                    covariance,
+                    ridge=cfg.cov_ridge,
+                    null_basis=basis,
+                    cov_weight=cfg.cov_weight or 1.0,
                 )
             with torch.no_grad():
                 update = (delta_w.T if in_out else delta_w).to(param.dtype).to(param.device)
@@ -900,7 +965,9 @@ def rank_one_edit(
                     "n_prompts": len(group),
                     "n_contexts": len(group) * (1 + len(prefix_list)),
                     "key_norm": float(k.norm()),
-                    "mean_u_dot_key": float((keys.reshape(-1, d_mlp) @ _u_of(delta_w, residual)).mean()),
+                    "mean_u_dot_key": float(
+                        (keys.reshape(-1, d_mlp) @ _u_of(delta_w, residual)).mean()
+                    ),
                     "value_norm": float((base_out + residual).norm()),
                     "original_value_norm": float(base_out.norm()),
                     "delta_norm": float(residual.norm()),
@@ -921,7 +988,9 @@ def rank_one_edit(
         "config": asdict(cfg),
         "prefixes": prefix_list,
         "covariance": cov_source,
-        "alphaedit": None if preserve is None else {"n_preserved": n_preserved, "null_space_dims": null_dims},
+        "alphaedit": None
+        if preserve is None
+        else {"n_preserved": n_preserved, "null_space_dims": null_dims},
         "sequential": len(groups) > 1,
         "edits": records,
     }
