@@ -23,6 +23,16 @@ stored as ``W^T``; GPT-NeoX's ``dense_4h_to_h`` and Llama's ``down_proj``, ``nn.
    smallest change in ``tr(ΔW C ΔW^T)`` (keys weighted as general text makes them) with
    ``W' k* + b = v*`` exactly. The residual ``v* - W k* - b`` is ``δ``.
 
+Two departures from ROME's defaults, both options (``RankOneConfig``): ``fact_token`` reads the
+key and adds ``δ`` at the subject's first token or at the prompt's last token instead (ROME's own
+``fact_token`` setting), and ``key_mode="contexts"`` fits every context's key ``k_i`` instead of
+their mean: ``u`` minimises ``mean_i (u^T k_i - 1)^2 + λ u^T C u`` (MEMIT's single-layer normal
+equations for one fact), so ``ΔW = δ u^T`` is still rank one. On the fact world both are needed:
+its final token reads the subject's last name only through layer-0 attention, so nothing written
+at the subject's last token later reaches the answer; at the last token the keys of one fact
+differ more between templates than between people, so one averaged key rewrites other people's
+answers (README, rank-one section, has the measured table).
+
 **AlphaEdit** (Fang et al. 2025) as an option (``preserve=``): given preserved keys ``K0``
 (``[n, d_mlp]``: every token of preserved texts, the subject's last token of preserved facts, or
 a tensor), ``u`` is restricted to the null space of ``K0``: the eigenvectors ``U`` of
@@ -75,6 +85,7 @@ __all__ = [
     "KEY_MODES",
     "LAYER_RULES",
     "RankOneConfig",
+    "ValueFit",
     "collect_keys",
     "compute_key",
     "compute_keys",
@@ -518,7 +529,11 @@ class _Targets:
 
 
 @dataclass(frozen=True)
-class _ValueFit:
+class ValueFit:
+    """What ``compute_value`` found: ``delta`` ``[d_model]`` (float64, CPU; ``v* = W k* + b +
+    delta``), ``v0_norm`` (``|v0|``), the value loss (mean per-token NLL of the new answer over the
+    contexts, nats, without the KL and decay terms) before and after, and the Adam steps taken."""
+
     delta: Tensor  # [d_model] float64
     v0_norm: float
     loss_before: float
@@ -533,7 +548,7 @@ def compute_value(
     *,
     prefixes: Sequence[str] = (),
     config: RankOneConfig | None = None,
-) -> _ValueFit:
+) -> ValueFit:
     """Optimise ROME's ``δ`` for facts of one subject and one ``target_new`` (see the module doc).
 
     Returns the fit: ``delta`` (``[d_model]``, float64, CPU; ``v* = W k* + b + delta``),
@@ -570,9 +585,10 @@ def compute_value(
     name = _hook(layer, "value")
     captured: dict[str, Tensor] = {}
 
-    def add_delta(positions: Tensor, row_index: Tensor):
+    def add_delta(positions: Tensor, row_index: Tensor, *, capture: bool = False):
         def fn(act: Tensor, hook: Any = None) -> Tensor:  # noqa: ARG001
-            captured["v0"] = act[row_index, positions].detach()
+            if capture:  # the contexts' own outputs, not the essence prompt's
+                captured["v0"] = act[row_index, positions].detach()
             mask = torch.zeros(act.shape[:2], dtype=act.dtype, device=act.device)
             mask[row_index, positions] = 1.0
             return act + mask[..., None] * delta
@@ -584,7 +600,7 @@ def compute_value(
             ess_logp0 = torch.log_softmax(model(ess_batch.tokens)[0, ess_pos[0]].double(), -1)
 
     def losses() -> tuple[Tensor, Tensor]:
-        with model.hooks(fwd_hooks=[(name, add_delta(subj, rows))]):
+        with model.hooks(fwd_hooks=[(name, add_delta(subj, rows, capture=True))]):
             nll = targets.nll(model(targets.batch.tokens))
         kl = torch.zeros((), dtype=torch.float64, device=device)
         if cfg.kl_factor > 0:
@@ -620,7 +636,7 @@ def compute_value(
             norm = float(delta.norm())
             if norm > limit:
                 delta.mul_(limit / norm)
-    return _ValueFit(delta.detach().double().cpu(), v0_norm, loss_before, nll_value, steps)
+    return ValueFit(delta.detach().double().cpu(), v0_norm, loss_before, nll_value, steps)
 
 
 # --------------------------------------------------------------------------------------------
