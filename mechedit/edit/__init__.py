@@ -8,6 +8,7 @@ weight edit as a plain Hugging Face checkpoint.
 from mechedit.edit.activation import MODES, ActivationEdit, ablate, mean_activations
 from mechedit.edit.pcgu import PCGURun, PCGUUpdate, PCGUUpdateConfig, pcgu_update
 from mechedit.edit.protocol import Edit, applied_edit, load_edit
+from mechedit.edit.rank_one import RankOneConfig, rank_one_edit
 from mechedit.edit.weights import (
     BaseModelMismatchError,
     EditFormatError,
@@ -27,6 +28,7 @@ __all__ = [
     "PCGURun",
     "PCGUUpdate",
     "PCGUUpdateConfig",
+    "RankOneConfig",
     "Recording",
     "WeightEdit",
     "ablate",
@@ -34,5 +36,6 @@ __all__ = [
     "load_edit",
     "mean_activations",
     "pcgu_update",
+    "rank_one_edit",
     "zero_neurons",
 ]
