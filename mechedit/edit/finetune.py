@@ -250,8 +250,8 @@ def covered_masks(model: Any, circuit: Circuit | Iterable[Component] | str) -> d
     """HF name -> boolean mask of the entries ``finetune`` trains for ``circuit``.
 
     ``circuit`` is a ``Circuit`` (its provenance must be this model's weights: a circuit found on
-    another model raises ``ModelMismatchError``), a list of components, or ``"all"`` (every
-    parameter: unrestricted fine-tuning).
+    another model raises ``ModelMismatchError``; a hand-made circuit without provenance is not
+    checked), a list of components, or ``"all"`` (every parameter: unrestricted fine-tuning).
 
     Raises:
         ValueError: an empty circuit, one that covers no parameter (residual or hook-output
@@ -343,8 +343,12 @@ def _train(
     names = list(masks)
     params = [live[n] for n in names]
     # Packed leaves: exactly the covered entries; what AdamW holds state for and steps.
-    packed = [p.detach()[m].clone() for p, m in zip(params, (masks[n] for n in names), strict=True)]
     full = [bool(masks[n].all()) for n in names]
+    # a fully covered tensor is packed as a flat view (no boolean gather of every entry)
+    packed = [
+        (p.detach().reshape(-1) if whole else p.detach()[masks[n]]).clone()
+        for n, p, whole in zip(names, params, full, strict=True)
+    ]
     optimiser = torch.optim.AdamW(packed, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(cfg))
     groups = gradient_leaves(model, params)
@@ -410,9 +414,10 @@ def _train(
                     )
                 grads = torch.autograd.grad(total, leaves, allow_unused=True)
                 by_leaf = {id(p): g for p, g in zip(leaves, grads, strict=True)}
-                for p, group, mask, leaf in zip(params, groups, (masks[n] for n in names), packed, strict=True):
+                for p, group, mask, leaf, whole in zip(params, groups, (masks[n] for n in names), packed, full,
+                                                       strict=True):
                     g = assemble_gradient(p, group, [by_leaf[id(x)] for x in group])
-                    leaf.grad = torch.zeros_like(leaf) if g is None else g[mask]
+                    leaf.grad = torch.zeros_like(leaf) if g is None else (g.reshape(-1) if whole else g[mask])
                 norm = torch.nn.utils.clip_grad_norm_(packed, cfg.clip_norm if cfg.clip_norm is not None else math.inf)
                 lr = optimiser.param_groups[0]["lr"]
                 optimiser.step()
