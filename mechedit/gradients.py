@@ -349,12 +349,36 @@ def _assemble(
     return flat_target.detach()
 
 
+def gradient_leaves(model: Any, params: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Per HF parameter in ``params``: the autograd leaves whose gradients make up its gradient.
+
+    The bridge computes GPT-2 attention with its own ``q``/``k``/``v`` parameters, views into
+    ``c_attn``'s memory but separate autograd leaves, so ``c_attn.weight.grad`` stays empty. A
+    training loop over HF tensors switches ``requires_grad`` on for every leaf listed here, runs
+    ``torch.autograd.grad(loss, leaves)`` and adds them up with ``assemble_gradient``.
+    """
+    return _storage_sharers(model, params)
+
+
+def assemble_gradient(
+    target: torch.Tensor, leaves: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
+) -> torch.Tensor | None:
+    """d loss / d ``target`` (shape and layout of ``target``) from its leaves' gradients.
+
+    ``leaves`` is ``gradient_leaves(model, [target])[0]`` and ``grads`` their gradients in the
+    same order (``None`` where a leaf was unused); ``None`` when every one is ``None``.
+    """
+    return _assemble(target, leaves, {id(leaf): g for leaf, g in zip(leaves, grads, strict=True)})
+
+
 __all__ = [
     "Activations",
     "Captured",
     "Metric",
     "ParameterGradients",
     "activations_and_gradients",
+    "assemble_gradient",
     "capture_activations",
+    "gradient_leaves",
     "parameter_gradients",
 ]

@@ -53,3 +53,22 @@ def test_bench_knowledge_neurons_small_prints_equal_scores_and_depn_rate():
         assert float(cells[3].rstrip("x")) > 0 and float(cells[4]) <= 1e-5, row
     rate = next(line for line in run.stdout.splitlines() if line.startswith("| detect"))
     assert float(rate.strip("|").split("|")[2]) > 0, rate
+
+
+def test_bench_finetune_small_prints_memory_ratios():
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_finetune.py"), "--small", "--threads", "1", "--steps", "2",
+           "--rows", "2", "--tokens", "8"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in run.stdout.splitlines() if line.startswith("| ") and "x |" in line}
+    assert len(rows) == 3, run.stdout
+    full = rows["all parameters (full fine-tuning)"]
+    assert float(full[3].rstrip("x")) == 1.0
+    for name, cells in rows.items():
+        entries, ratio = int(cells[1].replace(",", "")), float(cells[3].rstrip("x"))
+        assert entries > 0 and float(cells[4]) > 0, cells
+        if name != "all parameters (full fine-tuning)":
+            # frozen entries hold no optimiser state: memory follows the trained entries
+            assert ratio == pytest.approx(entries / int(full[1].replace(",", "")), rel=0.05), cells
