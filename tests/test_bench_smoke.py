@@ -53,3 +53,16 @@ def test_bench_knowledge_neurons_small_prints_equal_scores_and_depn_rate():
         assert float(cells[3].rstrip("x")) > 0 and float(cells[4]) <= 1e-5, row
     rate = next(line for line in run.stdout.splitlines() if line.startswith("| detect"))
     assert float(rate.strip("|").split("|")[2]) > 0, rate
+
+
+def test_bench_pcgu_small_selects_like_the_loop():
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_pcgu.py"), "--small", "--threads", "1",
+           "--repeats", "1", "--loop-sample", "0", "--pairs", "8", "--tokens", "8"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "same selection: True" in run.stdout, run.stdout  # the loop ran in full and agrees
+    rows = {line.split("|")[1].strip(): line for line in run.stdout.splitlines() if line.startswith("| ")}
+    for step in ("one backward (all parameters)", "ranking, vectorised (cosines + global lowest-k)"):
+        seconds = float(rows[step].strip("|").split("|")[1])
+        assert seconds > 0, rows[step]
