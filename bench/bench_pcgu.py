@@ -70,7 +70,14 @@ def loop_cosines(g_adv, g_dis, specs, sample: int | None) -> tuple[list[float], 
 
 
 def factworld_table(
-    name: str, *, lr: float, k: float, epochs: int, batch_size: int, baseline_lr: float | None = None
+    name: str,
+    *,
+    lr: float,
+    k: float,
+    epochs: int,
+    batch_size: int,
+    baseline_lr: float | None = None,
+    scales: tuple[float, ...] | None = None,
 ) -> None:
     """Print the before/after table of PCGU and both baselines on fact-world model ``name``."""
     from mechedit import zoo
@@ -82,7 +89,8 @@ def factworld_table(
     world = zoo.load_world(name)
     splits = world_bias_splits(world)
     cfg = PCGUUpdateConfig(
-        ranking=PCGUConfig(k=k), lr=lr, baseline_lr=baseline_lr, epochs=epochs, batch_size=batch_size
+        ranking=PCGUConfig(k=k), lr=lr, baseline_lr=baseline_lr, epochs=epochs, batch_size=batch_size,
+        **({"task_vector_scales": scales} if scales else {}),
     )
     result = pcgu_update(model, splits["train"], splits["dev"], config=cfg, baselines=("finetune", "task_vector"))
     table = bias_edit_table(model, world, result, splits["test"])
@@ -98,6 +106,7 @@ def main() -> None:
     parser.add_argument("--factworld", default=None, help="run the unlearning table on this fact-world model")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--baseline-lr", type=float, default=None, help="the baselines' lr (default: --lr)")
+    parser.add_argument("--tv-scales", type=float, nargs="+", default=None, help="the task vector's lambda grid")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--small", action="store_true", help="a 2-layer d_model 64 model")
@@ -114,7 +123,7 @@ def main() -> None:
     if args.factworld:
         factworld_table(
             args.factworld, lr=args.lr, k=k_arg, epochs=args.epochs, batch_size=args.batch_size,
-            baseline_lr=args.baseline_lr,
+            baseline_lr=args.baseline_lr, scales=tuple(args.tv_scales) if args.tv_scales else None,
         )
         return
     shape = (
