@@ -20,8 +20,8 @@ The target is ranking / backward <= 0.5. The selected partitions of both are com
     python bench/bench_pcgu.py --factworld factworld --lr 2e-3 --k 0.2 --epochs 3
 
 runs the whole unlearning instead on a fact-world model (``world_bias_splits``: train / dev /
-held-out test pairs) with both baselines at the same steps and prints the before/after table
-(``evaluate.bias.bias_edit_table``).
+held-out test pairs) with both baselines at the same steps (at ``--baseline-lr``, by default
+PCGU's ``--lr``) and prints the before/after table (``evaluate.bias.bias_edit_table``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import best_of
 
 import mechedit
 from mechedit.data_pairs import ContrastivePair
@@ -43,19 +44,9 @@ from mechedit.locate.pcgu import (
     partition_specs,
     select_lowest,
     side_gradients,
-    side_scores,
-    tokenize_pair_sides,
 )
+from mechedit.pair_scores import side_scores, tokenize_pair_sides
 from mechedit.zoo.random_model import random_checkpoint
-
-
-def best_of(repeats: int, run) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - start)
-    return min(times), result
 
 
 def loop_cosines(g_adv, g_dis, specs, sample: int | None) -> tuple[list[float], float]:
@@ -78,7 +69,16 @@ def loop_cosines(g_adv, g_dis, specs, sample: int | None) -> tuple[list[float], 
     return values, seconds
 
 
-def factworld_table(name: str, *, lr: float, k: float, epochs: int, batch_size: int) -> None:
+def factworld_table(
+    name: str,
+    *,
+    lr: float,
+    k: float,
+    epochs: int,
+    batch_size: int,
+    baseline_lr: float | None = None,
+    scales: tuple[float, ...] | None = None,
+) -> None:
     """Print the before/after table of PCGU and both baselines on fact-world model ``name``."""
     from mechedit import zoo
     from mechedit.data_pairs import world_bias_splits
@@ -88,11 +88,14 @@ def factworld_table(name: str, *, lr: float, k: float, epochs: int, batch_size: 
     model = mechedit.load(name)
     world = zoo.load_world(name)
     splits = world_bias_splits(world)
-    cfg = PCGUUpdateConfig(ranking=PCGUConfig(k=k), lr=lr, epochs=epochs, batch_size=batch_size)
+    cfg = PCGUUpdateConfig(
+        ranking=PCGUConfig(k=k), lr=lr, baseline_lr=baseline_lr, epochs=epochs, batch_size=batch_size,
+        **({"task_vector_scales": scales} if scales else {}),
+    )
     result = pcgu_update(model, splits["train"], splits["dev"], config=cfg, baselines=("finetune", "task_vector"))
     table = bias_edit_table(model, world, result, splits["test"])
     print(f"{name}: {len(splits['train'])} train / {len(splits['dev'])} dev / {len(splits['test'])} test pairs, "
-          f"lr {lr}, k {k}, {epochs} epochs of batch {batch_size}")
+          f"lr {lr} (baselines {baseline_lr or lr}), k {k}, {epochs} epochs of batch {batch_size}")
     print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     for method, run in result.runs.items():
         print(method, "dev history:", [round(h["dev_bias"], 3) for h in run.history])
@@ -102,6 +105,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--factworld", default=None, help="run the unlearning table on this fact-world model")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--baseline-lr", type=float, default=None, help="the baselines' lr (default: --lr)")
+    parser.add_argument("--tv-scales", type=float, nargs="+", default=None, help="the task vector's lambda grid")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--small", action="store_true", help="a 2-layer d_model 64 model")
@@ -116,7 +121,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     k_arg = int(args.k) if args.k >= 1 else args.k
     if args.factworld:
-        factworld_table(args.factworld, lr=args.lr, k=k_arg, epochs=args.epochs, batch_size=args.batch_size)
+        factworld_table(
+            args.factworld, lr=args.lr, k=k_arg, epochs=args.epochs, batch_size=args.batch_size,
+            baseline_lr=args.baseline_lr, scales=tuple(args.tv_scales) if args.tv_scales else None,
+        )
         return
     shape = (
         {"n_layer": 2, "n_embd": 64, "n_head": 4}

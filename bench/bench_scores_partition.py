@@ -13,26 +13,16 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _common import best_of
 
 import mechedit
 from mechedit.components import partition_key, partition_sizes
 from mechedit.provenance import Provenance
 from mechedit.scores import PartitionTable, Scores
 from mechedit.zoo.random_model import random_checkpoint
-
-
-def best_of(repeats: int, run) -> tuple[float, object]:
-    """Fastest wall time of ``repeats`` calls of ``run`` (seconds) and the last result."""
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - start)
-    return min(times), result
 
 
 def main() -> None:

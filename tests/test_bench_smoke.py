@@ -72,3 +72,14 @@ def test_bench_finetune_small_prints_memory_ratios():
         if name != "all parameters (full fine-tuning)":
             # frozen entries hold no optimiser state: memory follows the trained entries
             assert ratio == pytest.approx(entries / int(full[1].replace(",", "")), rel=0.05), cells
+def test_bench_pcgu_small_selects_like_the_loop():
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_pcgu.py"), "--small", "--threads", "1",
+           "--repeats", "1", "--loop-sample", "0", "--pairs", "8", "--tokens", "8"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "same selection: True" in run.stdout, run.stdout  # the loop ran in full and agrees
+    rows = {line.split("|")[1].strip(): line for line in run.stdout.splitlines() if line.startswith("| ")}
+    for step in ("one backward (all parameters)", "ranking, vectorised (cosines + global lowest-k)"):
+        seconds = float(rows[step].strip("|").split("|")[1])
+        assert seconds > 0, rows[step]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import warnings
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -192,6 +195,45 @@ def test_update_lowers_the_advantaged_side_and_picks_the_checkpoint_closest_to_t
             after = side_scores(model(batch.inputs["advantaged"]), batch, "advantaged").sum()
     assert after < base
     assert "finetune" in result.runs and result.runs["finetune"].edit.names != result.edit.names
+
+
+def test_baselines_take_their_own_learning_rate(models):
+    model = models["gpt2"]
+    live = hf_parameters(model)
+    deltas = {}
+    for baseline_lr in (None, 0.01):  # one step on one batch: the edit is -lr * g+ everywhere
+        cfg = PCGUUpdateConfig(ranking=PCGUConfig(k=30), lr=0.1, baseline_lr=baseline_lr, epochs=1, batch_size=len(PAIRS))
+        run = pcgu_update(model, PAIRS, dev_metric=lambda m: 0.5, config=cfg, baselines=("finetune",)).runs["finetune"]
+        name = "transformer.h.0.mlp.c_fc.weight"
+        deltas[baseline_lr] = run.edit.new_tensors[name].cpu() - live[name].detach().cpu()
+    assert deltas[None].abs().max() > 0
+    assert torch.allclose(deltas[0.01] * 10, deltas[None], rtol=1e-3, atol=1e-7)
+    with pytest.raises(ValueError, match="baseline_lr"):
+        PCGUUpdateConfig(baseline_lr=0.0)
+
+
+def test_tensor_table_counts_the_selected_partitions_per_tensor_and_layer(models):
+    sel = pcgu(models["gpt2"], PAIRS, k=40)
+    table = sel.tensor_table()
+    assert int(table["selected"].sum()) == len(sel.selected) == 40
+    assert len(table) == len(sel.specs) and (table["fraction"] <= 1).all()
+    row = table.set_index("param").loc["transformer.h.1.mlp.c_fc.weight"]
+    assert row["layer"] == 1 and row["tensor"] == "mlp.c_fc.weight" and row["partitions"] == 4 * 32
+    assert row["selected"] == int(sel.masks.get("transformer.h.1.mlp.c_fc.weight", torch.zeros(1, 1)).any(0).sum())
+    outside = table.set_index("param").loc["transformer.wte.weight"]
+    assert outside["layer"] is pd.NA and outside["tensor"] == "transformer.wte.weight"
+
+
+def test_pair_scoring_and_bias_metrics_import_no_locator():
+    # The design's layering: evaluate and the core import the core, never a locator. (The
+    # evaluate package as a whole does: its controls compare locators; so read the sources.)
+    root = Path(__file__).resolve().parents[1] / "mechedit"
+    for module in ("pair_scores.py", "evaluate/bias.py"):
+        tree = ast.parse((root / module).read_text())
+        imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert "mechedit.pair_scores" in imported or module == "pair_scores.py"
+        assert not [m for m in imported if m.startswith(("mechedit.locate", "mechedit.edit"))], (module, imported)
 
 
 def test_bad_pairs_are_skipped_with_counted_warnings(models):

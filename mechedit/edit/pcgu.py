@@ -1,7 +1,8 @@
 """The PCGU update as one weight edit, with its two baselines in the same call.
 
 Each step takes a batch of contrastive pairs, ranks every weight partition by cos(g+, g-)
-(``mechedit.locate.pcgu``; reselected every batch) and takes a plain gradient step on the
+(``mechedit.locate.pcgu``'s ranking: ``rank_partitions``; reselected every batch; the side
+gradients come from the core, ``mechedit.pair_scores``) and takes a plain gradient step on the
 advantaged side's score in the selected partitions only:
 
     θ_p ← θ_p − lr · g+_p        (p selected; every other entry keeps its exact bits)
@@ -11,7 +12,8 @@ unselected weights. After every ``eval_every`` steps the dev bias (``dev_metric`
 pair preference of ``dev_pairs``) is measured; the checkpoint whose dev bias is **closest to
 ``target``** (0.5) is kept — not the lowest, which overshoots into the opposite bias.
 
-Baselines, on the same pairs, batches, steps and learning rate:
+Baselines, on the same pairs, batches and steps, at PCGU's learning rate unless
+``baseline_lr`` gives theirs (an unrestricted step at PCGU's rate can break the model):
 
 * ``"finetune"``: the same step on **every** parameter (unrestricted gradient descent on the
   advantaged side's score), same checkpoint rule.
@@ -39,15 +41,13 @@ from mechedit.data_pairs import ContrastivePair
 from mechedit.edit.weights import WeightEdit
 from mechedit.hf import hf_parameters
 from mechedit.locate.pcgu import (
-    PairBatch,
     PCGUConfig,
     partition_specs,
     rank_partitions,
     resolve_k,
     selection_masks,
-    side_gradients,
-    tokenize_pair_sides,
 )
+from mechedit.pair_scores import PairBatch, pair_gradients, tokenize_pair_sides
 
 BASELINES = ("finetune", "task_vector")
 
@@ -60,6 +60,8 @@ class PCGUUpdateConfig:
         ranking: the selection settings of each step (``k``, aggregation, side scoring; its
             ``batch_size`` is ignored here: a step's batch is ``batch_size`` below).
         lr: step size (parameter units per unit of score gradient). Paper: 1e-5 for BERT-base.
+        baseline_lr: the baselines' step size (fine-tuning and the task vector's fine-tuning
+            toward the advantaged side); ``None``: ``lr``.
         epochs: passes over the pairs (paper: 5).
         batch_size: pairs per step (paper: 16); the gradient is summed over them.
         eval_every: steps between dev measurements (each one a checkpoint candidate).
@@ -70,6 +72,7 @@ class PCGUUpdateConfig:
 
     ranking: PCGUConfig = field(default_factory=PCGUConfig)
     lr: float = 1e-5
+    baseline_lr: float | None = None
     epochs: int = 5
     batch_size: int = 16
     eval_every: int = 1
@@ -82,6 +85,8 @@ class PCGUUpdateConfig:
             raise ValueError(f"ranking must be a PCGUConfig, got {type(self.ranking).__name__}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.baseline_lr is not None and not self.baseline_lr > 0:
+            raise ValueError(f"baseline_lr must be > 0 (or None for lr), got {self.baseline_lr}")
         for name in ("epochs", "batch_size", "eval_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -146,16 +151,6 @@ def _batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]
     return out
 
 
-def _subset(batch: PairBatch, rows: list[int]) -> PairBatch:
-    index = torch.tensor(rows)
-    pick = lambda d: None if d is None else {k: v[index.to(v.device)] for k, v in d.items()}  # noqa: E731
-    return PairBatch(
-        batch.mode, tuple(batch.pairs[i] for i in rows), pick(batch.inputs), pick(batch.attention),
-        None if batch.span is None else batch.span[index.to(batch.span.device)], pick(batch.targets),
-        batch.skipped,
-    )
-
-
 def _train(
     model: Any,
     batch: PairBatch,
@@ -170,7 +165,15 @@ def _train(
     names = [s.name for s in specs]
     live = hf_parameters(model)
     sign = 1.0 if method == "task_vector_ft" else -1.0  # ascent toward / descent away from g+
-    ranking = PCGUConfig(**{**asdict(cfg.ranking), "batch_size": cfg.batch_size})
+    lr = cfg.lr if method == "pcgu" or cfg.baseline_lr is None else cfg.baseline_lr
+    r = cfg.ranking
+
+    def gradients(chunk: PairBatch, side: str) -> dict[str, Tensor]:
+        return pair_gradients(
+            model, chunk, names, side,
+            batch_size=cfg.batch_size, causal_reduction=r.causal_reduction, masked_score=r.masked_score,
+        )
+
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, Tensor]] | None = None
     touched: set[str] = set()
@@ -179,11 +182,11 @@ def _train(
     with WeightEdit.recording(model, names, kind=f"pcgu_{method}", params_meta=meta) as rec:
         try:
             for rows in _batches(len(batch), cfg.batch_size, cfg.epochs, cfg.seed):
-                chunk = _subset(batch, rows)
-                g_adv = side_gradients(model, chunk, names, "advantaged", ranking)
+                chunk = batch.take(rows)
+                g_adv = gradients(chunk, "advantaged")
                 if method == "pcgu":
-                    g_dis = side_gradients(model, chunk, names, "disadvantaged", ranking)
-                    _, _, selected = rank_partitions(g_adv, g_dis, specs, ranking)
+                    g_dis = gradients(chunk, "disadvantaged")
+                    _, _, selected = rank_partitions(g_adv, g_dis, specs, r)
                     masks = selection_masks(specs, selected)
                 else:
                     masks = {n: None for n in names}
@@ -191,11 +194,11 @@ def _train(
                     for name, mask in masks.items():
                         param, grad = live[name], g_adv[name]
                         if mask is None:
-                            param.add_(grad, alpha=sign * cfg.lr)
+                            param.add_(grad, alpha=sign * lr)
                         else:
                             # where(): unselected entries keep their exact bits (x - 0 could flip -0.0)
                             mask = mask.to(param.device)
-                            param.copy_(torch.where(mask, param + sign * cfg.lr * grad, param))
+                            param.copy_(torch.where(mask, param + sign * lr * grad, param))
                         touched.add(name)
                 step += 1
                 if method != "task_vector_ft" and step % cfg.eval_every == 0:

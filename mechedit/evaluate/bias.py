@@ -33,8 +33,8 @@ from torch import Tensor
 
 from mechedit.checks import require_eval_mode
 from mechedit.data_pairs import ContrastivePair, StereoSetTriple, differing_span
-from mechedit.locate.pcgu import scoring_mode, side_scores, tokenize_pair_sides
 from mechedit.models import model_device
+from mechedit.pair_scores import scoring_mode, side_scores, tokenize_pair_sides
 from mechedit.tokens import get_tokenizer, tokenize_prompts
 
 Protocol = Literal["pcgu", "crows"]
@@ -302,8 +302,8 @@ def bias_edit_table(
 
     One row for the unedited model and one per method in ``result.runs``: test bias (pair
     preference of ``test_pairs``, fraction), the dev bias at the chosen checkpoint, fact accuracy
-    and held-out (pseudo-)perplexity (``fact_world_utility``), k, steps, the checkpoint and the
-    run's seconds. Each edit is applied for its row and reverted.
+    and held-out (pseudo-)perplexity (``fact_world_utility``), k, the learning rate, steps, the
+    checkpoint and the run's seconds. Each edit is applied for its row and reverted.
     """
     import pandas as pd
 
@@ -312,12 +312,14 @@ def bias_edit_table(
         return {"test_bias": bias.rate, **fact_world_utility(model, world)}
 
     ranking = result.config["ranking"]
+    lr, baseline_lr = result.config.get("lr"), result.config.get("baseline_lr")
     rows = [{"method": "unedited", **measure()}]
     for method, run in result.runs.items():
         with run.edit.applied(model):
             row = measure()
         rows.append({
             "method": method, **row, "dev_bias": run.dev_bias, "k": ranking["k"] if method == "pcgu" else "all",
+            "lr": lr if method == "pcgu" or baseline_lr is None else baseline_lr,
             "steps": run.steps, "checkpoint": run.checkpoint, "seconds": round(run.seconds, 1),
         })
     return pd.DataFrame(rows)

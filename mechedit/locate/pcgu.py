@@ -9,13 +9,9 @@ points away from the gradient of the **disadvantaged** side:
 
 and selects the ``k`` partitions with the **lowest** cosine across the whole model.
 
-Scoring one side (``side_scores``):
-
-* **causal LM**: the log-probability of the whole sequence, ``sum`` (default) or ``mean`` over
-  its tokens (BOS is context, not scored);
-* **masked LM**: the differing span is replaced by the tokenizer's own mask token (one mask per
-  span token; both sides must tokenize to the same length there) and the side's score is its
-  tokens' ``logit`` at those masks (the paper), or their ``logprob``, summed over the span.
+Each side is scored as in ``mechedit.pair_scores`` (re-exported here): a causal LM's summed (or
+mean) sequence log-probability; a masked LM's logit (or log-prob) of the side's span tokens at the
+masked differing span.
 
 Partitions (``partition_table``): every trainable tensor (plain HF names, tied tensors once, from
 ``components.partition_sizes``) is cut into units by meaning, not storage layout:
@@ -44,7 +40,7 @@ import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -55,16 +51,19 @@ from transformers.pytorch_utils import Conv1D
 from mechedit.checks import require_eval_mode
 from mechedit.circuit import Circuit
 from mechedit.components import Component, _owners, partition_sizes
-from mechedit.data_pairs import ContrastivePair, differing_span, pair_problem, warn_skipped
-from mechedit.gradients import parameter_gradients
+from mechedit.data_pairs import ContrastivePair
 from mechedit.hf import LAYOUTS, architecture, hf_model, hf_parameters
 from mechedit.models import model_device
+from mechedit.pair_scores import (
+    MASKED_ARCHITECTURES,
+    PairBatch,
+    pair_gradients,
+    scoring_mode,
+    side_scores,
+    tokenize_pair_sides,
+)
 from mechedit.provenance import Provenance
 from mechedit.scores import PartitionTable, Scores
-from mechedit.tokens import get_tokenizer, tokenize_prompts
-
-# Architectures scored as masked LMs (the differing span masked); every other one as causal.
-MASKED_ARCHITECTURES = frozenset({"BertForMaskedLM"})
 
 Aggregation = Literal["input", "output"]
 
@@ -127,163 +126,18 @@ class PCGUConfig:
             object.__setattr__(self, "params", tuple(self.params))
 
 
-# --- the two sides of a pair, tokenised --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PairBatch:
-    """Tokenised contrastive pairs, ready to score either side.
-
-    Causal mode: ``inputs[side]`` are that side's tokens ``[n, pos]`` (BOS first, right-padded)
-    and ``attention[side]`` their real-token masks. Masked mode: both sides share one input (the
-    advantaged sentence with its span masked); ``targets[side]`` ``[n, pos]`` holds the side's
-    token ids at the span positions (``span`` ``[n, pos]`` True there), 0 elsewhere.
-    ``pairs`` are the pairs kept; ``skipped`` counts the others per reason.
-    """
-
-    mode: str
-    pairs: tuple[ContrastivePair, ...]
-    inputs: Mapping[str, Tensor]
-    attention: Mapping[str, Tensor]
-    span: Tensor | None
-    targets: Mapping[str, Tensor] | None
-    skipped: Mapping[str, int]
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def rows(self, sl: slice) -> PairBatch:
-        """The pairs ``sl`` of this batch (padding columns kept)."""
-        pick = lambda d: None if d is None else {k: v[sl] for k, v in d.items()}  # noqa: E731
-        return PairBatch(
-            self.mode, self.pairs[sl], pick(self.inputs), pick(self.attention),
-            None if self.span is None else self.span[sl], pick(self.targets), self.skipped,
-        )
-
-
-def scoring_mode(model: Any, mode: str = "auto") -> str:
-    """``"masked"`` or ``"causal"``: ``mode`` itself, or for ``"auto"`` from the architecture."""
-    if mode in ("causal", "masked"):
-        return mode
-    if mode != "auto":
-        raise ValueError(f"mode must be 'auto', 'causal' or 'masked', got {mode!r}")
-    return "masked" if architecture(model) in MASKED_ARCHITECTURES else "causal"
-
-
-def tokenize_pair_sides(model: Any, pairs: Sequence[ContrastivePair], mode: str = "auto") -> PairBatch:
-    """Tokenise both sides of ``pairs`` for ``mode``; unusable pairs are skipped and counted.
-
-    Skipped (one ``SkippedPairsWarning`` with the counts): identical sides, a difference outside a
-    declared span, sides whose tokens are identical, and in masked mode sides whose differing
-    spans tokenize to different lengths. Raises ``ValueError`` when no pair is left or the
-    tokenizer has no mask token in masked mode.
-    """
-    if isinstance(pairs, ContrastivePair):
-        raise ValueError("pass a list of ContrastivePair, not one pair: [pair]")
-    pairs = list(pairs)
-    if not pairs:
-        raise ValueError("pairs is empty: give at least one ContrastivePair")
-    mode = scoring_mode(model, mode)
-    skipped: dict[str, int] = {}
-    kept: list[ContrastivePair] = []
-    for pair in pairs:
-        problem = pair_problem(pair)
-        if problem is not None:
-            skipped[problem] = skipped.get(problem, 0) + 1
-        else:
-            kept.append(pair)
-    if not kept:
-        warn_skipped(skipped, total=len(pairs))
-        raise ValueError(f"no usable pair among {len(pairs)}: {skipped}")
-    device = model_device(model)
-    adv = tokenize_prompts(model, [p.advantaged for p in kept], device="cpu")
-    dis = tokenize_prompts(model, [p.disadvantaged for p in kept], device="cpu")
-    rows_a = [t[m].tolist() for t, m in zip(adv.tokens, adv.attention_mask)]
-    rows_d = [t[m].tolist() for t, m in zip(dis.tokens, dis.attention_mask)]
-    spans = [differing_span(a, d) for a, d in zip(rows_a, rows_d)]
-    use = []
-    for i, (start, end_a, end_d) in enumerate(spans):
-        if rows_a[i] == rows_d[i]:
-            reason = "identical tokens"
-        elif mode == "masked" and end_a - start != end_d - start:
-            reason = "span tokenizes to different lengths (masked mode)"
-        else:
-            use.append(i)
-            continue
-        skipped[reason] = skipped.get(reason, 0) + 1
-    warn_skipped(skipped, total=len(pairs))
-    if not use:
-        raise ValueError(f"no usable pair among {len(pairs)}: {skipped}")
-    kept_pairs = tuple(kept[i] for i in use)
-    if mode == "causal":
-        return PairBatch(
-            mode, kept_pairs,
-            {"advantaged": adv.tokens[use].to(device), "disadvantaged": dis.tokens[use].to(device)},
-            {"advantaged": adv.attention_mask[use].to(device), "disadvantaged": dis.attention_mask[use].to(device)},
-            None, None, dict(skipped),
-        )
-    mask_id = get_tokenizer(model).mask_token_id
-    if mask_id is None:
-        raise ValueError("masked mode needs a tokenizer with a mask token (tokenizer.mask_token is None)")
-    inputs = adv.tokens[use].clone()
-    span = torch.zeros_like(inputs, dtype=torch.bool)
-    targets = {"advantaged": torch.zeros_like(inputs), "disadvantaged": torch.zeros_like(inputs)}
-    for row, i in enumerate(use):
-        start, end, _ = spans[i]
-        span[row, start:end] = True
-        targets["advantaged"][row, start:end] = torch.tensor(rows_a[i][start:end])
-        targets["disadvantaged"][row, start:end] = torch.tensor(rows_d[i][start:end])
-    inputs[span] = mask_id
-    attention = adv.attention_mask[use].to(device)
-    return PairBatch(
-        mode, kept_pairs, {"advantaged": inputs.to(device), "disadvantaged": inputs.to(device)},
-        {"advantaged": attention, "disadvantaged": attention}, span.to(device),
-        {k: v.to(device) for k, v in targets.items()}, dict(skipped),
-    )
-
-
-def side_scores(
-    logits: Tensor, batch: PairBatch, side: str, *, causal_reduction: str = "sum", masked_score: str = "logit"
-) -> Tensor:
-    """Each pair's score of ``side`` (``"advantaged"`` / ``"disadvantaged"``), ``[n]``, differentiable.
-
-    ``logits`` ``[n, pos, vocab]`` from the forward of ``batch.inputs[side]``. Causal: summed
-    (or mean) log-probability of the side's tokens after BOS, in nats. Masked: summed logit (or
-    log-probability) of the side's span tokens at the masks.
-    """
-    if side not in ("advantaged", "disadvantaged"):
-        raise ValueError(f"side must be 'advantaged' or 'disadvantaged', got {side!r}")
-    logits = logits.float()
-    if batch.mode == "causal":
-        tokens, real = batch.inputs[side], batch.attention[side]
-        logp = logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
-        scored = real[:, 1:].to(logp.dtype)
-        total = (logp * scored).sum(-1)
-        return total / scored.sum(-1) if causal_reduction == "mean" else total
-    values = logits.log_softmax(-1) if masked_score == "logprob" else logits
-    picked = values.gather(-1, batch.targets[side][..., None])[..., 0]
-    return (picked * batch.span.to(picked.dtype)).sum(-1)
+# --- the two sides' gradients ---------------------------------------------------------------------
 
 
 def side_gradients(
     model: Any, batch: PairBatch, names: Sequence[str], side: str, cfg: PCGUConfig
 ) -> dict[str, Tensor]:
-    """d (sum over pairs of ``side``'s score) / d parameter, per HF name, summed over ``cfg.batch_size`` chunks."""
-    total: dict[str, Tensor] = {}
-    for start in range(0, len(batch), cfg.batch_size):
-        chunk = batch.rows(slice(start, start + cfg.batch_size))
-
-        def metric(logits: Tensor, chunk: PairBatch = chunk) -> Tensor:
-            return side_scores(
-                logits, chunk, side, causal_reduction=cfg.causal_reduction, masked_score=cfg.masked_score
-            ).sum()
-
-        # Padding only needs masking where every position attends to every other (masked LMs).
-        attention = chunk.attention[side] if batch.mode == "masked" else None
-        grads = parameter_gradients(model, chunk.inputs[side], names, metric, attention_mask=attention)
-        for name, g in grads.gradients.items():
-            total[name] = g if name not in total else total[name].add_(g)
-    return total
+    """d (sum over pairs of ``side``'s score) / d parameter, per HF name, with ``cfg``'s side
+    scoring, summed over ``cfg.batch_size`` chunks (``mechedit.pair_scores.pair_gradients``)."""
+    return pair_gradients(
+        model, batch, names, side,
+        batch_size=cfg.batch_size, causal_reduction=cfg.causal_reduction, masked_score=cfg.masked_score,
+    )
 
 
 # --- partitions -------------------------------------------------------------------------------------
@@ -473,6 +327,7 @@ class PCGUSelection:
         specs: how each tensor was partitioned.
         skipped: pairs skipped per reason.
         n_pairs: pairs used.
+        layers: HF name -> block index (``None`` outside the blocks: embeddings, final norm).
     """
 
     scores: Scores
@@ -482,6 +337,31 @@ class PCGUSelection:
     specs: tuple[PartitionSpec, ...]
     skipped: Mapping[str, int]
     n_pairs: int
+    layers: Mapping[str, int | None] = field(default_factory=dict)
+
+    def tensor_table(self):
+        """Where the selected partitions sit: a pandas DataFrame with one row per tensor.
+
+        Columns: ``param`` (HF name), ``layer`` (block index; ``<NA>`` outside the blocks),
+        ``tensor`` (the name inside its block, e.g. ``mlp.c_fc.weight``; the whole name outside),
+        ``partitions`` (the tensor's partition count), ``selected`` (how many of them are
+        selected) and ``fraction`` (selected / partitions). ``mechedit.viz.partition_heatmap``
+        draws it.
+        """
+        import pandas as pd
+
+        sizes = torch.tensor([s.n_units for s in self.specs])
+        owner = torch.repeat_interleave(torch.arange(len(self.specs)), sizes)
+        counts = torch.bincount(owner[self.selected], minlength=len(self.specs)).tolist()
+        rows = []
+        for spec, n_selected in zip(self.specs, counts):
+            layer = self.layers.get(spec.name)
+            inner = spec.name if layer is None else spec.name.split(f".{layer}.", 1)[-1]
+            rows.append({
+                "param": spec.name, "layer": layer, "tensor": inner, "partitions": spec.n_units,
+                "selected": n_selected, "fraction": n_selected / spec.n_units,
+            })
+        return pd.DataFrame(rows).astype({"layer": "Int64"})
 
 
 def rank_partitions(
@@ -541,7 +421,7 @@ def pcgu(model: Any, pairs: Sequence[ContrastivePair], *, config: PCGUConfig | N
     )
     return PCGUSelection(
         scores, circuit, selected.cpu(), selection_masks(specs, selected, model_device(model)),
-        tuple(specs), dict(batch.skipped), len(batch),
+        tuple(specs), dict(batch.skipped), len(batch), {s.name: layer_of(model, s.name) for s in specs},
     )
 
 

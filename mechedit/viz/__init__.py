@@ -1,12 +1,22 @@
 """Figures from results: plotly only here, never in the core.
 
 ``heatmap`` draws any two axes of a ``Scores``; ``before_after`` draws an evaluation table;
-``edge_graph`` draws an edge circuit;
+``edge_graph`` draws an edge circuit; ``partition_heatmap``, ``bias_bars`` and ``bias_history``
+draw a bias edit (where its partitions sit, the bias against 50 %);
 ``write_report`` puts figures and tables into one standalone HTML file (plotly's JavaScript inline,
 so it opens with no network).
 """
 
+from mechedit.viz.bias import bias_bars, bias_history, partition_heatmap
 from mechedit.viz.figures import before_after, edge_graph, heatmap
 from mechedit.viz.report import write_report
 
-__all__ = ["before_after", "edge_graph", "heatmap", "write_report"]
+__all__ = [
+    "before_after",
+    "bias_bars",
+    "bias_history",
+    "edge_graph",
+    "heatmap",
+    "partition_heatmap",
+    "write_report",
+]
