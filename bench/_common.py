@@ -20,3 +20,11 @@ def best_of(repeats: int, run: Callable[[], T]) -> tuple[float, T]:
         result = run()
         times.append(time.perf_counter() - start)
     return min(times), result
+
+
+def gpt2_shape(small: bool) -> dict[str, int]:
+    """``random_checkpoint`` keyword arguments: GPT-2-small's shape (12 layers, d_model 768, its
+    50,257-token vocabulary), or a tiny 2-layer model for smoke tests (``small``)."""
+    if small:
+        return {"n_layer": 2, "n_embd": 64, "n_head": 4}
+    return {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024, "vocab_words": 50252}

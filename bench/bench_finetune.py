@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _common import gpt2_shape
 
 import mechedit
 from mechedit.components import Component
@@ -55,11 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    shape = (
-        {"n_layer": 2, "n_embd": 64, "n_head": 4}
-        if args.small
-        else {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024, "vocab_words": 50252}
-    )
+    shape = gpt2_shape(args.small)
     with tempfile.TemporaryDirectory() as tmp:
         model = mechedit.load(random_checkpoint(Path(tmp) / "model", "gpt2", **shape))
     rng = random.Random(0)

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import best_of
+from _common import best_of, gpt2_shape
 
 import mechedit
 from mechedit.data_pairs import ContrastivePair
@@ -126,11 +126,7 @@ def main() -> None:
             baseline_lr=args.baseline_lr, scales=tuple(args.tv_scales) if args.tv_scales else None,
         )
         return
-    shape = (
-        {"n_layer": 2, "n_embd": 64, "n_head": 4}
-        if args.small
-        else {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024, "vocab_words": 50252}
-    )
+    shape = gpt2_shape(args.small)
     with tempfile.TemporaryDirectory() as tmp:
         model = mechedit.load(random_checkpoint(Path(tmp) / "model", "gpt2", **shape))
     rng = random.Random(0)

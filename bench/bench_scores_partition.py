@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import best_of
+from _common import best_of, gpt2_shape
 
 import mechedit
 from mechedit.components import partition_key, partition_sizes
@@ -30,11 +30,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="a 2-layer d_model 64 model")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    shape = (
-        {"n_layer": 2, "n_embd": 64, "n_head": 4}
-        if args.small
-        else {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024, "vocab_words": 50252}
-    )
+    shape = gpt2_shape(args.small)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = mechedit.load(random_checkpoint(tmp / "model", "gpt2", **shape))

@@ -34,7 +34,6 @@ import mechedit
 from mechedit import zoo
 from mechedit.circuit import Circuit
 from mechedit.components import Component
-from mechedit.demo import fact_prompts
 from mechedit.edit import (
     NPO,
     EditCE,
@@ -52,6 +51,7 @@ from mechedit.edit import (
 )
 from mechedit.evaluate import evaluate_fact_edit
 from mechedit.prompts import FactPrompt
+from mechedit.zoo.prompts import fact_prompts
 
 OBJECTIVE_NAMES = {c.__name__: c for c in (NPO, EditCE, GradientAscent, LogOneMinusP, RandomMismatch, RetainCE,
                                            RetainKL, SimNPO)}

@@ -21,7 +21,7 @@
 # %%
 import mechedit
 from mechedit import zoo
-from mechedit.demo import fact_prompts
+from mechedit.zoo.prompts import fact_prompts
 from mechedit.edit import ablate, zero_neurons
 from mechedit.evaluate import evaluate_fact_edit
 from mechedit.locate import neuron_attribution

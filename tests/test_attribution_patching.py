@@ -434,8 +434,8 @@ def test_atp_equals_exact_patching_where_the_metric_is_linear(arch_model):
 def test_neuron_atp_ranks_the_fact_neurons_like_neuron_attribution():
     """Measured on 5 birthplace facts: 55-90 % (mean 73 %) of the top-20 neurons by AtP (noising
     the subject) are neuron_attribution's top 20 (the demo's locator)."""
-    from mechedit.demo import fact_prompts
     from mechedit.locate import neuron_attribution
+    from mechedit.zoo.prompts import fact_prompts
     from mechedit.zoo.world import fill
 
     model, world = mechedit.load("factworld"), zoo.load_world("factworld")

@@ -254,7 +254,7 @@ def _per_layer(values, facts_tok, spans):
 
 def test_planted_layer_among_the_top_two_of_the_mlp_contrast():
     from mechedit import zoo
-    from mechedit.demo import fact_prompts
+    from mechedit.zoo.prompts import fact_prompts
 
     model = mechedit.load("factworld-planted")
     world = zoo.load_world("factworld-planted")

@@ -53,9 +53,9 @@ def test_demo_writes_a_complete_run_folder(demo):
 def test_saved_weight_edit_reproduces_the_activation_edit(demo):
     model = mechedit.load("factworld")
     edit = WeightEdit.load(demo.paths["weight_edit"])
-    from mechedit.demo import fact_prompts
     from mechedit.evaluate import fact_scores
     from mechedit.zoo import load_world
+    from mechedit.zoo.prompts import fact_prompts
 
     prompts = fact_prompts(load_world("factworld"), demo.fact)
     with edit.applied(model):

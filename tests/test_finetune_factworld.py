@@ -18,7 +18,6 @@ import mechedit
 from mechedit import zoo
 from mechedit.circuit import Circuit
 from mechedit.components import Component
-from mechedit.demo import fact_prompts
 from mechedit.edit import (
     EditCE,
     FinetuneConfig,
@@ -31,6 +30,7 @@ from mechedit.edit import (
 )
 from mechedit.evaluate import evaluate_fact_edit
 from mechedit.prompts import FactPrompt
+from mechedit.zoo.prompts import fact_prompts
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -8,7 +8,6 @@ import torch
 
 import mechedit
 from mechedit import zoo
-from mechedit.demo import fact_prompts
 from mechedit.edit import ablate
 from mechedit.hf import hf_model
 from mechedit.interventions import Intervention, patch
@@ -16,6 +15,7 @@ from mechedit.locate import KnowledgePrompt, knowledge_neurons, random_neurons
 from mechedit.locate.knowledge_neurons import alphas
 from mechedit.metrics import continuation_logprobs
 from mechedit.tokens import answer_id, tokenize_continuations, tokenize_prompts
+from mechedit.zoo.prompts import fact_prompts
 from mechedit.zoo.random_model import random_checkpoint
 
 

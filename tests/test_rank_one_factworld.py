@@ -6,11 +6,11 @@ import pytest
 
 import mechedit
 from mechedit import zoo
-from mechedit.demo import fact_prompts
 from mechedit.edit.rank_one import RankOneConfig, rank_one_edit
 from mechedit.evaluate import evaluate_fact_edit
 from mechedit.locate import causal_tracing
 from mechedit.prompts import FactPrompt
+from mechedit.zoo.prompts import fact_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
