@@ -704,10 +704,12 @@ def circuit_parameters(
                 raise ValueError(f"{where}: {name} has {size} output units (0..{size - 1})")
             units.setdefault(name, []).append(component.unit)
         else:
+            block = {"mlp_out": "mlp", "attn_out": "attn"}.get(site)
+            hint = f"; for the block that writes it use Component({block!r}, {component.layer})" if block else ""
             raise ValueError(
                 f"{where}: site {site!r} has no parameters of its own; the sites with parameters "
                 "are head, neuron, neuron_pre, attn, mlp and partition (attn / mlp for a whole "
-                "block's output)"
+                f"block's output){hint}"
             )
 
     for layer, chosen in heads.items():

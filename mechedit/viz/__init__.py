@@ -2,12 +2,13 @@
 
 ``heatmap`` draws any two axes of a ``Scores``; ``before_after`` draws an evaluation table;
 ``edge_graph`` draws an edge circuit; ``partition_heatmap``, ``bias_bars`` and ``bias_history``
-draw a bias edit (where its partitions sit, the bias against 50 %);
-``write_report`` puts figures and tables into one standalone HTML file (plotly's JavaScript inline,
-so it opens with no network).
+draw a bias edit (where its partitions sit, the bias against 50 %); ``edit_bars`` compares
+several edits' reports row by row; ``write_report`` puts figures and tables into one standalone
+HTML file (plotly's JavaScript inline, so it opens with no network).
 """
 
 from mechedit.viz.bias import bias_bars, bias_history, partition_heatmap
+from mechedit.viz.edits import edit_bars
 from mechedit.viz.figures import before_after, edge_graph, heatmap
 from mechedit.viz.report import write_report
 
@@ -16,6 +17,7 @@ __all__ = [
     "bias_bars",
     "bias_history",
     "edge_graph",
+    "edit_bars",
     "heatmap",
     "partition_heatmap",
     "write_report",
