@@ -8,6 +8,9 @@ when ``--stop-after`` minutes have passed (the trend is clear long before a full
     PYTHONPATH=$PWD python bench/mc_attempts.py --out /tmp/mc_runs/a --people 60 \\
         --layout options-first --mc-per-fact 4 --warmup-induction 600 --induction-fraction 0.1
 
+``--evaluate OUT/model`` prints a saved attempt's final figures instead: MC (mean of 5 question
+seeds) and its controls, lookup drills, induction, facts.
+
 Results of every attempt are tabled in ``mechedit/zoo/MC_ATTEMPTS.md``.
 """
 
@@ -15,19 +18,52 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
 import torch
 
-from mechedit.zoo.measure import fact_accuracy, mc_accuracy
-from mechedit.zoo.train import ModelShape, TrainConfig, train_factworld
-from mechedit.zoo.world import WorldConfig, load_occupations
+from mechedit.zoo.measure import Encoder, fact_accuracy, mc_accuracy, mc_controls, next_token_logits
+from mechedit.zoo.train import (
+    ModelShape,
+    TrainConfig,
+    induction_accuracy,
+    lookup_drills,
+    train_factworld,
+)
+from mechedit.zoo.world import MC_LETTERS, WorldConfig, load_occupations
+
+
+def evaluate(folder: str) -> dict:
+    """Final figures of a saved attempt (fractions in [0, 1]; entropy in bits)."""
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from mechedit.zoo.metadata import read_metadata, world_from_metadata
+
+    model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    world = world_from_metadata(read_metadata(folder))
+    enc = Encoder(tok)
+    rows = [r.split() for r in lookup_drills(world, 400, random.Random(99))]
+    gold = torch.tensor([MC_LETTERS.index(r[-1]) for r in rows])
+    letters = torch.tensor([enc.vocab[x] for x in MC_LETTERS])
+    drill_logits = next_token_logits(model, enc, [" ".join(r[:-1]) for r in rows])[:, letters]
+    return {
+        "drill": (drill_logits.argmax(-1) == gold).float().mean().item(),
+        "induction": induction_accuracy(model, tok, world.vocabulary()),
+        "mc_heldout": sum(mc_accuracy(model, world, tok, "heldout", seed=s) for s in range(5)) / 5,
+        "mc_train": sum(mc_accuracy(model, world, tok, "train", seed=s) for s in range(5)) / 5,
+        "facts_train": fact_accuracy(model, world, tok, world.facts, "train"),
+        "facts_heldout": fact_accuracy(model, world, tok, world.facts, "heldout"),
+        "controls": mc_controls(model, world, tok, "heldout"),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("--evaluate", metavar="MODEL_DIR", help="print a saved attempt's final figures and exit")
     ap.add_argument("--people", type=int, default=240)
     ap.add_argument("--small-extras", action="store_true", help="shrink private records, bias and general text")
     ap.add_argument("--tiny-extras", action="store_true", help="shrink them further (for a signal within minutes)")
@@ -45,6 +81,12 @@ def main() -> None:
     ap.add_argument("--stop-after", type=float, default=30.0, help="minutes")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.evaluate:
+        print(json.dumps(evaluate(args.evaluate)))
+        return
+    if not args.out:
+        ap.error("--out is required to train")
 
     extras = dict(n_private=10, bias_sentences_per_occupation=10, n_text_train=500, n_text_heldout=100) if args.small_extras else {}
     if args.tiny_extras:
