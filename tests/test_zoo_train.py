@@ -83,3 +83,68 @@ def test_metadata_is_validated(tmp_path, tiny_run):
     (bad / "metadata.json").write_text(text.replace('"biases"', '"biasez"'))
     with pytest.raises(MetadataError, match="biases"):
         read_metadata(bad)
+
+
+def test_induction_options_add_a_warmup_phase_and_rows(tmp_path):
+    """Warm-up steps run before the corpus, induction is measured, and ``on_epoch`` can stop the run."""
+    tc = TrainConfig(**{**TINY_TRAIN.__dict__, "max_steps": None, "epochs": 3, "warmup_induction_steps": 3, "induction_fraction": 0.25})
+    seen = []
+
+    def stop_after_first(model, world, tokenizer, entry):
+        seen.append(entry["epoch"])
+        return True
+
+    meta = train_factworld(tmp_path / "ind", world_config=TINY_WORLD, train_config=tc, occupations=OCCUPATIONS, progress=False, measure=False, on_epoch=stop_after_first)
+    warm, first = meta["loss_history"]
+    assert warm["epoch"] == -1 and warm["step"] == 3 and 0.0 <= warm["induction"] <= 1.0
+    assert seen == [0] and len(meta["loss_history"]) == 2  # stopped after epoch 0 of 3
+    n_corpus = len(load_world(tmp_path / "ind").training_sentences(0))
+    # a quarter of the epoch's rows are induction rows: 4/3 of the corpus, in batches of 32
+    assert first["step"] == 3 + -(-round(n_corpus * 4 / 3) // 32)
+
+
+def test_lookup_drills_name_the_letter_of_the_named_value():
+    import random
+
+    from mechedit.zoo.train import lookup_drills
+    from mechedit.zoo.world import World
+
+    world = World.generate(TINY_WORLD, occupations=OCCUPATIONS)
+    rows = lookup_drills(world, 40, random.Random(0))
+    for row in rows:
+        words = row.split()
+        options = dict(zip(words[2:10:2], words[3:10:2]))  # letter -> value
+        named, letter = words[11], words[-1]
+        assert options[letter] == named and len(set(options.values())) == 4
+    assert len({r.split()[-1] for r in rows}) == 4  # every letter is an answer somewhere
+
+
+def test_induction_rows_and_their_accuracy():
+    import random
+
+    from mechedit.zoo.train import induction_accuracy, induction_sentences
+
+    words = [f"w{i}" for i in range(50)]
+    for row in induction_sentences(words, 20, random.Random(0), length=(3, 6)):
+        seq = row.split()
+        assert 6 <= len(seq) <= 12 and seq[: len(seq) // 2] == seq[len(seq) // 2 :]
+
+    class Tok:  # word-level tokenizer over ``words`` + specials
+        def __init__(self):
+            self.vocab = {w: i for i, w in enumerate(["<bos>", "<eos>", "<pad>", *words])}
+            self.bos_token_id, self.eos_token_id, self.pad_token_id = 0, 1, 2
+
+        def get_vocab(self):
+            return self.vocab
+
+    def copier(ids):  # predicts token p - L + 1 at position p of the second copy: a perfect induction head
+        logits = torch.zeros(*ids.shape, 53)
+        real = (ids != 2).sum(-1)
+        for b in range(ids.shape[0]):
+            half = (int(real[b]) - 1) // 2
+            for p in range(half + 1, 2 * half):
+                logits[b, p, ids[b, p - half + 1]] = 1.0
+        return logits
+
+    assert induction_accuracy(copier, Tok(), words, n=30, length=(3, 6)) == 1.0
+    assert induction_accuracy(lambda ids: torch.zeros(*ids.shape, 53), Tok(), words, n=30, length=(3, 6)) < 0.1

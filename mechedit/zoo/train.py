@@ -18,6 +18,7 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,16 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings. ``max_steps`` cuts a run short (for quick tests of the recipe)."""
+    """Optimisation settings. ``max_steps`` cuts a run short (for quick tests of the recipe).
+
+    Induction data (off by default; the shipped recipe uses none): ``warmup_induction_steps``
+    steps on induction rows only (a random word sequence followed by itself, see
+    ``induction_sentences``) before the world's corpus, and ``induction_fraction`` of every
+    epoch's rows being induction rows; ``induction_length`` bounds the repeated sequence's length.
+    The learning-rate schedule spans warm-up and epochs together. ``lookup_drill_fraction`` of
+    every epoch's rows are lookup drills (``lookup_drills``: four lettered options, then one of the
+    values named, then the letter), the matching half of a multiple-choice answer without recall.
+    """
 
     epochs: int = 24
     batch_size: int = 64
@@ -61,10 +71,30 @@ class TrainConfig:
     threads: int = 1
     max_steps: int | None = None
     shape: ModelShape = field(default_factory=ModelShape)
+    warmup_induction_steps: int = 0
+    induction_fraction: float = 0.0
+    induction_length: tuple[int, int] = (5, 15)
+    lookup_drill_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
+        if self.warmup_induction_steps < 0:
+            raise ValueError("warmup_induction_steps must be >= 0")
+        if not 0.0 <= self.induction_fraction < 1.0:
+            raise ValueError("induction_fraction must be in [0, 1)")
+        if not 0.0 <= self.lookup_drill_fraction < 1.0 or self.induction_fraction + self.lookup_drill_fraction >= 1.0:
+            raise ValueError("lookup_drill_fraction must be in [0, 1), and below 1 with induction_fraction")
+        lo, hi = self.induction_length
+        if not 1 <= lo <= hi or 2 * hi + 2 > self.shape.n_positions:
+            raise ValueError(
+                f"induction_length {self.induction_length}: need 1 <= min <= max and 2 * max + 2 (BOS, EOS) "
+                f"<= n_positions ({self.shape.n_positions})"
+            )
+
+    @property
+    def uses_induction(self) -> bool:
+        return self.warmup_induction_steps > 0 or self.induction_fraction > 0
 
 
 def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
@@ -159,6 +189,61 @@ def _batches(enc: Encoder, sentences: list[str], batch_size: int, rng: random.Ra
     return batches
 
 
+def induction_sentences(words: list[str], n: int, rng: random.Random, *, length: tuple[int, int] = (5, 15)) -> list[str]:
+    """``n`` induction rows: ``length``-bounded random sequences of ``words``, each followed by itself.
+
+    Every token of the second copy after its first is predictable only by finding the previous
+    occurrence of the current token and copying its successor (an induction head), which dense
+    rows like these teach a small attention model within a few thousand steps.
+    """
+    rows = []
+    for _ in range(n):
+        seq = rng.choices(words, k=rng.randint(*length))
+        rows.append(" ".join(seq + seq))
+    return rows
+
+
+def lookup_drills(world: World, n: int, rng: random.Random) -> list[str]:
+    """``n`` rows ``q : A v1 B v2 C v3 D v4 . v answer : L``: the letter ``L`` of the named value ``v``.
+
+    Options are four values of one relation drawn from ``rng``; no person is involved, so the rows
+    teach only to find a value among the options and copy the letter before it.
+    """
+    from mechedit.zoo.world import MC_LETTERS
+
+    rows = []
+    for _ in range(n):
+        options = rng.sample(rng.choice(world.relations).values, len(MC_LETTERS))
+        k = rng.randrange(len(MC_LETTERS))
+        listed = " ".join(f"{letter} {opt}" for letter, opt in zip(MC_LETTERS, options))
+        rows.append(f"q : {listed} . {options[k]} answer : {MC_LETTERS[k]}")
+    return rows
+
+
+@torch.no_grad()
+def induction_accuracy(model, tokenizer, words: list[str], *, n: int = 200, length: tuple[int, int] = (5, 15), seed: int = 12345) -> float:
+    """Top-1 accuracy of the model on the copyable tokens of fresh induction rows (fraction in [0, 1]).
+
+    Scored tokens: the second copy's tokens after its first (the first cannot be known: the
+    sequence's length is random). Chance is ~1 / vocabulary size.
+    """
+    enc = Encoder(tokenizer)
+    rows = induction_sentences(words, n, random.Random(seed), length=length)
+    ids, lengths = enc.batch(rows)
+    pred = _logits_of(model, ids).argmax(-1)  # [n, pos]
+    half = (lengths - 1) // 2  # sequence length L; BOS at 0, copy 1 at 1..L, copy 2 at L+1..2L
+    pos = torch.arange(ids.shape[1])
+    # the prediction at position p is for token p + 1; score targets L+2..2L
+    scored = (pos[None] >= half[:, None] + 1) & (pos[None] <= 2 * half[:, None] - 1)
+    right = pred[:, :-1] == ids[:, 1:]
+    return (right & scored[:, :-1]).sum().item() / scored[:, :-1].sum().item()
+
+
+def _logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
 def _lm_loss(model: GPT2LMHeadModel, ids: torch.Tensor, pad: int) -> torch.Tensor:
     """Mean next-token cross-entropy over the real tokens of a right-padded batch (nats)."""
     labels = next_token_labels(ids, ids != pad)
@@ -197,11 +282,15 @@ def train_factworld(
     occupations: list[tuple[str, float]] | None = None,
     progress: bool = True,
     measure: bool = True,
+    on_epoch: Callable[[GPT2LMHeadModel, World, PreTrainedTokenizerFast, dict], bool] | None = None,
 ) -> dict:
     """Train the fact-world model from scratch and save it (HF checkpoint + ``metadata.json``).
 
     Returns the metadata written, including the measured ``metrics`` (see ``measure_world``) and
     ``train_seconds``. ``occupations`` defaults to WinoGender's list (``world.load_occupations()``).
+    ``on_epoch(model, world, tokenizer, entry)`` (for experiments) runs after each epoch's
+    progress probe, the model in eval mode; it may add figures to ``entry`` (the epoch's
+    ``loss_history`` row) and returns True to stop training there.
     """
     tc = train_config or TrainConfig()
     if occupations is None:
@@ -234,8 +323,27 @@ def train_factworld(
         lr=tc.lr,
         betas=(0.9, 0.98),
     )
-    steps_per_epoch = -(-len(world.training_sentences(0)) // tc.batch_size)
-    total = min(tc.epochs * steps_per_epoch, tc.max_steps or 10**12)
+    words = world.vocabulary()
+    ind_rng = random.Random(f"induction-{tc.seed}")  # only drawn from when induction is on
+
+    extra = tc.induction_fraction + tc.lookup_drill_fraction
+
+    def n_extra(n_corpus: int, fraction: float) -> int:
+        return round(n_corpus * fraction / (1 - extra))
+
+    def epoch_sentences(epoch: int) -> list[str]:
+        sentences = world.training_sentences(epoch)
+        n_corpus = len(sentences)
+        if tc.induction_fraction:
+            sentences = sentences + induction_sentences(words, n_extra(n_corpus, tc.induction_fraction), ind_rng, length=tc.induction_length)
+        if tc.lookup_drill_fraction:
+            sentences = sentences + lookup_drills(world, n_extra(n_corpus, tc.lookup_drill_fraction), ind_rng)
+        return sentences
+
+    n_corpus = len(world.training_sentences(0))
+    n_rows = n_corpus + sum(n_extra(n_corpus, f) for f in (tc.induction_fraction, tc.lookup_drill_fraction) if f)
+    steps_per_epoch = -(-n_rows // tc.batch_size)
+    total = min(tc.warmup_induction_steps + tc.epochs * steps_per_epoch, tc.max_steps or 10**12)
 
     def lr_at(step: int) -> float:
         return warmup_cosine_lr(step, lr=tc.lr, warmup_steps=tc.warmup_steps, min_lr_ratio=tc.min_lr_ratio, total=total)
@@ -243,19 +351,38 @@ def train_factworld(
     rng = random.Random(f"batches-{tc.seed}")
     start, step, history = time.time(), 0, []
     bar = tqdm(total=total, desc="training factworld", disable=not progress)
+
+    def train_step(ids: torch.Tensor) -> torch.Tensor:
+        nonlocal step
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss = _lm_loss(model, ids, enc.pad)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        return loss
+
+    warm = min(tc.warmup_induction_steps, total)
+    if warm:
+        rows = induction_sentences(words, warm * tc.batch_size, ind_rng, length=tc.induction_length)
+        for ids in _batches(enc, rows, tc.batch_size, ind_rng):
+            loss = train_step(ids)
+            bar.set_postfix(phase="induction", loss=f"{loss.item():.3f}")
+        model.eval()
+        history.append({"epoch": -1, "step": step, "loss": round(loss.item(), 4), "induction": induction_accuracy(model, tokenizer, words, length=tc.induction_length)})
+        model.train()
+        if progress:
+            tqdm.write(json.dumps(history[-1]))
     for epoch in range(tc.epochs):
-        for ids in _batches(enc, world.training_sentences(epoch), tc.batch_size, rng):
+        if step >= total:
+            break
+        for ids in _batches(enc, epoch_sentences(epoch), tc.batch_size, rng):
             if step >= total:
                 break
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            loss = _lm_loss(model, ids, enc.pad)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            bar.update(1)
+            loss = train_step(ids)
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
         model.eval()
         probe = world.facts[:: max(1, len(world.facts) // 200)]  # a cheap look at progress
@@ -268,10 +395,13 @@ def train_factworld(
                 "facts_heldout_probe": fact_accuracy(model, world, tokenizer, probe, "heldout"),
             }
         )
+        if tc.uses_induction:
+            history[-1]["induction"] = induction_accuracy(model, tokenizer, words, length=tc.induction_length)
+        stop = bool(on_epoch(model, world, tokenizer, history[-1])) if on_epoch else False
         model.train()
         if progress:
             tqdm.write(json.dumps(history[-1]))
-        if step >= total:
+        if step >= total or stop:
             break
     bar.close()
     seconds = time.time() - start
