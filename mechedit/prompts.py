@@ -19,7 +19,7 @@ Conventions
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -29,6 +29,7 @@ from torch import Tensor
 
 __all__ = [
     "FactPrompt",
+    "facts_with_subjects",
     "PaddingSide",
     "PromptPair",
     "TokenizedContinuations",
@@ -149,6 +150,29 @@ class FactPrompt:
     def answer_index(self) -> int | None:
         """Index of ``target`` in ``candidates`` (``None`` without candidates)."""
         return None if self.candidates is None else self.candidates.index(self.target)
+
+
+def facts_with_subjects(facts: Any, *, what: str = "facts", why: str = "") -> list[FactPrompt]:
+    """``facts`` as a list, checked: a non-empty sequence of ``FactPrompt`` that all name a subject.
+
+    For methods that read the subject's tokens (causal tracing corrupts them, a rank-one edit
+    reads its key there). ``what`` names the argument in errors, ``why`` says why the subject is
+    needed. Raises ``ValueError`` for a single fact or a string (wrap it: ``[fact]``), an empty
+    sequence, a non-``FactPrompt`` item or a fact without ``subject``.
+    """
+    if isinstance(facts, (FactPrompt, str)) or not isinstance(facts, Sequence):
+        raise ValueError(f"{what} must be a list of FactPrompt (wrap a single fact: [fact])")
+    if not len(facts):
+        raise ValueError(f"{what} is empty: give at least one FactPrompt with a subject")
+    for i, fact in enumerate(facts):
+        if not isinstance(fact, FactPrompt):
+            raise ValueError(f"{what}[{i}] must be a FactPrompt, got {type(fact).__name__}")
+        if fact.subject is None:
+            raise ValueError(
+                f"{what}[{i}] ({fact.prompt!r}) has no subject{': ' + why if why else ''}; "
+                "pass FactPrompt(..., subject=...) as the prompt spells it"
+            )
+    return list(facts)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -77,7 +77,7 @@ from mechedit.components import Component
 from mechedit.edit.weights import WeightEdit
 from mechedit.hf import hf_parameters, layout
 from mechedit.models import model_device
-from mechedit.prompts import FactPrompt
+from mechedit.prompts import FactPrompt, facts_with_subjects
 from mechedit.tokens import subject_token_positions, tokenize_continuations, tokenize_prompts
 
 __all__ = [
@@ -783,20 +783,8 @@ def _u_of(delta_w: Tensor, residual: Tensor) -> Tensor:
 
 
 def _checked_requests(facts: Sequence[FactPrompt], *, need_new: bool) -> list[FactPrompt]:
-    if isinstance(facts, FactPrompt) or isinstance(facts, str) or not isinstance(facts, Sequence):
-        raise ValueError("pass a list of FactPrompt (wrap one fact: [fact])")
-    if not facts:
-        raise ValueError(
-            "no facts to edit: pass at least one FactPrompt with subject and target_new"
-        )
+    facts = facts_with_subjects(facts, why="the key is read at the subject's tokens")
     for i, fact in enumerate(facts):
-        if not isinstance(fact, FactPrompt):
-            raise ValueError(f"fact {i} must be a FactPrompt, got {type(fact).__name__}")
-        if fact.subject is None:
-            raise ValueError(
-                f"fact {i} ({fact.prompt!r}) has no subject: the key is read at the subject's last "
-                "token, so pass FactPrompt(..., subject=...)"
-            )
         if need_new and fact.target_new is None:
             raise ValueError(
                 f"fact {i} ({fact.prompt!r}) has no target_new: what should it say instead?"

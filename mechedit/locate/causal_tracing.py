@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from mechedit.checks import HookCheck, hook_check_record, require_eval_mode
 from mechedit.models import model_device
-from mechedit.prompts import FactPrompt, TokenizedFacts
+from mechedit.prompts import FactPrompt, TokenizedFacts, facts_with_subjects
 from mechedit.provenance import Provenance
 from mechedit.resume import ReferenceRun, check_resumable, reference_run, resume
 from mechedit.scores import Scores
@@ -182,19 +182,7 @@ class CausalTrace:
 
 
 def _checked_facts(facts: Sequence[FactPrompt], what: str) -> list[FactPrompt]:
-    if isinstance(facts, FactPrompt) or isinstance(facts, str) or not isinstance(facts, Sequence):
-        raise ValueError(f"{what} must be a list of FactPrompt (wrap a single fact: [fact])")
-    if not len(facts):
-        raise ValueError(f"{what} is empty: give at least one FactPrompt with a subject")
-    for i, fact in enumerate(facts):
-        if not isinstance(fact, FactPrompt):
-            raise ValueError(f"{what}[{i}] must be a FactPrompt, got {type(fact).__name__}")
-        if fact.subject is None:
-            raise ValueError(
-                f"{what}[{i}] ({fact.prompt!r}) has no subject: causal tracing corrupts the subject's "
-                "tokens, so pass FactPrompt(..., subject=...) as the prompt spells it"
-            )
-    return list(facts)
+    return facts_with_subjects(facts, what=what, why="causal tracing corrupts the subject's tokens")
 
 
 @dataclass(frozen=True)
