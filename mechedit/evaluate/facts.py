@@ -95,6 +95,7 @@ from mechedit.artifacts import (
 from mechedit.checks import require_eval_mode
 from mechedit.edit import Edit
 from mechedit.edit.protocol import applied_edit
+from mechedit.generation import greedy_continuations
 from mechedit.interventions import real_tokens
 from mechedit.metrics import perplexity, target_logprob, top1_correct
 from mechedit.models import is_masked_lm, model_device
@@ -278,14 +279,8 @@ def answer_item_scores(
         steps[key] = max(steps.get(key, 0), m_i)
         first_of.setdefault(key, token)
     unique = list(steps)
-    continuation: dict[tuple[int, ...], torch.Tensor] = {}
-    for lo in range(0, len(unique), batch_size):
-        chunk = unique[lo : lo + batch_size]
-        generated = [torch.tensor([*key, first_of[key]], dtype=torch.long) for key in chunk]
-        for _ in range(max(steps[key] for key in chunk) - 1):
-            choice = _next_token_logits(model, generated, pad_id, device).argmax(-1).cpu()
-            generated = [torch.cat([g, c[None]]) for g, c in zip(generated, choice, strict=True)]
-        continuation.update({key: g[len(key) :] for key, g in zip(chunk, generated, strict=True)})
+    rest = greedy_continuations(model, [[*key, first_of[key]] for key in unique], [steps[key] - 1 for key in unique], batch_size)
+    continuation = {key: torch.tensor([first_of[key], *tail], dtype=torch.long) for key, tail in zip(unique, rest, strict=True)}
     exact = torch.tensor(
         [torch.equal(continuation[key][:m_i], a) for key, m_i, a in zip(prompt_of, lengths, answer_tokens, strict=True)]
     )

@@ -88,6 +88,7 @@ from mechedit.checks import require_eval_mode
 from mechedit.edit import Edit
 from mechedit.edit.protocol import applied_edit
 from mechedit.evaluate.facts import fact_scores
+from mechedit.generation import greedy_continuations, pad_token_id
 from mechedit.interventions import real_tokens
 from mechedit.metrics import perplexity
 from mechedit.models import is_masked_lm, model_device
@@ -194,14 +195,6 @@ def _pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
     return tokens, mask
 
 
-def _pad_id(model: Any) -> int:
-    tok = get_tokenizer(model)
-    for candidate in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id):
-        if candidate is not None:
-            return candidate
-    return 0
-
-
 @torch.no_grad()
 def _logits(model: Any, rows: Sequence[Sequence[int]], masked: bool) -> Tensor:
     """Float logits ``[n, width, vocab]`` of right-padded ``rows`` (one forward pass).
@@ -211,7 +204,7 @@ def _logits(model: Any, rows: Sequence[Sequence[int]], masked: bool) -> Tensor:
     inside ``real_tokens`` so an applied activation edit at ``pos=-1`` edits each row's own last
     token.
     """
-    tokens, mask = _pad(rows, _pad_id(model))
+    tokens, mask = _pad(rows, pad_token_id(model))
     device = model_device(model)
     tokens, mask = tokens.to(device), mask.to(device)
     with real_tokens(mask):
@@ -576,44 +569,6 @@ def mrr(model: Any, secrets: Sequence[Any], *, batch_size: int = 64) -> Tensor:
 # Memorisation: MA, EL_n, their secret-only versions, greedy extraction
 
 
-@torch.no_grad()
-def _greedy(model: Any, rows: Sequence[Sequence[int]], n_new: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Greedy continuations of ``n_new[r]`` tokens after each row (causal LMs), batched.
-
-    Rows are right-padded in one buffer; each step runs the batch once, reads each row's own
-    last position and writes the argmax after it (so no attention mask or position shift is
-    needed), until every row has its tokens.
-    """
-    out: list[list[int]] = [[] for _ in rows]
-    pad = _pad_id(model)
-    device = model_device(model)
-    # Rows needing as many steps (and of similar lengths) share a batch, so few steps run idle.
-    order = sorted(range(len(rows)), key=lambda r: (n_new[r], len(rows[r])))
-    for sl in _chunks(len(rows), batch_size):
-        members = order[sl]
-        chunk, want = [rows[r] for r in members], torch.tensor([n_new[r] for r in members])
-        lengths = torch.tensor([len(r) for r in chunk])
-        buf = torch.full((len(chunk), int((lengths + want).max())), pad, dtype=torch.long)
-        for i, r in enumerate(chunk):
-            buf[i, : len(r)] = torch.tensor(r)
-        done = torch.zeros(len(chunk), dtype=torch.long)
-        idx = torch.arange(len(chunk))
-        for _ in range(int(want.max()) if len(chunk) else 0):
-            live = done < want
-            width = int((lengths + done)[live].max())
-            real = torch.arange(width)[None, :] < (lengths + done)[:, None]
-            with real_tokens(real):
-                logits = model(buf[:, :width].to(device))
-            logits = (logits.logits if hasattr(logits, "logits") else logits).cpu()
-            nxt = logits[idx, (lengths + done - 1).clamp(max=width - 1)].argmax(-1)
-            pos = (lengths + done)[live]
-            buf[idx[live], pos] = nxt[live]
-            done = done + live.long()
-        for i, r in enumerate(members):
-            out[r] = buf[i, lengths[i] : lengths[i] + want[i]].tolist()
-    return out
-
-
 def _overlap(generated: Sequence[int], truth: Sequence[int], n: int) -> float:
     """``OVERLAP_n``: share of the generated n-grams that occur among the true n-grams."""
     g = torch.tensor(generated).unfold(0, n, 1)  # [G, n]
@@ -719,7 +674,7 @@ def memorization(model: Any, secrets: Sequence[Any], *, n: int = 3, el: bool = T
     for i, (r, s, e) in enumerate(zip(rows, starts, encoded, strict=True)):
         jobs += [("el", i, k, len(r)) for k in range(bos + 1, len(r) - n + 1)]
         jobs += [("s_el", i, k, s + len(e.secret)) for k in range(s, s + len(e.secret) - n + 1)]
-    gens = _greedy(model, [rows[i][:k] for _, i, k, _ in jobs], [end - k for _, _, k, end in jobs], batch_size)
+    gens = greedy_continuations(model, [rows[i][:k] for _, i, k, _ in jobs], [end - k for _, _, k, end in jobs], batch_size)
     sums = {"el": torch.zeros(len(rows), dtype=torch.float64), "s_el": torch.zeros(len(rows), dtype=torch.float64)}
     counts = {key: torch.zeros(len(rows)) for key in sums}
     for (which, i, k, end), g in zip(jobs, gens, strict=True):
@@ -743,7 +698,7 @@ def greedy_completions(model: Any, secrets: Sequence[Any], *, batch_size: int = 
         ids = [top.top[i, : int(top.lengths[i])].tolist() for i in range(len(secrets))]
     else:
         encoded = encode_secrets(model, secrets)
-        ids = _greedy(model, [list(e.head) for e in encoded], [len(e.secret) for e in encoded], batch_size)
+        ids = greedy_continuations(model, [list(e.head) for e in encoded], [len(e.secret) for e in encoded], batch_size)
     return [" ".join(tok.decode([t], clean_up_tokenization_spaces=False).strip() for t in row) for row in ids]
 
 
