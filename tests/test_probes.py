@@ -92,3 +92,19 @@ def test_bad_input_says_what_to_do():
         split_by_subject([mechedit.FactPrompt(prompt="Ann lives in", subject="Ann", target="Rome")])
     with pytest.raises(ValueError, match="position must be"):
         probe_positions(None, [], position="first")
+
+
+def test_probe_curves_draw_the_accuracies(factworld):
+    from mechedit.viz import probe_curves
+
+    model, world = factworld
+    facts = _relation_facts(world, "P108")
+    results = {"final": attribute_probes(model, facts, position="last"),
+               "subject": attribute_probes(model, facts, position="subject_last")}
+    fig = probe_curves(results)
+    lines = {t.name: t for t in fig.data}
+    assert list(lines["final"].y) == pytest.approx(results["final"].test_accuracy.tolist())
+    assert list(lines["subject: chance"].y) == pytest.approx([results["subject"].chance] * 7)
+    assert list(lines["final"].x) == list(depth_labels(model.cfg.n_layers))
+    with pytest.raises(ValueError, match="no results"):
+        probe_curves({})

@@ -1,24 +1,27 @@
 """Figures from results: plotly only here, never in the core.
 
 ``heatmap`` draws any two axes of a ``Scores``; ``before_after`` draws an evaluation table;
-``edge_graph`` draws an edge circuit; ``partition_heatmap``, ``bias_bars`` and ``bias_history``
+``edge_graph`` draws an edge circuit; ``probe_curves`` linear probes' accuracy by depth; ``partition_heatmap``, ``bias_bars`` and ``bias_history``
 draw a bias edit (where its partitions sit, the bias against 50 %); ``edit_bars`` compares
-several edits' reports row by row; ``write_report`` puts figures and tables into one standalone
+several edits' reports row by row, ``comparison_bars`` one case edited through several
+localisations; ``write_report`` puts figures and tables into one standalone
 HTML file (plotly's JavaScript inline, so it opens with no network).
 """
 
 from mechedit.viz.bias import bias_bars, bias_history, partition_heatmap
-from mechedit.viz.edits import edit_bars
-from mechedit.viz.figures import before_after, edge_graph, heatmap
+from mechedit.viz.edits import comparison_bars, edit_bars
+from mechedit.viz.figures import before_after, edge_graph, heatmap, probe_curves
 from mechedit.viz.report import write_report
 
 __all__ = [
     "before_after",
     "bias_bars",
     "bias_history",
+    "comparison_bars",
     "edge_graph",
     "edit_bars",
     "heatmap",
     "partition_heatmap",
+    "probe_curves",
     "write_report",
 ]

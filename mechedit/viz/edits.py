@@ -2,6 +2,8 @@
 
 * ``edit_bars``: chosen rows of several ``EditReport``s side by side, one group of bars per row
   (suite and metric), the unedited model's value first and then each edit's.
+* ``comparison_bars``: chosen columns of a ``LocalizationComparison`` (the same case edited
+  through several localisations), the unedited model first and then each localisation.
 
 Results in, ``plotly.graph_objects.Figure`` out; no model is touched here.
 """
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING
 import plotly.graph_objects as go
 
 if TYPE_CHECKING:  # results in, no evaluation code needed at run time
+    from mechedit.evaluate.compare import LocalizationComparison
     from mechedit.evaluate.facts import EditReport
 
 #: a row of a report: (case, suite, metric), e.g. ``("forget", "efficacy", "exact_true")``
@@ -81,6 +84,55 @@ def edit_bars(
             y=[r.after for r in got],
             customdata=[[r.change, r.n] for r in got],
             hovertemplate="%{x}<br>" + name + " %{y:.4g}<br>change %{customdata[0]:+.4g}<br>n %{customdata[1]}<extra></extra>",
+        )
+    fig.update_layout(barmode="group", title=title, yaxis_title=yaxis_title, margin={"t": 60, "b": 80})
+    return fig
+
+
+def comparison_bars(
+    comparison: LocalizationComparison,
+    columns: Mapping[str, str],
+    *,
+    title: str = "Edited through each localisation",
+    yaxis_title: str = "accuracy",
+) -> go.Figure:
+    """Grouped bars of a ``LocalizationComparison``: one group per chosen column, one bar for the
+    unedited model and one per localisation.
+
+    Args:
+        comparison: ``mechedit.evaluate.compare_localizations``' result.
+        columns: bar-group label -> a column of ``comparison.to_frame()`` (e.g.
+            ``{"forget, training templates": "forget/efficacy", "after relearning":
+            "relearn"}``). Keep one scale per figure.
+        title, yaxis_title: the figure's labels.
+
+    Returns:
+        A figure with a trace ``"original"`` (grey; columns the unedited model has no value for
+        are left out of it) and one trace per localisation, in the comparison's order; hover
+        shows the value, the circuit's size and the selected learning rate.
+
+    Raises:
+        ValueError: no columns; KeyError: a column the table lacks (the message lists them).
+    """
+    if not columns:
+        raise ValueError('no columns: pass {label: column}, e.g. {"forgotten": "forget/efficacy"}')
+    frame = comparison.to_frame()
+    missing = [c for c in columns.values() if c not in frame.columns]
+    if missing:
+        raise KeyError(f"columns {missing} are not in the comparison; it has {sorted(map(str, frame.columns))}")
+    labels = list(columns)
+    fig = go.Figure()
+    for name, row in frame.iterrows():
+        values = [row[c] for c in columns.values()]
+        if name == "original":
+            fig.add_bar(name="original", x=labels, y=values, marker_color="#9d9d9d",
+                        hovertemplate="%{x}<br>original %{y:.4g}<extra></extra>")
+            continue
+        fig.add_bar(
+            name=str(name), x=labels, y=values,
+            customdata=[[row.get("n_params"), row.get("lr")]] * len(labels),
+            hovertemplate="%{x}<br>" + str(name)
+            + " %{y:.4g}<br>%{customdata[0]:,} parameters, lr %{customdata[1]:.2g}<extra></extra>",
         )
     fig.update_layout(barmode="group", title=title, yaxis_title=yaxis_title, margin={"t": 60, "b": 80})
     return fig

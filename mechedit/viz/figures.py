@@ -6,13 +6,16 @@ is interactive in a notebook and goes into an HTML report with ``mechedit.viz.wr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import plotly.graph_objects as go
 
 from mechedit.scores import Scores
+
+if TYPE_CHECKING:
+    from mechedit.probes import ProbeResult
 
 
 def _axis_ticks(scores: Scores, axis: str) -> list[str]:
@@ -188,4 +191,45 @@ def edge_graph(
         text=list(nodes), textposition="top center", marker={"size": 10, "color": "#444"}, showlegend=False,
     )
     fig.update_layout(title=title, xaxis={"visible": False}, yaxis={"visible": False}, height=450)
+    return fig
+
+
+def probe_curves(
+    results: Mapping[str, ProbeResult],
+    *,
+    title: str = "Linear-probe accuracy by depth (held-out subjects)",
+) -> go.Figure:
+    """Test accuracy of per-depth linear probes (``mechedit.probes``), one line per result.
+
+    Args:
+        results: label -> ``ProbeResult`` (e.g. ``{"subject's last token": ..., "final token":
+            ...}``, or the same probe on an original and an edited model); all must share their
+            depths.
+
+    Returns:
+        A figure with one line per result (x: depth names, y: test accuracy; hover adds the
+        train accuracy) and a dotted line per result at its ``chance`` (the majority label).
+
+    Raises:
+        ValueError: no results, or results probed at different depths.
+    """
+    if not results:
+        raise ValueError('no results: pass {label: ProbeResult}, e.g. {"final token": attribute_probes(...)}')
+    depths = next(iter(results.values())).depths
+    for label, result in results.items():
+        if result.depths != depths:
+            raise ValueError(f"{label!r} was probed at depths {result.depths}, the first at {depths}")
+    fig = go.Figure()
+    for label, result in results.items():
+        fig.add_scatter(
+            name=label, x=list(depths), y=result.test_accuracy.tolist(), mode="lines+markers",
+            customdata=[[v] for v in result.train_accuracy.tolist()],
+            hovertemplate="%{x}<br>" + label + ": test %{y:.3f}, train %{customdata[0]:.3f}<extra></extra>",
+        )
+        fig.add_scatter(
+            name=f"{label}: chance", x=list(depths), y=[result.chance] * len(depths), mode="lines",
+            line={"dash": "dot", "width": 1}, hoverinfo="skip", showlegend=True,
+        )
+    fig.update_layout(title=title, xaxis_title="depth (residual stream)", yaxis_title="probe accuracy",
+                      yaxis_range=[0, 1.02], margin={"t": 60, "b": 80})
     return fig
