@@ -8,6 +8,12 @@ from mechedit.evaluate.bias import (
     pair_preference,
     stereoset_scores,
 )
+from mechedit.evaluate.compare import (
+    ComparisonConfig,
+    ComparisonFormatError,
+    LocalizationComparison,
+    compare_localizations,
+)
 from mechedit.evaluate.controls import depn_controls
 from mechedit.evaluate.facts import (
     AnswerScores,
@@ -44,6 +50,9 @@ __all__ = [
     "DIGITS",
     "AnswerScores",
     "AttributionCheck",
+    "ComparisonConfig",
+    "ComparisonFormatError",
+    "LocalizationComparison",
     "EditReport",
     "EvalRow",
     "ExposureResult",
@@ -55,6 +64,7 @@ __all__ = [
     "SecretTokenScores",
     "answer_flips",
     "answer_item_scores",
+    "compare_localizations",
     "depn_controls",
     "as_secrets",
     "PairPreference",
