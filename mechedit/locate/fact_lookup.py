@@ -419,19 +419,23 @@ def _add_hook(delta: Tensor, receiver: Tensor, layer: int) -> Callable[..., Tens
 # --------------------------------------------------------------------------------------------
 
 
+def _grabber(cache: dict[str, Tensor], key: str) -> Callable[..., None]:
+    # keyed by our name: the bridge may report an aliased hook.name
+    def grab(act: Tensor, hook: Any = None) -> None:  # noqa: ARG001
+        cache[key] = act.detach().float()
+
+    return grab
+
+
 def _baselines(model: Any, rows: _Rows) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
     """Clean and corrupt LD per pair, and both runs' ``mlp_out`` / ``resid_pre`` per layer."""
     n_layers = model.cfg.n_layers
-    names = [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)] + [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)]
+    names = [f"blocks.{i}.{site}" for site in ("hook_mlp_out", "hook_resid_pre") for i in range(n_layers)]
     pair = torch.arange(len(rows), device=rows.batch.clean_tokens.device)
     out = []
     for tokens in (rows.batch.clean_tokens, rows.batch.corrupt_tokens):
         cache: dict[str, Tensor] = {}
-
-        def grab(act: Tensor, hook: Any = None, *, key: str) -> None:  # noqa: ARG001
-            cache[key] = act.detach().float()
-
-        hooks = [(name, (lambda key: lambda act, hook=None: grab(act, hook, key=key))(name)) for name in names]
+        hooks = [(name, _grabber(cache, name)) for name in names]
         with torch.no_grad(), model.hooks(fwd_hooks=hooks):
             logits = model(tokens)
         out.append((_logit_diffs(logits, rows.batch, pair).cpu(), cache))
@@ -465,12 +469,12 @@ def _paths(
     n_layers = model.cfg.n_layers
     mask = rows.subject[:, :, None].float()
     # variant: (receiver, sender) with sender = layer l's MLP, or -1 for the whole residual
-    variants = [(r, -1) for r in range(n_layers)] + [(r, l) for r in range(1, n_layers) for l in range(r)]
+    variants = [(r, -1) for r in range(n_layers)] + [(r, s) for r in range(1, n_layers) for s in range(r)]
     receiver = torch.tensor([r for r, _ in variants])
     deltas = torch.stack([
-        (clean[f"blocks.{l}.hook_mlp_out"] - corrupt[f"blocks.{l}.hook_mlp_out"]) if l >= 0
+        (clean[f"blocks.{s}.hook_mlp_out"] - corrupt[f"blocks.{s}.hook_mlp_out"]) if s >= 0
         else (clean[f"blocks.{r}.hook_resid_pre"] - corrupt[f"blocks.{r}.hook_resid_pre"])
-        for r, l in variants
+        for r, s in variants
     ]) * mask[None]  # [variant, pair, pos, d_model], zero outside the subject
 
     def hooks(variant: Tensor, pair: Tensor) -> list[tuple[str, Callable[..., Any]]]:
@@ -481,11 +485,11 @@ def _paths(
     lds = _run_variants(model, rows, rows.batch.corrupt_tokens, len(variants), hooks, cfg.batch_size, bar)
     paths = torch.full((n_layers, n_layers, len(rows)), float("nan"))
     state = torch.empty(n_layers, len(rows))
-    for v, (r, l) in enumerate(variants):
-        if l < 0:
+    for v, (r, s) in enumerate(variants):
+        if s < 0:
             state[r] = lds[v]
         else:
-            paths[r, l] = lds[v]
+            paths[r, s] = lds[v]
     return paths, state
 
 
@@ -590,9 +594,9 @@ def fact_lookup(
     else:
         extraction, source = None, "none"
     mlp_effects = path_effects[extraction] if extraction is not None else torch.full((n_layers,), float("nan"))
-    candidates = sorted(range(extraction or 0), key=lambda l: (-float(mlp_effects[l]), l))
-    chosen = [l for l in candidates if float(mlp_effects[l]) >= cfg.threshold]
-    below = [l for l in candidates if l not in chosen][: max(0, cfg.min_mlps - len(chosen))]
+    candidates = sorted(range(extraction or 0), key=lambda i: (-float(mlp_effects[i]), i))
+    chosen = [i for i in candidates if float(mlp_effects[i]) >= cfg.threshold]
+    below = [i for i in candidates if i not in chosen][: max(0, cfg.min_mlps - len(chosen))]
     head_order = sorted(above, key=lambda lh: (-float(head_effects[lh[0], lh[1]]), lh[0], lh[1]))
 
     summary = {
@@ -622,11 +626,11 @@ def fact_lookup(
                                seed=cfg.seed, hook_check=checked)
     common = {"n_pairs": len(rows), "gap": gap, "extraction_layer": extraction, "threshold": cfg.threshold,
               "head_threshold": cfg.head_threshold, "metric": "normalized_logit_diff"}
-    mlps = Circuit(tuple(Component("mlp", l) for l in chosen + below), method="fact_lookup",
+    mlps = Circuit(tuple(Component("mlp", i) for i in chosen + below), method="fact_lookup",
                    config={"fact_lookup": summary}, provenance=provenance,
                    description=f"fact-lookup MLPs: path effect into resid_pre {extraction} >= {cfg.threshold}"
                    + (f" (+{len(below)} below threshold by min_mlps)" if below else ""))
-    heads = Circuit(tuple(Component("head", l, head=h) for l, h in head_order), method="fact_lookup",
+    heads = Circuit(tuple(Component("head", i, head=h) for i, h in head_order), method="fact_lookup",
                     config={"fact_lookup": summary}, provenance=provenance,
                     description=f"extraction heads: attention-knockout effect >= {cfg.head_threshold}")
     scores = {
