@@ -117,7 +117,9 @@ class FactLookupConfig:
         n_corrupt: corrupt subjects per fact when ``fact_lookup`` builds the pairs itself.
         seed: draws the corrupt subjects and splits the probes' subjects.
         renormalize: knockout renormalises the final token's attention over the other keys
-            (= attention logits masked to ``-inf``, Geva et al.); False only zeroes the weights.
+            (= attention logits masked to ``-inf``, Geva et al.); False only zeroes the weights,
+            so the other keys keep softmax weights whose denominator still includes the
+            subject's logits (the final token is then not fully blind to the subject).
         probes: fit the attribute probes (needs facts about >= 2 subjects and >= 2 answers).
         probe_test_fraction, probe_l2: the probes' held-out fraction of subjects and penalty.
         batch_size: rows (pair x variant) per forward pass.
