@@ -157,6 +157,32 @@ def test_factworld_extraction_starts_at_layer_0_and_no_mlp_precedes_it(factworld
     assert summary["probes"]["subject_last"]["depths"][0] == "resid_pre 0"
 
 
+def test_planted_layer_found_only_with_a_given_receiver_and_control_facts():
+    # factworld-planted trained MLP 2 at every position. Extraction still starts at layer 0 (so by
+    # default no MLP is a candidate); into resid_pre 3, against control facts (trained people,
+    # same relations and template), the planted layer is the one MLP path specific to the facts.
+    from collections import Counter
+
+    from mechedit.library import planted_ground_truth
+
+    model, world = mechedit.load("factworld-planted"), load_world("factworld-planted")
+    planted = world.planted_facts
+    need, names, control = Counter(f.relation_id for f in planted), {f.subject for f in planted}, []
+    for f in world.facts:
+        if f.subject not in names and need[f.relation_id] > 0:
+            control.append(f)
+            need[f.relation_id] -= 1
+    result = fact_lookup(model, [fact_prompts(world, f)[1] for f in planted],
+                         control=[fact_prompts(world, f)[1] for f in control],
+                         extraction_layer=3, probes=False, **QUIET)
+    heads = result.head_effects.values
+    assert float(heads[0].max()) >= result.config.head_threshold  # the measured E would be 0
+    assert list(result.mlps) == list(planted_ground_truth().components) == [Component("mlp", 2)]
+    contrast = result.paths.values[3, :3]
+    assert float(contrast[2]) > 0.1 and float(contrast[:2].max()) < 0.0
+    assert result.control_paths is not None and result.mlps.config["fact_lookup"]["control"]["n_facts"] == 20
+
+
 def test_grow_to_budget_on_causal_tracing_and_attribution(factworld):
     model, world = factworld
     people = [f for f in world.facts if f.relation_id == "P19"][:8]

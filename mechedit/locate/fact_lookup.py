@@ -55,6 +55,12 @@ over all pairs, so that it reads in units of the clean-minus-corrupt gap::
    exactly 1 at ``R = 0``, since the prompts differ only there; whatever is below 1 at ``R``
    had already been read from the subject by the final token's blocks ``< R``).
 
+**Control facts** (``control=``): as in causal tracing, the same measurement on facts the model
+stores elsewhere (e.g. trained people, where the facts are planted ones) is subtracted from the
+MLP path effects before the threshold; each set is normalised by its own gap. Early MLPs carry
+subject identity for every subject (on the fact world ``mlp_0`` restores about half of any
+fact's gap into ``resid_pre 1``), and the contrast removes that shared part.
+
 **Caveat for the fact world** (``mechedit.load("factworld")``; see ``zoo/MODEL_CARD.md``): there
 the final token reads the subject's last name only through layer-0 attention, and probes at the
 subject's last token read the attribute at chance at every depth. So the earliest extraction
@@ -183,6 +189,8 @@ class FactLookup:
             ``mlp_layer -> resid_pre receiver``; NaN where ``layer >= receiver``.
         subject_state: ``Scores`` over ``("layer",)`` on site ``resid_pre``: the whole clean
             residual restored at the subject tokens into ``resid_pre`` of that layer.
+        control_paths: the control facts' own ``paths`` table (``None`` without ``control``);
+            with a control, ``paths`` and ``mlp_effects`` are facts minus control.
         probes_subject, probes_last: ``ProbeResult`` at the subject's last token / the final
             token (``None`` with ``probes=False``).
         clean_logit_diff, corrupt_logit_diff: mean LD of the clean / corrupt runs (nats).
@@ -199,6 +207,7 @@ class FactLookup:
     layer_effects: Scores
     paths: Scores
     subject_state: Scores
+    control_paths: Scores | None
     probes_subject: ProbeResult | None
     probes_last: ProbeResult | None
     clean_logit_diff: float
@@ -504,6 +513,44 @@ def _probe(model: Any, facts: list[FactPrompt], cfg: FactLookupConfig, position:
                          "Give facts about more subjects and answers, or pass probes=False") from None
 
 
+def _inputs(
+    model: Any, facts: Sequence[FactPrompt], pairs: Sequence[PromptPair] | None, cfg: FactLookupConfig, what: str
+) -> tuple[list[FactPrompt], list[PromptPair], list[int], _Rows]:
+    """Checked facts, their pairs (given or built), each pair's fact index, and the token rows."""
+    facts = facts_with_subjects(facts, what=what, why="fact lookup reads and swaps the subject's tokens")
+    if pairs is None:
+        pair_list, index = corrupt_subject_pairs(model, facts, n_corrupt=cfg.n_corrupt, seed=cfg.seed)
+    else:
+        if isinstance(pairs, PromptPair) or not isinstance(pairs, Sequence) or len(pairs) != len(facts):
+            raise ValueError(f"pairs must be a list of PromptPair, one per fact ({len(facts)}); "
+                             f"got {len(pairs) if isinstance(pairs, Sequence) else type(pairs).__name__}")
+        for i, (pair, fact) in enumerate(zip(pairs, facts, strict=True)):
+            if not isinstance(pair, PromptPair) or pair.clean != fact.prompt:
+                raise ValueError(f"pairs[{i}] must be a PromptPair whose clean prompt is facts[{i}].prompt "
+                                 f"({fact.prompt!r})")
+        pair_list, index = list(pairs), list(range(len(facts)))
+    return facts, pair_list, index, _rows(model, facts, pair_list, index)
+
+
+def _measure(model: Any, rows: _Rows, cfg: FactLookupConfig, bar: Any, what: str) -> dict[str, Any]:
+    """Every effect of one fact set, normalised by its own clean-minus-corrupt gap."""
+    clean_ld, corrupt_ld, clean, corrupt = _baselines(model, rows)
+    gap = float(clean_ld.mean() - corrupt_ld.mean())
+    if not abs(gap) > 1e-6:
+        raise ValueError(
+            f"the {what}' corruptions do not change the logit difference (clean {float(clean_ld.mean()):.4g}, "
+            f"corrupt {float(corrupt_ld.mean()):.4g}): nothing to normalise by; use facts the model knows"
+        )
+    knocked = _knockouts(model, rows, cfg, bar)
+    paths_ld, state_ld = _paths(model, rows, clean, corrupt, cfg, bar)
+    return {
+        "clean_ld": clean_ld, "corrupt_ld": corrupt_ld, "gap": gap,
+        "knockout": (float(clean_ld.mean()) - knocked.mean(-1)) / gap,  # [layer, head + 1]
+        "paths": (paths_ld.mean(-1) - float(corrupt_ld.mean())) / gap,  # [receiver, layer]
+        "state": (state_ld.mean(-1) - float(corrupt_ld.mean())) / gap,  # [receiver]
+    }
+
+
 def _json(x: Tensor) -> Any:
     """A tensor as nested lists with NaN as None, rounded (JSON has no NaN)."""
     return [_json(v) for v in x] if x.ndim else (None if math.isnan(float(x)) else round(float(x), 5))
@@ -514,6 +561,7 @@ def fact_lookup(
     facts: Sequence[FactPrompt],
     *,
     pairs: Sequence[PromptPair] | None = None,
+    control: Sequence[FactPrompt] | None = None,
     config: FactLookupConfig | None = None,
     hook_check: HookCheck | bool = True,
     progress: bool = True,
@@ -529,6 +577,12 @@ def fact_lookup(
         pairs: optional clean/corrupt pairs, one per fact (``pairs[i].clean == facts[i].prompt``;
             the corrupt prompt must put its subject on the same token positions); ``None`` builds
             ``n_corrupt`` per fact with ``corrupt_subject_pairs``.
+        control: optional control facts (e.g. facts the model stores elsewhere, same relations
+            and templates), corrupted the same way: their MLP path effects (each normalised by
+            the control's own gap) are subtracted from the facts' before the threshold, leaving
+            what is specific to ``facts`` (as causal tracing's ``control=``). The extraction
+            heads and layer are measured on ``facts`` alone; ``mlp_effects`` / ``paths`` are
+            then contrasts and ``control_paths`` holds the control's own table.
         config: a ``FactLookupConfig``; keyword ``settings`` override its fields
             (``fact_lookup(model, facts, threshold=0.05)``).
         hook_check: as in the other locators (``checks.check_hooks``; in the provenance).
@@ -553,40 +607,27 @@ def fact_lookup(
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if cfg.extraction_layer is not None and cfg.extraction_layer >= n_layers:
         raise ValueError(f"extraction_layer {cfg.extraction_layer} out of range: the model has {n_layers} layers")
-    facts = facts_with_subjects(facts, why="fact lookup reads and swaps the subject's tokens")
-    if pairs is None:
-        pair_list, index = corrupt_subject_pairs(model, facts, n_corrupt=cfg.n_corrupt, seed=cfg.seed)
-    else:
-        if isinstance(pairs, PromptPair) or not isinstance(pairs, Sequence) or len(pairs) != len(facts):
-            raise ValueError(f"pairs must be a list of PromptPair, one per fact ({len(facts)}); "
-                             f"got {len(pairs) if isinstance(pairs, Sequence) else type(pairs).__name__}")
-        for i, (pair, fact) in enumerate(zip(pairs, facts, strict=True)):
-            if not isinstance(pair, PromptPair) or pair.clean != fact.prompt:
-                raise ValueError(f"pairs[{i}] must be a PromptPair whose clean prompt is facts[{i}].prompt "
-                                 f"({fact.prompt!r})")
-        pair_list, index = list(pairs), list(range(len(facts)))
-    rows = _rows(model, facts, pair_list, index)
+    facts, pair_list, index, rows = _inputs(model, facts, pairs, cfg, "facts")
+    control_inputs = None
+    if control is not None:
+        control_inputs = _inputs(model, control, None, cfg, "control")
     checked = hook_check_record(model, hook_check)
     probes_subject = _probe(model, facts, cfg, "subject_last") if cfg.probes else None
     probes_last = _probe(model, facts, cfg, "last") if cfg.probes else None
 
-    clean_ld, corrupt_ld, clean, corrupt = _baselines(model, rows)
-    gap = float(clean_ld.mean() - corrupt_ld.mean())
-    if not abs(gap) > 1e-6:
-        raise ValueError(
-            f"the corruptions do not change the logit difference (clean {float(clean_ld.mean()):.4g}, "
-            f"corrupt {float(corrupt_ld.mean()):.4g}): nothing to normalise by; use facts the model knows"
-        )
-    n_rows = n_layers * (n_heads + 1) + n_layers * (n_layers + 1) // 2
-    bar = tqdm(total=n_rows * len(rows), desc="fact lookup", disable=not progress)
-    knocked = _knockouts(model, rows, cfg, bar)
-    paths_ld, state_ld = _paths(model, rows, clean, corrupt, cfg, bar)
+    n_variants = n_layers * (n_heads + 1) + n_layers * (n_layers + 1) // 2
+    n_total = n_variants * (len(rows) + (len(control_inputs[3]) if control_inputs else 0))
+    bar = tqdm(total=n_total, desc="fact lookup", disable=not progress)
+    measured = _measure(model, rows, cfg, bar, "facts")
+    head_effects, layer_effects = measured["knockout"][:, :n_heads], measured["knockout"][:, n_heads]
+    state_effects, path_effects = measured["state"], measured["paths"]
+    control_measured = None
+    if control_inputs is not None:
+        # what every subject's MLP output carries is subtracted: what remains is specific to facts
+        control_measured = _measure(model, control_inputs[3], cfg, bar, "control")
+        path_effects = path_effects - control_measured["paths"]
     bar.close()
-
-    knockout = (float(clean_ld.mean()) - knocked.mean(-1)) / gap  # [layer, head + 1]
-    head_effects, layer_effects = knockout[:, :n_heads], knockout[:, n_heads]
-    path_effects = (paths_ld.mean(-1) - float(corrupt_ld.mean())) / gap  # [receiver, layer]
-    state_effects = (state_ld.mean(-1) - float(corrupt_ld.mean())) / gap  # [receiver]
+    clean_ld, corrupt_ld = measured["clean_ld"], measured["corrupt_ld"]
 
     above = (head_effects >= cfg.head_threshold).nonzero().tolist()
     if cfg.extraction_layer is not None:
@@ -623,11 +664,21 @@ def fact_lookup(
             "last": None if probes_last is None else probes_last.summary(),
         },
         "metric": "normalized_logit_diff (ratio of means over pairs)",
+        "control": None if control_measured is None else {
+            "n_facts": len(control_inputs[0]),
+            "n_pairs": len(control_inputs[3]),
+            "clean_logit_diff": round(float(control_measured["clean_ld"].mean()), 5),
+            "corrupt_logit_diff": round(float(control_measured["corrupt_ld"].mean()), 5),
+            "path_effects": _json(control_measured["paths"]),
+        },
     }
-    provenance = Provenance.of(model, data=[t for p in pair_list for t in (p.clean, p.corrupt)],
-                               seed=cfg.seed, hook_check=checked)
-    common = {"n_pairs": len(rows), "gap": gap, "extraction_layer": extraction, "threshold": cfg.threshold,
-              "head_threshold": cfg.head_threshold, "metric": "normalized_logit_diff"}
+    texts = [t for p in pair_list for t in (p.clean, p.corrupt)]
+    if control_inputs is not None:
+        texts += [t for p in control_inputs[1] for t in (p.clean, p.corrupt)]
+    provenance = Provenance.of(model, data=texts, seed=cfg.seed, hook_check=checked)
+    common = {"n_pairs": len(rows), "gap": measured["gap"], "extraction_layer": extraction,
+              "threshold": cfg.threshold, "head_threshold": cfg.head_threshold, "metric": "normalized_logit_diff",
+              "contrast": control is not None}
     mlps = Circuit(tuple(Component("mlp", i) for i in chosen + below), method="fact_lookup",
                    config={"fact_lookup": summary}, provenance=provenance,
                    description=f"fact-lookup MLPs: path effect into resid_pre {extraction} >= {cfg.threshold}"
@@ -649,6 +700,9 @@ def fact_lookup(
         mlps=mlps, heads=heads, extraction_layer=extraction, extraction_layer_source=source,
         mlp_effects=scores["mlp_path"], head_effects=scores["head_knockout"],
         layer_effects=scores["layer_knockout"], paths=scores["mlp_paths"], subject_state=scores["subject_state"],
+        control_paths=None if control_measured is None else Scores(
+            control_measured["paths"], ("receiver", "layer"), "mlp", "fact_lookup",
+            config={**common, "effect": "control_mlp_paths", "contrast": False}, provenance=provenance),
         probes_subject=probes_subject, probes_last=probes_last,
         clean_logit_diff=float(clean_ld.mean()), corrupt_logit_diff=float(corrupt_ld.mean()),
         pairs=tuple(pair_list), fact_index=tuple(index), config=cfg,
