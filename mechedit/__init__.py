@@ -5,6 +5,7 @@ the shared core's main names; each stage lives in its own subpackage (``locate``
 ``evaluate``, ``viz``) and the embedded default model, the fact world, in ``zoo``.
 """
 
+from mechedit.budget import circuit_size, grow_to_budget
 from mechedit.circuit import Circuit
 from mechedit.components import Component
 from mechedit.data import load_counterfact, load_known
@@ -24,6 +25,8 @@ __all__ = [
     "PromptPair",
     "Scores",
     "__version__",
+    "circuit_size",
+    "grow_to_budget",
     "load",
     "load_counterfact",
     "load_known",

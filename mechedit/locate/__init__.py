@@ -31,6 +31,13 @@ from mechedit.locate.depn import (
     random_neurons,
     secret_attribution,
 )
+from mechedit.locate.fact_lookup import (
+    FactLookup,
+    FactLookupConfig,
+    corrupt_subject_pairs,
+    fact_lookup,
+    knockout_logits,
+)
 from mechedit.locate.knowledge_neurons import (
     KnowledgeNeuronsConfig,
     KnowledgePrompt,
@@ -50,6 +57,8 @@ __all__ = [
     "EdgeAttribution",
     "EdgeFaithfulness",
     "DEPNConfig",
+    "FactLookup",
+    "FactLookupConfig",
     "KnowledgeNeuronsConfig",
     "KnowledgePrompt",
     "NeuronAttributionConfig",
@@ -60,11 +69,14 @@ __all__ = [
     "attribution_patching",
     "causal_tracing",
     "circuit_patching",
+    "corrupt_subject_pairs",
     "edge_attribution_patching",
     "edge_faithfulness",
     "depn",
     "depn_select",
+    "fact_lookup",
     "faithfulness",
+    "knockout_logits",
     "knowledge_neurons",
     "knowledge_prompts",
     "neuron_attribution",

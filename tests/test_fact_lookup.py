@@ -1,0 +1,248 @@
+"""Fact lookup (``mechedit.locate.fact_lookup``) and equal-budget circuits (``mechedit.budget``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mechedit
+from mechedit import Component, FactPrompt, PromptPair, circuit_size, grow_to_budget
+from mechedit.artifacts import ModelMismatchError
+from mechedit.hf import hf_parameter
+from mechedit.locate import (
+    FactLookupConfig,
+    attribution_patching,
+    causal_tracing,
+    fact_lookup,
+    knockout_logits,
+)
+from mechedit.tokens import answer_id
+from mechedit.zoo import load_world
+from mechedit.zoo.prompts import fact_pairs, fact_prompts
+from mechedit.zoo.random_model import random_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUIET = {"progress": False, "hook_check": False}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fact_lookup")
+    return {
+        arch: mechedit.load(random_checkpoint(root / arch, arch, n_layer=2, n_embd=64, n_head=4))
+        for arch in ("gpt2", "neox", "llama")
+    }
+
+
+def _tiny_facts(n: int = 6) -> list[FactPrompt]:
+    # one-token subjects right before the final token, each with its own answer
+    return [
+        FactPrompt(prompt=f"w1 w2 w{10 + i} w3", subject=f"w{10 + i}", target=f"w{30 + i}", relation_id="r")
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def factworld():
+    return mechedit.load("factworld"), load_world("factworld")
+
+
+@pytest.fixture(scope="module")
+def factworld_lookup(factworld):
+    model, world = factworld
+    facts = [fact_prompts(world, f)[1] for f in world.facts if f.relation_id == "P19"][:96]
+    return fact_lookup(model, facts, n_corrupt=1, **QUIET)
+
+
+# -- attention knockout ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
+def test_full_knockout_makes_final_token_blind_to_the_subject(tiny, arch):
+    # With the subject right before the final token, the final token sees the subject only by
+    # attending to it: blocking that at every head of every layer must make the logits equal.
+    model = tiny[arch]
+    a = FactPrompt(prompt="w1 w2 w7 w8 w3", subject="w7 w8", target="w5")
+    b = FactPrompt(prompt="w1 w2 w20 w21 w3", subject="w20 w21", target="w5")
+    blind = knockout_logits(model, [a, b])
+    assert torch.allclose(blind[0], blind[1], atol=1e-5)
+    # zeroing without renormalising keeps the other keys' softmax weights, whose denominator
+    # still holds the subject's attention logits: not blind
+    zeroed = knockout_logits(model, [a, b], renormalize=False)
+    assert (zeroed[0] - zeroed[1]).abs().max() > 1e-5
+    none = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool)
+    seeing = knockout_logits(model, [a, b], knock=none)
+    assert (seeing[0] - seeing[1]).abs().max() > 1e-3
+    with torch.no_grad():
+        plain = model(model.to_tokens(a.prompt))[0, -1]
+    assert torch.allclose(seeing[0], plain, atol=1e-5)
+
+
+def test_batched_head_effects_match_single_knockouts(tiny):
+    # fact_lookup's knockout variants run batched (split across forwards by batch_size=5); each
+    # head's effect must equal the direct knockout of that head alone.
+    model = tiny["gpt2"]
+    facts = _tiny_facts()
+    result = fact_lookup(model, facts, n_corrupt=2, probes=False, batch_size=5, **QUIET)
+    clean = [FactPrompt(prompt=p.clean, subject=facts[i].subject, target=p.answer)
+             for p, i in zip(result.pairs, result.fact_index, strict=True)]
+    answer = torch.tensor([answer_id(model, p.clean, p.answer) for p in result.pairs])
+    wrong = torch.tensor([answer_id(model, p.clean, p.wrong_answer) for p in result.pairs])
+    gap = result.clean_logit_diff - result.corrupt_logit_diff
+    rows = torch.arange(len(clean))
+    for layer, head in [(0, 0), (1, 3)]:
+        knock = torch.zeros(2, 4, dtype=torch.bool)
+        knock[layer, head] = True
+        logits = knockout_logits(model, clean, knock=knock)
+        ld = (logits[rows, answer] - logits[rows, wrong]).mean()
+        expected = (result.clean_logit_diff - float(ld)) / gap
+        assert float(result.head_effects.values[layer, head]) == pytest.approx(expected, abs=1e-4)
+
+
+# -- path patching --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
+def test_path_effects_by_construction(tiny, arch):
+    model = tiny[arch]
+    result = fact_lookup(model, _tiny_facts(), n_corrupt=3, probes=False, extraction_layer=1, **QUIET)
+    # the prompts differ only at the subject: its whole clean residual at layer 0 is the clean run
+    assert float(result.subject_state.values[0]) == pytest.approx(1.0, abs=1e-4)
+    assert result.extraction_layer == 1 and result.extraction_layer_source == "given"
+    paths = result.paths.values
+    assert torch.isnan(paths[0]).all() and torch.isnan(paths[1, 1])
+    assert float(result.mlp_effects.values[0]) == pytest.approx(float(paths[1, 0]))
+
+
+def test_mlp_without_subject_dependence_has_zero_effect(tmp_path):
+    # Zeroing MLP 0's output weight leaves only its bias, the same in clean and corrupt runs:
+    # patching that path changes nothing, so its effect is exactly 0 and it is not selected
+    # (unless min_mlps asks for the best candidates, which flags it below the threshold).
+    model = mechedit.load(random_checkpoint(tmp_path / "m", "gpt2", n_layer=2, n_embd=64, n_head=4))
+    with torch.no_grad():
+        hf_parameter(model, "transformer.h.0.mlp.c_proj.weight").zero_()
+    facts = _tiny_facts()
+    result = fact_lookup(model, facts, n_corrupt=2, probes=False, extraction_layer=1, **QUIET)
+    assert float(result.mlp_effects.values[0]) == 0.0
+    assert len(result.mlps) == 0
+    kept = fact_lookup(model, facts, n_corrupt=2, probes=False, extraction_layer=1, min_mlps=1, **QUIET)
+    assert list(kept.mlps) == [Component("mlp", 0)]
+    assert kept.mlps.config["fact_lookup"]["below_threshold"] == [0]
+
+
+# -- the fact world -------------------------------------------------------------------------------
+
+
+def test_factworld_extraction_starts_at_layer_0_and_no_mlp_precedes_it(factworld_lookup):
+    r = factworld_lookup
+    # the final token reads the person through layer-0 attention (model card's known gap)
+    assert r.extraction_layer == 0 and r.extraction_layer_source == "measured"
+    assert len(r.heads) >= 1 and all(c.layer == 0 for c in r.heads)
+    layer_effects = r.layer_effects.values
+    assert int(layer_effects.argmax()) == 0 and float(layer_effects[0]) > 0.3
+    # so there is no fact-lookup MLP: nothing runs before the extraction layer
+    assert len(r.mlps) == 0 and torch.isnan(r.mlp_effects.values).all()
+    # what the subject tokens carry at layer 1 comes from MLP 0, and fades with depth
+    state, paths = r.subject_state.values, r.paths.values
+    assert float(state[0]) == pytest.approx(1.0, abs=1e-4)
+    assert float(paths[1, 0]) > 0.3 and abs(float(paths[1, 0] - state[1])) < 0.05
+    assert all(float(state[i + 1]) < float(state[i]) for i in range(len(state) - 1))
+    # probes: the answer is not written at the subject's last token, it is at the final token
+    subj, last = r.probes_subject, r.probes_last
+    assert float(subj.test_accuracy.max()) <= subj.chance + 0.15
+    assert float(last.test_accuracy[-1]) >= 0.9
+    summary = r.summary()
+    assert summary["extraction_layer"] == 0 and summary["mlps"] == []
+    assert summary["probes"]["subject_last"]["depths"][0] == "resid_pre 0"
+
+
+def test_planted_layer_found_only_with_a_given_receiver_and_control_facts():
+    # factworld-planted trained MLP 2 at every position. Extraction still starts at layer 0 (so by
+    # default no MLP is a candidate); into resid_pre 3, against control facts (trained people,
+    # same relations and template), the planted layer is the one MLP path specific to the facts.
+    from collections import Counter
+
+    from mechedit.library import planted_ground_truth
+
+    model, world = mechedit.load("factworld-planted"), load_world("factworld-planted")
+    planted = world.planted_facts
+    need, names, control = Counter(f.relation_id for f in planted), {f.subject for f in planted}, []
+    for f in world.facts:
+        if f.subject not in names and need[f.relation_id] > 0:
+            control.append(f)
+            need[f.relation_id] -= 1
+    result = fact_lookup(model, [fact_prompts(world, f)[1] for f in planted],
+                         control=[fact_prompts(world, f)[1] for f in control],
+                         extraction_layer=3, probes=False, **QUIET)
+    heads = result.head_effects.values
+    assert float(heads[0].max()) >= result.config.head_threshold  # the measured E would be 0
+    assert list(result.mlps) == list(planted_ground_truth().components) == [Component("mlp", 2)]
+    contrast = result.paths.values[3, :3]
+    assert float(contrast[2]) > 0.1 and float(contrast[:2].max()) < 0.0
+    assert result.control_paths is not None and result.mlps.config["fact_lookup"]["control"]["n_facts"] == 20
+
+
+def test_grow_to_budget_on_causal_tracing_and_attribution(factworld):
+    model, world = factworld
+    people = [f for f in world.facts if f.relation_id == "P19"][:8]
+    trace = causal_tracing(model, [fact_prompts(world, f)[1] for f in people], kinds=("mlp",), n_noise=2, **QUIET)
+    budget = circuit_size(model, [Component("mlp", 0)]) + 5
+    circuit = grow_to_budget(trace.mlp, model, n_params=budget)
+    top = int(trace.mlp.values.abs().amax(1).argmax())
+    assert circuit.components[0] == Component("mlp", top)
+    size = circuit_size(model, circuit)
+    assert size == circuit.config["selection"]["size"]
+    assert 0 <= size - budget < circuit_size(model, [circuit.components[-1]])
+    attribution = attribution_patching(model, fact_pairs(world, people), sites=("neuron",), per_position=False, **QUIET)
+    neurons = grow_to_budget(attribution["neuron"], model, n_params=50_000)
+    values = attribution["neuron"].values.abs()
+    best = divmod(int(values.argmax()), values.shape[1])
+    assert neurons.components[0] == Component("neuron", best[0], neuron=best[1])
+    size = circuit_size(model, neurons)
+    assert 0 <= size - 50_000 < circuit_size(model, [neurons.components[-1]])
+    nearest = grow_to_budget(attribution["neuron"], model, n_params=50_000, rule="nearest")
+    assert abs(circuit_size(model, nearest) - 50_000) <= size - 50_000
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def test_bad_input_says_what_to_do(tiny):
+    model = tiny["gpt2"]
+    facts = _tiny_facts()
+    with pytest.raises(ValueError, match="is empty"):
+        fact_lookup(model, [], **QUIET)
+    with pytest.raises(ValueError, match="has no subject"):
+        fact_lookup(model, [FactPrompt(prompt="w1 w2", target="w3")], **QUIET)
+    with pytest.raises(ValueError, match=r"threshold must be a number in \(0, 1\]"):
+        fact_lookup(model, facts, threshold=1.5, **QUIET)
+    with pytest.raises(ValueError, match=r"head_threshold must be"):
+        FactLookupConfig(head_threshold=0)
+    with pytest.raises(ValueError, match="different lengths"):
+        pairs = [PromptPair(clean=f.prompt, corrupt=f.prompt.replace(f.subject, "w40 w41"), answer=f.target,
+                            wrong_answer="w50") for f in facts]
+        fact_lookup(model, facts, pairs=pairs, probes=False, **QUIET)
+    with pytest.raises(ValueError, match="clean prompt is facts"):
+        fact_lookup(model, facts[:2], pairs=[PromptPair(clean="w1", corrupt="w2", answer="w3", wrong_answer="w4")] * 2,
+                    **QUIET)
+    with pytest.raises(ValueError, match="has no partner"):
+        fact_lookup(model, [*facts[:1], FactPrompt(prompt="w1 w9 w3", subject="w9", target=facts[0].target,
+                                                   relation_id="r")], **QUIET)
+    with pytest.raises(ValueError, match="reaches the final token"):
+        knockout_logits(model, [FactPrompt(prompt="w1 w2", subject="w2", target="w3")])
+
+
+def test_budget_refuses_other_models_and_residual_scores(tiny, factworld):
+    model, world = factworld
+    other = tiny["gpt2"]
+    facts = _tiny_facts()
+    scores = fact_lookup(other, facts, n_corrupt=2, probes=False, extraction_layer=1, **QUIET)
+    with pytest.raises(ModelMismatchError):
+        grow_to_budget(scores.mlp_effects, model, n_params=1000)
+    with pytest.raises(ModelMismatchError):
+        circuit_size(model, scores.heads if len(scores.heads) else mechedit.Circuit.of(other, [Component("mlp", 0)]))
+    with pytest.raises(ValueError, match="name no trainable component"):
+        grow_to_budget(scores.subject_state, other, n_params=1000)
+    with pytest.raises(ValueError, match="n_params must be a positive int"):
+        grow_to_budget(scores.mlp_effects, other, n_params=0)
