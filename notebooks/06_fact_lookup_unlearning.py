@@ -32,7 +32,8 @@ import mechedit
 from mechedit import zoo
 from mechedit.budget import circuit_size, grow_to_budget
 from mechedit.edit import FinetuneConfig, LogOneMinusP, RetainCE
-from mechedit.evaluate import ComparisonConfig, RobustnessConfig, compare_localizations, fact_edit_suites
+from mechedit.evaluate import ComparisonConfig, compare_localizations, fact_edit_suites
+from mechedit.evaluate.robustness import RobustnessConfig
 from mechedit.locate import attribution_patching, causal_tracing, fact_lookup
 from mechedit.viz import comparison_bars, heatmap, probe_curves
 from mechedit.zoo.prompts import fact_pairs, fact_prompts

@@ -258,7 +258,7 @@ def _checked_localizations(model: Any, localizations: Any) -> dict[str, Circuit 
                     f"localization {name!r} is an empty circuit: nothing to train. Drop it, or grow "
                     "it to a budget (mechedit.budget.grow_to_budget)"
                 )
-            circuit.check_model(model, strict=False)
+            circuit.check_model(model, strict=True)
         out[name] = circuit
     return out
 
