@@ -66,12 +66,18 @@ the final token reads the subject's last name only through layer-0 attention, an
 subject's last token read the attribute at chance at every depth. So the earliest extraction
 layer is 0, no MLP precedes it, and the fact-lookup MLP set is *empty*: this model looks its facts
 up at the final position, not at the subject. The locator reports that; it does not lower a
-threshold to make something appear. ``extraction_layer=`` (a receiver of your choosing, recorded
-as given) and ``min_mlps`` keep a downstream comparison possible.
+threshold to make something appear (measured on 40 birth cities: heads 0.1 and 0.2 remove 0.19
+and 0.17 of the gap, no head of a later layer more than 0.06). ``extraction_layer=`` (a receiver
+of your choosing, recorded as given) and ``min_mlps`` keep a downstream comparison possible. On
+``factworld-planted`` (MLP 2 trained at every position) the measured ``E`` is 0 too; into
+``resid_pre 3`` with control facts the planted MLP 2 is the one MLP returned.
 
 Cost: a clean and a corrupt forward; ``n_layers * (n_heads + 1)`` knockout variants and
 ``n_layers * (n_layers + 1) / 2`` path variants, each one row per pair, batched ``batch_size``
-rows per forward (full forwards; the model is small relative to what resuming would save).
+rows per forward. They are full forwards: a knockout at layer ``l`` changes only the final token
+from block ``l`` on, and a path only blocks ``>= R``, so resuming from cached runs
+(``mechedit.resume``) would cut the cost; not done yet. About 10 s on one CPU thread for 40 facts
+x 4 corruptions on the fact world.
 """
 
 from __future__ import annotations
