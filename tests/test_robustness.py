@@ -167,6 +167,8 @@ def test_bad_inputs_are_refused(shallow, tiny_bridge):
         robustness_report(original, tiny_bridge, forget, retain, progress=False)
     with pytest.raises(ValueError, match="unknown attacks"):
         RobustnessConfig(attacks=("relearn",))
+    with pytest.raises(ValueError, match="unknown measures"):
+        RobustnessConfig(measures=("accuracy",))
     with pytest.raises(ValueError, match="latent_layer"):
         robustness_report(original, edited, forget, retain, progress=False,
                           config=RobustnessConfig(attacks=("latent_universal",), latent_layer=99))

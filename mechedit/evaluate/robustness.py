@@ -110,7 +110,10 @@ from mechedit.artifacts import (
 from mechedit.checks import require_eval_mode
 from mechedit.edit.finetune import FinetuneConfig, finetune
 from mechedit.edit.objectives.base import mean_token_nll
-from mechedit.evaluate.facts import FactEditSuites, _measure_cases
+from mechedit.evaluate.facts import (  # the fact-edit report's own measurement
+    FactEditSuites,
+    _measure_cases,
+)
 from mechedit.gradients import parameter_gradients
 from mechedit.hf import architecture, hf_parameters, layout
 from mechedit.interventions import Intervention, patch
@@ -122,9 +125,11 @@ from mechedit.tokens import tokenize_continuations
 
 __all__ = [
     "ATTACKS",
+    "ATTACK_MEASURES",
     "REPORT_FORMAT",
     "REPORT_VERSION",
     "RobustnessConfig",
+    "RobustnessFormatError",
     "RobustnessReport",
     "RobustnessRow",
     "robustness_report",
@@ -144,6 +149,12 @@ ATTACKS = (
 #: The held-out suites every attack is measured on, and the measures reported for them.
 ATTACK_SUITES = ("efficacy", "paraphrase", "multiple_choice")
 HELDOUT = "forget_heldout"
+#: The held-out measures an attack can report (``evaluate.facts``' per-suite metric names; a
+#: suite without candidates has no ``choice_accuracy_*``, a forget case no ``*_new``).
+ATTACK_MEASURES = (
+    *(f"{k}_{a}" for a in ("true", "new") for k in ("choice_accuracy", "p", "logprob", "token_accuracy", "mrr", "rank", "exact")),
+    "new_beats_true",
+)
 _UNDEFINED = 1e-9
 
 
@@ -227,6 +238,9 @@ class RobustnessConfig:
         if isinstance(self.measures, str) or not self.measures:
             raise ValueError("measures must be a non-empty tuple of metric names, e.g. ('choice_accuracy_true',)")
         object.__setattr__(self, "measures", tuple(self.measures))
+        unknown = [m for m in self.measures if m not in ATTACK_MEASURES]
+        if unknown:
+            raise ValueError(f"unknown measures {unknown}; choose from evaluate_fact_edit's metrics {list(ATTACK_MEASURES)}")
         for name in ("relearn_steps", "lora_rank", "latent_steps", "ablation_rank", "batch_size"):
             _check_number(getattr(self, name), name, low=1, integer=True)
         if self.relearn_batch_size is not None:
