@@ -167,23 +167,27 @@ def test_bad_inputs_are_refused(shallow, tiny_bridge):
         robustness_report(original, tiny_bridge, forget, retain, progress=False)
     with pytest.raises(ValueError, match="unknown attacks"):
         RobustnessConfig(attacks=("relearn",))
+    with pytest.raises(ValueError, match="unknown measures"):
+        RobustnessConfig(measures=("accuracy",))
     with pytest.raises(ValueError, match="latent_layer"):
         robustness_report(original, edited, forget, retain, progress=False,
                           config=RobustnessConfig(attacks=("latent_universal",), latent_layer=99))
 
 
-def _tiny_case(subjects, case):
+def _tiny_case(subjects, case, *, two_tokens=False):
     prompts = [
-        FactPrompt(prompt=f"{s} {t}", target=f"w{40 + i % 3}", subject=s, relation_id="R",
-                   candidates=("w40", "w41", "w42"))
+        FactPrompt(prompt=f"{s} {t}", target=f"w{40 + i % 3}" + (" w50" if two_tokens else ""), subject=s,
+                   relation_id="R", candidates=None if two_tokens else ("w40", "w41", "w42"))
         for i, s in enumerate(subjects)
         for t in ("w20 w21", "w22 w23")
     ]
     return FactEditSuites(efficacy=tuple(prompts), paraphrase=tuple(prompts[::2]), case=case)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
-def test_attacks_run_on_tiny_models(tmp_path, arch):
+@pytest.mark.parametrize(
+    ("arch", "positions", "two_tokens"), [("gpt2", "last", False), ("neox", "all", False), ("llama", "last", True)]
+)
+def test_attacks_run_on_tiny_models(tmp_path, arch, positions, two_tokens):
     folder = random_checkpoint(tmp_path / arch, arch, n_layer=2, n_embd=64, n_head=4)
     original, edited = mechedit.load(folder), mechedit.load(folder)
     with torch.no_grad():
@@ -191,15 +195,20 @@ def test_attacks_run_on_tiny_models(tmp_path, arch):
             if p.ndim == 2:
                 p.add_(0.05 * torch.randn_like(p))
     snapshot = _snapshot(edited)
-    forget = _tiny_case([f"w{i}" for i in range(1, 7)], "forget")
-    retain = _tiny_case([f"w{i}" for i in range(7, 13)], "retain")
-    config = RobustnessConfig(relearn_steps=2, latent_steps=2, ablation_direction="svd", ablation_rank=2)
+    forget = _tiny_case([f"w{i}" for i in range(1, 7)], "forget", two_tokens=two_tokens)
+    retain = _tiny_case([f"w{i}" for i in range(7, 13)], "retain", two_tokens=two_tokens)
+    config = RobustnessConfig(relearn_steps=2, latent_steps=2, latent_positions=positions, lora_targets="all",
+                              ablation_direction="svd", ablation_rank=2)
     report = robustness_report(original, edited, forget, retain, config=config, progress=False)
-    attacked = set(report.to_frame().query("case == 'forget_heldout'").attack)
-    assert attacked == set(ATTACKS)
-    # every attacked score is a real measurement (a fraction or a probability)
     frame = report.to_frame().query("case == 'forget_heldout'")
+    assert set(frame.attack) == set(ATTACKS)
+    # every attacked score is a real measurement (a fraction or a probability)
     assert frame.attacked.between(0, 1).all()
+    measures = set(frame.query("suite == 'efficacy'").measure)
+    assert measures == ({"p_true", "exact_true"} if two_tokens else {"p_true", "exact_true", "choice_accuracy_true"})
     assert report.context["attacks"]["direction_ablation"]["ablated"]  # random edits change every depth
     live = hf_parameters(edited)
     assert all(torch.equal(live[n], t) for n, t in snapshot.items())
+    if arch == "gpt2":  # deterministic for a seed
+        again = robustness_report(original, edited, forget, retain, config=config, progress=False)
+        assert again.to_frame().equals(report.to_frame())

@@ -45,6 +45,7 @@ from mechedit.evaluate.privacy import (
     privacy_report,
     secret_token_scores,
 )
+from mechedit.evaluate.robustness import RobustnessConfig, RobustnessReport, robustness_report
 
 __all__ = [
     "DIGITS",
@@ -60,6 +61,8 @@ __all__ = [
     "MemorizationScores",
     "PrivacyReport",
     "ReportFormatError",
+    "RobustnessConfig",
+    "RobustnessReport",
     "Secret",
     "SecretTokenScores",
     "answer_flips",
@@ -81,6 +84,7 @@ __all__ = [
     "memorization",
     "mrr",
     "privacy_report",
+    "robustness_report",
     "secret_token_scores",
     "fact_world_utility",
     "pair_preference",

@@ -34,10 +34,12 @@ chance before and after) recovery is undefined and reported as NaN.
 
 The attacks (``ATTACKS``)
 -------------------------
-* ``relearn_full`` - fine-tune a copy of the edits' weights, all parameters, on the attack
-  half's true answers (``mechedit.edit.finetune(edited, "all", retain=..., objectives
+* ``relearn_full`` - fine-tune the edited model, all parameters, on the attack half's true
+  answers (``mechedit.edit.finetune(edited, "all", retain=..., objectives
   {"retain_ce": 1})``; AdamW, ``relearn_steps`` steps, default 20 as in Guo et al.), measured
-  with that weight edit applied, then reverted bit-exactly.
+  with that weight edit applied, then reverted bit-exactly. Adam moves every parameter by about
+  ``lr`` per step whatever its gradient, so on a small model a large ``relearn_lr`` damages
+  every fact (the held-out half included: negative recovery); match it to the edit's scale.
 * ``relearn_lora`` - the same data and loss through rank-``lora_rank`` adapters: every targeted
   weight ``W`` (``lora_targets``: the MLP linears, attention's or both, every layer) becomes
   ``W0 + B A`` (``B`` ``[rows, r]`` zeros, ``A`` ``[r, cols]`` seeded normal / sqrt(cols); the
@@ -50,8 +52,9 @@ The attacks (``ATTACKS``)
   edited model's residuals of the retained facts of the forget relations, the forget case's
   neighbourhood and the attack half, tested on the held-out half. Row: ``original`` = the same
   probe fitted on the original model, ``edited`` = the edited model's output (choice accuracy
-  over the relation's values on the same prompts), ``attacked`` = the probe on the edited model;
-  at the original probe's best depth. Recovery 1 = the old value is as readable inside as before
+  over the relation's values on the same prompts; greedy exact match where they list none),
+  ``attacked`` = the probe on the edited model; at the original probe's best depth (depths
+  before an edited layer see identical residuals, so there a re-fitted probe trivially matches). Recovery 1 = the old value is as readable inside as before
   although the output no longer says it. The per-depth curves go to ``context["probes"]``.
 * ``probe_frozen`` - the original model's probes, unchanged (``ProbeResult.accuracy``), applied
   to the edited model's residuals of the held-out half (same columns otherwise).
@@ -65,7 +68,8 @@ The attacks (``ATTACKS``)
   attack half's mean answer NLL, and measured on the held-out half: a shared perturbation that
   must generalise.
 * ``latent_per_example`` - the same bound and steps, one ``delta``
-  per held-out prompt, optimised on that prompt's own true answer and measured on it: an upper
+  per held-out prompt (shared by its answer's steps), optimised on that prompt's own true answer
+  and measured on it (one prompt per measurement, so slower): an upper
   bound (it sees the answers it is scored on) of how close the answer lies under the edit.
 * ``direction_ablation`` - at each depth of ``ablation_depths`` (``None``: every depth of
   ``probes.depth_labels``), the top ``ablation_rank`` directions of the difference
@@ -106,7 +110,10 @@ from mechedit.artifacts import (
 from mechedit.checks import require_eval_mode
 from mechedit.edit.finetune import FinetuneConfig, finetune
 from mechedit.edit.objectives.base import mean_token_nll
-from mechedit.evaluate.facts import FactEditSuites, _measure_cases
+from mechedit.evaluate.facts import (  # the fact-edit report's own measurement
+    FactEditSuites,
+    _measure_cases,
+)
 from mechedit.gradients import parameter_gradients
 from mechedit.hf import architecture, hf_parameters, layout
 from mechedit.interventions import Intervention, patch
@@ -118,9 +125,11 @@ from mechedit.tokens import tokenize_continuations
 
 __all__ = [
     "ATTACKS",
+    "ATTACK_MEASURES",
     "REPORT_FORMAT",
     "REPORT_VERSION",
     "RobustnessConfig",
+    "RobustnessFormatError",
     "RobustnessReport",
     "RobustnessRow",
     "robustness_report",
@@ -140,6 +149,12 @@ ATTACKS = (
 #: The held-out suites every attack is measured on, and the measures reported for them.
 ATTACK_SUITES = ("efficacy", "paraphrase", "multiple_choice")
 HELDOUT = "forget_heldout"
+#: The held-out measures an attack can report (``evaluate.facts``' per-suite metric names; a
+#: suite without candidates has no ``choice_accuracy_*``, a forget case no ``*_new``).
+ATTACK_MEASURES = (
+    *(f"{k}_{a}" for a in ("true", "new") for k in ("choice_accuracy", "p", "logprob", "token_accuracy", "mrr", "rank", "exact")),
+    "new_beats_true",
+)
 _UNDEFINED = 1e-9
 
 
@@ -223,6 +238,9 @@ class RobustnessConfig:
         if isinstance(self.measures, str) or not self.measures:
             raise ValueError("measures must be a non-empty tuple of metric names, e.g. ('choice_accuracy_true',)")
         object.__setattr__(self, "measures", tuple(self.measures))
+        unknown = [m for m in self.measures if m not in ATTACK_MEASURES]
+        if unknown:
+            raise ValueError(f"unknown measures {unknown}; choose from evaluate_fact_edit's metrics {list(ATTACK_MEASURES)}")
         for name in ("relearn_steps", "lora_rank", "latent_steps", "ablation_rank", "batch_size"):
             _check_number(getattr(self, name), name, low=1, integer=True)
         if self.relearn_batch_size is not None:
@@ -555,26 +573,29 @@ def _latent_intervention(hook: str, delta: Tensor, positions: str, per_row: bool
 
 
 def _pgd(model: Any, hook: str, prompts: Sequence[FactPrompt], radius: float, cfg: RobustnessConfig,
-         *, per_row: bool) -> Tensor:
-    """L2 PGD from zero on the prompts' mean answer NLL: ``[d_model]`` (shared) or ``[n_rows, d_model]``."""
+         *, per_prompt: bool) -> Tensor:
+    """L2 PGD from zero on the prompts' answer NLL: ``[d_model]`` (shared) or ``[n_prompts, d_model]``
+    (one per prompt, shared by its answer steps)."""
     device = model_device(model)
     tokens, mask, targets, owner = (t.to(device) for t in _step_rows(model, prompts))
     n_rows = tokens.shape[0]
-    shape = (n_rows, model.cfg.d_model) if per_row else (model.cfg.d_model,)
+    shape = (len(prompts), model.cfg.d_model) if per_prompt else (model.cfg.d_model,)
     delta = torch.zeros(shape, device=device, requires_grad=True)
     step = 2.5 * radius / cfg.latent_steps
     last = mask.sum(1) - 1
     with _frozen(model), torch.enable_grad():
         for _ in range(cfg.latent_steps):
-            with patch(model, [_latent_intervention(hook, delta, cfg.latent_positions, per_row)], attention_mask=mask):
+            source = delta[owner] if per_prompt else delta
+            with patch(model, [_latent_intervention(hook, source, cfg.latent_positions, per_prompt)], attention_mask=mask):
                 logits = model(tokens)
             logprobs = logits[torch.arange(n_rows, device=device), last].float().log_softmax(-1)
             nll = -logprobs.gather(1, targets[:, None])[:, 0]
-            # per prompt the mean over its answer steps, then the mean over prompts; with per-row
-            # deltas the rows' problems are independent, so their sum gives each its own gradient
-            per_prompt = torch.zeros(int(owner.max()) + 1, device=device).index_add(0, owner, nll)
-            per_prompt = per_prompt / torch.bincount(owner).to(per_prompt)
-            objective = per_prompt.sum() if per_row else per_prompt.mean()
+            # per prompt the mean over its answer steps, then the mean over prompts; with one
+            # delta per prompt the prompts' problems are independent, so the sum gives each its
+            # own gradient
+            by_prompt = torch.zeros(len(prompts), device=device).index_add(0, owner, nll)
+            by_prompt = by_prompt / torch.bincount(owner, minlength=len(prompts)).to(by_prompt)
+            objective = by_prompt.sum() if per_prompt else by_prompt.mean()
             (grad,) = torch.autograd.grad(objective, [delta])
             with torch.no_grad():
                 norm = grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -610,12 +631,9 @@ def _per_example_scores(model: Any, hook: str, heldout: FactEditSuites, radius: 
         prompts = getattr(heldout, name)
         if not prompts:
             continue
-        deltas = _pgd(model, hook, prompts, radius, cfg, per_row=True)
-        _, _, _, owner = _step_rows(model, prompts)
+        deltas = _pgd(model, hook, prompts, radius, cfg, per_prompt=True)
         sums: dict[tuple[str, str, str, str], float] = {}
-        for i, prompt in enumerate(prompts):
-            # every answer step of prompt i gets its first step's delta (one-token answers: the same)
-            delta = deltas[int((owner == i).nonzero()[0])]
+        for prompt, delta in zip(prompts, deltas, strict=True):
             one = FactEditSuites(efficacy=(prompt,), case=HELDOUT)
             with patch(model, [_latent_intervention(hook, delta, cfg.latent_positions, per_row=False)]):
                 scores = _measure_cases(model, [one], batch_size)
@@ -687,14 +705,28 @@ def _probe_rows(forget: FactEditSuites, retain: FactEditSuites, attack: Sequence
     return rows, torch.tensor([False] * len(train) + [True] * len(heldout.efficacy))
 
 
-def _probes(original: Any, edited: Any, rows: list[FactPrompt], test: Tensor, cfg: RobustnessConfig):
+def _probe_summary(original: Any, edited: Any, forget: FactEditSuites, retain: FactEditSuites,
+                   attack: Sequence[FactPrompt], heldout: FactEditSuites, cfg: RobustnessConfig) -> dict[str, Any]:
+    """Probes re-fitted on each model, and the original's frozen probes on the edited model.
+
+    Returns the JSON-able record: ``depths``, ``best_depth`` (the original probe's), each fit's
+    ``ProbeResult.summary()`` and ``frozen_on_edited`` (per-depth accuracy on the held-out rows).
+    """
+    rows, test = _probe_rows(forget, retain, attack, heldout)
     labels = [p.target for p in rows]
     depths = depth_labels(edited.cfg.n_layers)
     feats = {k: subject_residuals(m, rows, position=cfg.probe_position) for k, m in (("original", original), ("edited", edited))}
     fitted = {k: fit_probes(f, labels, test, l2=cfg.probe_l2, depths=depths) for k, f in feats.items()}
     held_labels = [lab for lab, t in zip(labels, test.tolist(), strict=True) if t]
     frozen = fitted["original"].accuracy(feats["edited"][:, test], held_labels)
-    return fitted, frozen
+    return {
+        "position": cfg.probe_position,
+        "depths": list(depths),
+        "best_depth": fitted["original"].best_depth,
+        "original": fitted["original"].summary(),
+        "edited": fitted["edited"].summary(),
+        "frozen_on_edited": [round(x, 4) for x in frozen.tolist()],
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -794,23 +826,22 @@ def robustness_report(
             attack_rows(name, measure_within(_relearn_lora(edited, attack, cfg, info, progress)))
         elif name in ("probe_retrained", "probe_frozen"):
             if "probes" not in info:
-                probe_rows, test = _probe_rows(forget, retain, attack, heldout)
-                fitted, frozen = _probes(original, edited, probe_rows, test, cfg)
-                best = fitted["original"].best_depth
-                info["probes"] = {
-                    "position": cfg.probe_position, "depths": list(fitted["original"].depths), "best_depth": best,
-                    "original": fitted["original"].summary(), "edited": fitted["edited"].summary(),
-                    "frozen_on_edited": [round(x, 4) for x in frozen.tolist()],
-                }
-                probe_scores = {"probe_retrained": fitted["edited"].test_accuracy[best].item(),
-                                "probe_frozen": frozen[best].item()}
-                probe_original = fitted["original"].test_accuracy[best].item()
-            key = (HELDOUT, "efficacy", "choice_accuracy_true")
-            rows.append(RobustnessRow(HELDOUT, "probe", f"probe_accuracy@{info['probes']['depths'][best]}", name,
-                                      probe_original, after[key][0], probe_scores[name], int(test.sum())))
+                info["probes"] = _probe_summary(original, edited, forget, retain, attack, heldout, cfg)
+            probes = info["probes"]
+            best = probes["best_depth"]
+            attacked = probes["edited"]["test_accuracy"][best] if name == "probe_retrained" else probes["frozen_on_edited"][best]
+            # what the edited model's output says on the same prompts: accuracy over the
+            # relation's values where the prompts list them, else greedy exact match
+            output = (HELDOUT, "efficacy", "choice_accuracy_true")
+            if output not in after:
+                output = (HELDOUT, "efficacy", "exact_true")
+            probes["edited_output_measure"] = output[2]
+            rows.append(RobustnessRow(HELDOUT, "probe", f"probe_accuracy@{probes['depths'][best]}", name,
+                                      probes["original"]["test_accuracy"][best], after[output][0], attacked,
+                                      probes["original"]["n_test"]))
         elif name == "latent_universal":
             radius = cfg.latent_epsilon * _residual_radius(edited, hook, attack, cfg.latent_positions)
-            delta = _pgd(edited, hook, attack, radius, cfg, per_row=False)
+            delta = _pgd(edited, hook, attack, radius, cfg, per_prompt=False)
             info["latent"] = {"hook": hook, "positions": cfg.latent_positions, "epsilon": cfg.latent_epsilon,
                               "radius": radius, "universal_norm": delta.norm().item()}
             attack_rows(name, measure_within(patch(edited, [_latent_intervention(hook, delta, cfg.latent_positions, False)])))
