@@ -44,9 +44,9 @@ model = mechedit.load("factworld")
 world = zoo.load_world("factworld")
 born = [f for f in world.facts if f.relation_id == "P19"]
 rng = random.Random(0)
-located = rng.sample(born, 64)  # whose recall we localise
-forget_facts = located[:16]  # whose birth city we forget
-retain_facts = [f for f in born if f not in located][:48]
+located = rng.sample(born, 32)  # whose recall we localise
+forget_facts = located[:8]  # whose birth city we forget
+retain_facts = [f for f in born if f not in located][:24]
 print(len(born), "people; forgetting e.g.", [(f.subject, f.value) for f in forget_facts[:3]])
 
 # %% [markdown]
@@ -58,19 +58,40 @@ print(len(born), "people; forgetting e.g.", [(f.subject, f.value) for f in forge
 # knockout** of the final token's reading of the subject, head by head (extraction heads, and the
 # earliest layer that has one); and **path patching** of each earlier MLP's output at the subject
 # tokens into that layer's residual stream (the fact-lookup MLPs: effect >= 0.02 of the
-# clean-minus-corrupt logit difference). `min_mlps=1` keeps the best candidate even below the
-# threshold (flagged), so that the comparison below has something to edit.
+# clean-minus-corrupt logit difference).
 
 # %%
 facts = [fact_prompts(world, f)[0] for f in located]
-lookup = fact_lookup(model, facts, min_mlps=1, progress=False)
+lookup = fact_lookup(model, facts, n_corrupt=2, progress=False)
 print("earliest extraction layer:", lookup.extraction_layer, f"({lookup.extraction_layer_source})")
-print("extraction heads:", list(lookup.heads))
-print("fact-lookup MLPs:", list(lookup.mlps), "below threshold:", lookup.mlps.config.get("below_threshold"))
+print("extraction heads:", [str(h) for h in lookup.heads])
+print("fact-lookup MLPs:", [str(m) for m in lookup.mlps])
 probe_curves({"subject's last token": lookup.probes_subject, "final token": lookup.probes_last})
+
+# %% [markdown]
+# On this model the answer is readable at the final token from the middle layers on, but at the
+# subject's last token a probe reads the city no better than chance at any depth: nothing writes
+# the attribute onto the subject. Knocking out the final token's attention to the subject hurts
+# most at layer 0 (heads 0.1 and 0.2 above the 0.1 threshold), so the earliest extraction layer is
+# 0 and no MLP precedes it: **the measured fact-lookup set is empty**. The fact world looks its
+# facts up at the final position, after layer-0 attention has copied the name there (see
+# `zoo/MODEL_CARD.md`).
 
 # %%
 heatmap(lookup.head_effects, title="Attention knockout: share of the logit difference lost per head")
+
+# %% [markdown]
+# Later layers still read the subject, though: restoring the clean subject tokens' residual
+# stream into layer R's input (`subject_state`) brings back about half the difference at R = 1 and
+# less further up. So we ask for the path into layer 1 (`extraction_layer=1`, recorded as given):
+# the first MLP's output at the subject tokens carries about half of it - the closest thing to a
+# fact-lookup MLP this model has, and the circuit we compare.
+
+# %%
+print("subject state restored into resid_pre R:", [round(x, 2) for x in lookup.subject_state.values.tolist()])
+lookup1 = fact_lookup(model, facts, n_corrupt=2, extraction_layer=1, probes=False, progress=False)
+print("path effects into layer 1:", [round(x, 3) for x in lookup1.mlp_effects.values.tolist()[:1]],
+      "-> fact-lookup MLPs", [str(m) for m in lookup1.mlps])
 
 # %% [markdown]
 # ## 2. Output-tracing localisations at the same budget
@@ -85,13 +106,12 @@ forget_prompts = [fact_prompts(world, f)[0] for f in forget_facts]
 trace = causal_tracing(model, forget_prompts, kinds=("mlp",), n_noise=4, progress=False)
 attribution = attribution_patching(model, fact_pairs(world, forget_facts), sites=("mlp_out",),
                                    per_position=False, progress=False)
-budget = circuit_size(model, lookup.mlps)
+budget = circuit_size(model, lookup1.mlps)
 localizations = {
-    "fact lookup": lookup.mlps,
+    "fact lookup": lookup1.mlps,
     "causal tracing": grow_to_budget(trace.mlp, model, n_params=budget),
     "attribution patching": grow_to_budget(attribution["mlp_out"], model, n_params=budget),
     "all MLPs": "all_mlps",
-    "all weights": "all",
 }
 for name, circuit in localizations.items():
     print(f"{name:22s}", circuit if isinstance(circuit, str) else [str(c) for c in circuit])
@@ -99,24 +119,27 @@ for name, circuit in localizations.items():
 # %% [markdown]
 # ## 3. Forget through each localisation, then attack
 #
-# One objective for all: `log(1 - p)` on the 16 people's birth cities in the training templates,
-# with a retain cross-entropy on 48 other people's, 30 steps, stopped once no training prompt
-# gives the old city; the learning rate is the one of the sweep that forgets most while the
+# One objective for all: `log(1 - p)` on the 8 people's birth cities in the training templates,
+# with a retain cross-entropy on 24 other people's, at most 30 steps, stopped once no training
+# prompt gives the old city; the learning rate is the one of the sweep that forgets most while the
 # retain set stays >= 90 % (the same rule for every localisation). The robustness evaluation then
-# splits the forgotten people in two: attacks train on one half and are scored on the other.
+# splits the forgotten people in two: the attacks train on one half and are scored on the other.
+# (A smaller run than `bench/localization_comparison.py`, whose 16-people table is below.)
 
 # %%
-case = fact_edit_suites(world, forget_facts, exclude=retain_facts, fluency_texts=world.text_heldout[:100])
+case = fact_edit_suites(world, forget_facts, exclude=retain_facts, neighbours_per_fact=4,
+                        fluency_texts=world.text_heldout[:50])
 retain = fact_edit_suites(world, retain_facts, neighbours_per_fact=0, case="retain")
 config = ComparisonConfig(
     finetune=FinetuneConfig((LogOneMinusP(), RetainCE(weight=4.0)), steps=30, batch_size=32,
                             forget_target=0.0, eval_every=3),
     lrs=(1e-3, 3e-3),
-    robustness=RobustnessConfig(),
+    robustness=RobustnessConfig(attacks=("relearn_full", "relearn_lora", "latent_universal", "direction_ablation"),
+                                measures=("choice_accuracy_true",)),
 )
 comparison = compare_localizations(model, localizations, case=case, retain=retain, config=config,
                                    workspace=mechedit.load("factworld"), progress=False)
-comparison.headline().round(3)
+comparison.headline().T.round(3)
 
 # %%
 comparison_bars(
@@ -127,7 +150,7 @@ comparison_bars(
         "after relearning (held-out half)": "relearn_full/efficacy/choice_accuracy_true",
         "after LoRA relearning": "relearn_lora/efficacy/choice_accuracy_true",
         "latent perturbation": "latent_universal/efficacy/choice_accuracy_true",
-        "retained facts": "retain/efficacy/choice_accuracy_true",
+        "neighbours (same city)": "forget/neighbourhood/choice_accuracy_true",
     },
     title="Accuracy over the birth cities, after forgetting through each localisation",
 )

@@ -17,6 +17,9 @@ question formats and attacks. ``compare_localizations`` runs that protocol on an
    templates, held-out paraphrases and multiple choice, specificity, perplexity, and the attacks:
    relearning, latent probe, latent adversarial perturbation, direction ablation).
 
+Localisations that name the same components (attribution patching often picks fact lookup's
+layer) are trained and evaluated once - the runs are deterministic - and share their results.
+
 The result, ``LocalizationComparison``, holds one row per localisation (its size in parameter
 entries, the selected rate, steps, and every robustness measure), the whole sweep, and the
 settings; it saves to JSON (format ``mechedit.localization_comparison``, version 1) and draws as a
@@ -145,7 +148,8 @@ class LocalizationComparison:
         """The issue's table: per localisation its size, rate, the forget facts' ``measure`` in
         training templates, paraphrases and multiple choice, the retain set's and the
         neighbours', held-out perplexity, and each attack's score on the held-out forget half with
-        its recovery. Columns the comparison did not measure are left out."""
+        its recovery (probe attacks: the probe's accuracy at the depth named in the column).
+        Columns the comparison did not measure are left out."""
         frame = self.to_frame()
         wanted = {
             "n_params": "n_params", "lr": "lr",
@@ -161,6 +165,12 @@ class LocalizationComparison:
         for attack in attacks:
             wanted[attack] = f"{attack}/efficacy/{measure}"
             wanted[f"{attack}: recovery"] = f"{attack}/efficacy/{measure}/recovery"
+        # Probe attacks score a probe, not an answer: one column per probe attack, at its depth.
+        for column in frame.columns:
+            parts = column.split("/")
+            if len(parts) == 3 and parts[1] == "probe" and parts[0] not in ("forget", "retain", "forget_heldout"):
+                wanted[f"{parts[0]} ({parts[2]})"] = column
+                wanted[f"{parts[0]}: recovery"] = f"{column}/recovery"
         present = {label: col for label, col in wanted.items() if col in frame.columns}
         return frame[list(present.values())].set_axis(list(present), axis=1)
 
@@ -346,10 +356,18 @@ def compare_localizations(
     retain_pairs = _pairs(retain.efficacy, new=False)
     data = {"edit": list(case.efficacy)} if new else {"forget": list(case.efficacy)}
 
-    runs = [(name, lr) for name in circuits for lr in config.lrs]
-    tried: dict[str, list[dict[str, Any]]] = {name: [] for name in circuits}
+    # Two localisations may pick the same components (attribution patching often agrees with
+    # fact lookup): training is deterministic, so the first one's runs stand for both.
+    first_of: dict[str, str] = {}
+    seen: dict[Any, str] = {}
+    for name, circuit in circuits.items():
+        key = circuit if isinstance(circuit, str) else frozenset(circuit)
+        first_of[name] = seen.setdefault(key, name)
+    distinct = [name for name in circuits if first_of[name] == name]
+    runs = [(name, lr) for name in distinct for lr in config.lrs]
+    tried: dict[str, list[dict[str, Any]]] = {name: [] for name in distinct}
     edits: dict[tuple[str, float], Any] = {}
-    bar = tqdm(total=len(runs) + len(circuits), desc="compare_localizations", disable=not progress)
+    bar = tqdm(total=len(runs) + len(distinct), desc="compare_localizations", disable=not progress)
     for name, lr in runs:
         bar.set_postfix_str(f"{name}, lr {lr:g}")
         cfg = dataclasses.replace(config.finetune, lr=lr)
@@ -370,26 +388,34 @@ def compare_localizations(
     rows: list[dict[str, Any]] = []
     original: dict[str, float] = {}
     contexts: dict[str, Any] = {}
+    measured_of: dict[str, dict[str, float]] = {}
     for name, circuit in circuits.items():
-        bar.set_postfix_str(f"robustness: {name}")
-        chosen = _select(tried[name], config.min_retain)
-        edit = edits[(name, chosen["lr"])]
-        measured, before, contexts[name] = _robustness(
-            model, workspace, edit, case=case, retain=retain, config=config.robustness
-        )
-        original = original or before
+        source = first_of[name]
+        chosen = _select(tried[source], config.min_retain)
+        if source not in measured_of:
+            bar.set_postfix_str(f"robustness: {name}")
+            measured_of[source], before, contexts[name] = _robustness(
+                model, workspace, edits[(source, chosen["lr"])], case=case, retain=retain,
+                config=config.robustness,
+            )
+            original = original or before
+            bar.update()
+        else:
+            contexts[name] = {"same_circuit_as": source}
         rows.append(
             {
                 "localization": name, "n_params": _n_params(model, circuit), "lr": chosen["lr"],
-                "steps": chosen["steps"], "retain_exact": chosen["retain_exact"], **measured,
+                "steps": chosen["steps"], "retain_exact": chosen["retain_exact"], **measured_of[source],
             }
         )
-        bar.update()
     bar.close()
     for copy_, what in ((model, "model"), (workspace, "workspace")):
         if weights_hash(copy_) != base_hash:  # every edit is reverted; a change here is a bug
             raise RuntimeError(f"compare_localizations changed the {what}'s weights; please report this")
-    sweep = tuple({k: v for k, v in t.items() if k != "efficacy_loss"} for ts in tried.values() for t in ts)
+    sweep = tuple(
+        {**{k: v for k, v in t.items() if k != "efficacy_loss"}, "localization": name}
+        for name in circuits for t in tried[first_of[name]]
+    )
     return LocalizationComparison(
         rows=tuple(rows), sweep=sweep, original=original, case="edit" if new else "forget",
         config={**config.to_dict(), "robustness_context": contexts},
