@@ -764,7 +764,13 @@ def _measure(model, suites: dict[str, Sequence[FactPrompt]], texts: Sequence[str
     return out
 
 
-def _measure_cases(model: Any, cases: Sequence[FactEditSuites], batch_size: int) -> Measured:
+def measure_cases(model: Any, cases: Sequence[FactEditSuites], batch_size: int = 256) -> Measured:
+    """Every suite of ``cases`` measured on ``model`` as it is (both measures, all metrics).
+
+    Returns ``{(case, suite, measure, metric): (value, n_items)}``; ``fluency`` is measured once
+    per distinct text set. ``evaluate_fact_edit`` calls it before and after an edit; the
+    robustness evaluation calls it on two models and under attacks.
+    """
     out: Measured = {}
     fluency: dict[tuple[str, ...], float] = {}
     for case in cases:
@@ -835,11 +841,11 @@ def evaluate_fact_edit(
         raise ValueError("nothing to evaluate: pass suites=fact_edit_suites(world, facts, ...) or edited=[FactPrompt, ...]")
     if progress:
         progress("measuring before the edit")
-    before = {**_measure(model, legacy, fluency_texts, batch_size), **_measure_cases(model, cases, batch_size)}
+    before = {**_measure(model, legacy, fluency_texts, batch_size), **measure_cases(model, cases, batch_size)}
     if progress:
         progress("measuring with the edit")
     with applied_edit(model, edit):
-        after = {**_measure(model, legacy, fluency_texts, batch_size), **_measure_cases(model, cases, batch_size)}
+        after = {**_measure(model, legacy, fluency_texts, batch_size), **measure_cases(model, cases, batch_size)}
     rows = tuple(
         EvalRow(suite, metric, value, after[key][0], n, case, measure)
         for key, (value, n) in before.items()

@@ -112,7 +112,7 @@ from mechedit.edit.finetune import FinetuneConfig, finetune
 from mechedit.edit.objectives.base import mean_token_nll
 from mechedit.evaluate.facts import (  # the fact-edit report's own measurement
     FactEditSuites,
-    _measure_cases,
+    measure_cases,
 )
 from mechedit.gradients import parameter_gradients
 from mechedit.hf import architecture, hf_parameters, layout
@@ -636,7 +636,7 @@ def _per_example_scores(model: Any, hook: str, heldout: FactEditSuites, radius: 
         for prompt, delta in zip(prompts, deltas, strict=True):
             one = FactEditSuites(efficacy=(prompt,), case=HELDOUT)
             with patch(model, [_latent_intervention(hook, delta, cfg.latent_positions, per_row=False)]):
-                scores = _measure_cases(model, [one], batch_size)
+                scores = measure_cases(model, [one], batch_size)
             for (case, _, measure, metric), (value, _) in scores.items():
                 key = (case, name, measure, metric)
                 sums[key] = sums.get(key, 0.0) + value
@@ -794,8 +794,8 @@ def robustness_report(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     cases = [forget, retain, heldout]
-    before = _by_metric(_measure_cases(original, cases, cfg.batch_size))
-    after = _by_metric(_measure_cases(edited, cases, cfg.batch_size))
+    before = _by_metric(measure_cases(original, cases, cfg.batch_size))
+    after = _by_metric(measure_cases(edited, cases, cfg.batch_size))
     timings["measure"] = time.perf_counter() - start
     rows = [
         RobustnessRow(case, suite, metric, "none", value, after[key][0], math.nan, n)
@@ -814,7 +814,7 @@ def robustness_report(
 
     def measure_within(context: contextlib.AbstractContextManager[Any]) -> dict[tuple[str, str, str], tuple[float, int]]:
         with context:
-            return _by_metric(_measure_cases(edited, [heldout], cfg.batch_size))
+            return _by_metric(measure_cases(edited, [heldout], cfg.batch_size))
 
     bar = tqdm(cfg.attacks, desc="robustness attacks", disable=not progress, leave=False)
     for name in bar:
