@@ -51,6 +51,10 @@ def load_model(ctx: Context, name_or_dir: str) -> Any:
     """``mechedit.load`` with the global ``--device``; a missing model is bad input (exit 2)."""
     from mechedit.models import load
 
+    if not ctx.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     ctx.say(f"loading {name_or_dir} ...")
     return load(name_or_dir, device=ctx.device)
 
