@@ -6,10 +6,12 @@ fast, so commands import the library inside their ``run`` functions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,12 +53,24 @@ def load_model(ctx: Context, name_or_dir: str) -> Any:
     """``mechedit.load`` with the global ``--device``; a missing model is bad input (exit 2)."""
     from mechedit.models import load
 
-    if not ctx.progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     ctx.say(f"loading {name_or_dir} ...")
-    return load(name_or_dir, device=ctx.device)
+    with quiet_loading(ctx):
+        return load(name_or_dir, device=ctx.device)
+
+
+@contextlib.contextmanager
+def quiet_loading(ctx: Context) -> Iterator[None]:
+    """Without progress (``--quiet``/``--json``), hide transformers' "Loading weights" bar."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not ctx.progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:

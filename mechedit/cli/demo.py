@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mechedit.cli._common import Context, UsageError, emit
+from mechedit.cli._common import Context, UsageError, emit, quiet_loading
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -37,12 +37,23 @@ def run_demo(args: argparse.Namespace, ctx: Context) -> int:
             f"the demo runs on a zoo model with a recorded world ({', '.join(zoo.NAMES)}), not {args.model!r}; "
             "for your own checkpoint use `mechedit locate` / `edit` / `eval`"
         )
+    if args.k < 1:
+        raise UsageError(f"--k must be >= 1, got {args.k}")
+    # checked here, before the model loads, so a typo costs nothing and leaves no run folder
+    world = zoo.load_world(args.model)
+    if args.relation not in world.relation:
+        raise UsageError(f"unknown relation {args.relation!r}; the world has {', '.join(sorted(world.relation))}")
+    if args.subject is not None:
+        from mechedit.cli.inputs import WorldSpec, world_facts
+
+        world_facts(WorldSpec(args.model, args.relation, args.subject), None)
     from mechedit.demo import DemoConfig, run_demo, summary_table
 
     config = DemoConfig(
         model=args.model, subject=args.subject, relation_id=args.relation, k=args.k, seed=args.seed, out_dir=args.out
     )
-    result = run_demo(config, progress=not (ctx.quiet or ctx.json))
+    with quiet_loading(ctx):
+        result = run_demo(config, progress=ctx.progress)
     summary = {
         "command": "demo", "fact": {"subject": result.fact.subject, "relation_id": result.fact.relation_id,
                                     "value": result.fact.value},

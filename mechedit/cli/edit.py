@@ -24,7 +24,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mechedit.cli._common import Context, UsageError, check_new_output, emit, load_model, parse_options
+from mechedit.cli._common import (
+    Context,
+    UsageError,
+    check_new_output,
+    emit,
+    load_model,
+    parse_options,
+)
 
 METHODS = ("zero", "mean", "finetune", "rank-one")
 EXAMPLES = """examples:
@@ -127,7 +134,14 @@ def _check_args(args: argparse.Namespace, opts: dict[str, Any]) -> None:
 def build_edit(model: Any, circuit: Any, args: argparse.Namespace, opts: dict[str, Any], ctx: Context) -> Any:
     """The edit ``args`` ask for, from the library's functions (the same call a script would make)."""
     from mechedit.cli.inputs import read_facts
-    from mechedit.edit import FinetuneConfig, RankOneConfig, ablate, finetune, rank_one_edit, zero_neurons
+    from mechedit.edit import (
+        FinetuneConfig,
+        RankOneConfig,
+        ablate,
+        finetune,
+        rank_one_edit,
+        zero_neurons,
+    )
 
     facts = read_facts(args.data, limit=args.limit) if args.data is not None else []
     if args.new is not None:

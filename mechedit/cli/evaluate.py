@@ -23,7 +23,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mechedit.cli._common import Context, UsageError, check_new_output, emit, load_model, parse_options
+from mechedit.cli._common import (
+    Context,
+    UsageError,
+    check_new_output,
+    emit,
+    load_model,
+    parse_options,
+)
 
 SUITES = ("facts", "privacy", "bias")
 EXAMPLES = """examples:

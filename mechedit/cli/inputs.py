@@ -16,8 +16,8 @@
   - ``factworld:bias`` (or ``bias:train|dev|test``) the planted occupation-pronoun pairs,
   - ``factworld:secrets`` (or ``secrets:phone|email|canary``) the private records.
 
-A selected fact becomes its prompts in every training template (``heldout`` templates are for
-evaluation); as patching pairs, one pair per fact in template 1 with a seeded partner of another
+A selected fact becomes its prompts in every training template (``--template K``: only the K-th;
+held-out templates are for evaluation); as patching pairs, one pair per fact in template 1 with a seeded partner of another
 value (``mechedit.zoo.prompts.fact_pairs``).
 """
 
@@ -89,9 +89,22 @@ def world_facts(spec: WorldSpec, limit: int | None) -> tuple[Any, list[Any]]:
 
 
 def _records(source: str, limit: int | None) -> tuple[list[dict[str, Any]], str]:
+    from datasets.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+
     from mechedit.data import DataFormatError, _read_records
 
-    records, label = _read_records(source, split="train")
+    # a local file reads in a moment; datasets' "Generating train split" bar would only be noise
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        records, label = _read_records(source, split="train")
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
     records = records[:limit] if limit is not None else records
     if not records:
         raise DataFormatError(f"{source!r} holds no records")
@@ -121,8 +134,12 @@ def _need(rec: dict[str, Any], *keys: str) -> None:
         raise ValueError(f"field {missing[0]!r} is missing (or null); the record has {sorted(rec)}")
 
 
-def read_facts(data: str, *, limit: int | None = None) -> list[Any]:
-    """``FactPrompt``s from a file or a fact-world selection (see the module docstring)."""
+def read_facts(data: str, *, limit: int | None = None, template: int | None = None) -> list[Any]:
+    """``FactPrompt``s from a file or a fact-world selection (see the module docstring).
+
+    ``template``: a fact-world selection's prompts in that training template only (prompts of
+    one template line up position by position, which causal tracing needs); ``None``: all.
+    """
     from mechedit.data import DataFormatError, load_counterfact, load_known
     from mechedit.prompts import FactPrompt
 
@@ -131,7 +148,15 @@ def read_facts(data: str, *, limit: int | None = None) -> list[Any]:
         from mechedit.zoo.prompts import fact_prompts
 
         world, facts = world_facts(spec, limit)
-        return [p for f in facts for p in fact_prompts(world, f)]
+        prompts = [fact_prompts(world, f) for f in facts]
+        if template is None:
+            return [p for per_fact in prompts for p in per_fact]
+        n = min(len(per_fact) for per_fact in prompts)
+        if not 0 <= template < n:
+            raise UsageError(f"--template must be in 0..{n - 1}, got {template}")
+        return [per_fact[template] for per_fact in prompts]
+    if template is not None:
+        raise UsageError("--template selects fact-world templates; a file's prompts are used as they are")
     records, label = _records(data, limit)
     first = records[0]
     if "requested_rewrite" in first:
@@ -154,8 +179,8 @@ def read_facts(data: str, *, limit: int | None = None) -> list[Any]:
     )
 
 
-def read_pairs(data: str, *, limit: int | None = None, seed: int = 0) -> list[Any]:
-    """Clean/corrupt ``PromptPair``s from a file or a fact-world selection."""
+def read_pairs(data: str, *, limit: int | None = None, seed: int = 0, template: int | None = None) -> list[Any]:
+    """Clean/corrupt ``PromptPair``s from a file or a fact-world selection (``template``: default 1)."""
     from mechedit.data import DataFormatError
     from mechedit.prompts import PromptPair
 
@@ -164,7 +189,7 @@ def read_pairs(data: str, *, limit: int | None = None, seed: int = 0) -> list[An
         from mechedit.zoo.prompts import fact_pairs
 
         world, facts = world_facts(spec, limit)
-        return fact_pairs(world, facts, rng=seed)
+        return fact_pairs(world, facts, rng=seed, template=1 if template is None else template)
     records, label = _records(data, limit)
     keys = ("clean", "corrupt", "answer", "wrong_answer")
     if not all(k in records[0] for k in keys):

@@ -15,7 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mechedit.cli._common import Context, UsageError, check_new_output, emit, load_model, parse_options
+from mechedit.cli._common import (
+    Context,
+    UsageError,
+    check_new_output,
+    emit,
+    load_model,
+    parse_options,
+)
 
 EXAMPLES = """examples:
   mechedit locate neuron-attribution --model factworld --data "factworld:P19:NAME" --top-k 24 --out circuits/name.json
@@ -197,6 +204,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--data", required=True, help="a prompts file or a fact-world selection (see below)")
     p.add_argument("--retain", help="neuron-attribution: prompts whose answers should stay (same forms as --data)")
     p.add_argument("--limit", type=int, help="use only the first N records / selected facts")
+    p.add_argument("--template", type=int, help="fact-world data: only training template K (pairs: default 1)")
     p.add_argument("--site", help="the site to score (default per method: see the list above)")
     p.add_argument("--set", dest="options", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     sel = p.add_mutually_exclusive_group()
@@ -236,7 +244,11 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     from mechedit.cli import inputs
 
     if spec.data == "pairs":
-        data = inputs.read_pairs(args.data, limit=args.limit, seed=args.seed)
+        data = inputs.read_pairs(args.data, limit=args.limit, seed=args.seed, template=args.template)
+    elif spec.data == "facts":
+        data = inputs.read_facts(args.data, limit=args.limit, template=args.template)
+    elif args.template is not None:
+        raise UsageError(f"--template applies to fact and pair data, not to {name}'s {spec.data}")
     else:
         data = inputs.READERS[spec.data](args.data, limit=args.limit)
     retain = inputs.read_facts(args.retain) if args.retain is not None else None
