@@ -379,3 +379,22 @@ def test_bad_input_exits_2_with_one_line_and_leaves_nothing(capsys, tmp_path, ti
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert message in err, err
     assert list(out.iterdir()) == []  # no run folder, circuit or edit left behind
+
+
+def test_the_readme_worked_example_runs(capsys, tmp_path, monkeypatch):
+    import re
+    import shlex
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```bash cli-example\n(.*?)```", readme, flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    for line in block.strip().splitlines():
+        argv = shlex.split(line)
+        assert argv[0] == "mechedit", line
+        code = main(["--quiet", *argv[1:]])
+        _, err = capsys.readouterr()
+        assert code == 0, f"{line}: {err}"
+    assert len(Circuit.load(tmp_path / "circuits" / "kasim.json")) == 24
+    report = json.loads((tmp_path / "reports" / "kasim.json").read_text())
+    assert report["rows"]
+    assert (tmp_path / "exports" / "factworld-kasim" / "model.safetensors").is_file()
