@@ -398,3 +398,96 @@ def test_the_readme_worked_example_runs(capsys, tmp_path, monkeypatch):
     report = json.loads((tmp_path / "reports" / "kasim.json").read_text())
     assert report["rows"]
     assert (tmp_path / "exports" / "factworld-kasim" / "model.safetensors").is_file()
+
+
+# --- recipes and run folders --------------------------------------------------------------------
+
+RECIPE = """\
+name: tiny-forget
+model: factworld
+data: "factworld:P19:{subject}"
+seed: 0
+locate:
+  method: neuron-attribution
+  options: {{layers: [2]}}
+select:
+  top_k: 8
+edit:
+  method: zero
+evaluate:
+  - suite: facts
+    options: {{neighbours_per_fact: 1, mc_rotations: false}}
+"""
+
+
+def test_run_recipe_writes_a_folder_equal_to_the_api_and_reruns_from_params(capsys, tmp_path, world, factworld, fact):
+    from mechedit.edit import zero_neurons
+    from mechedit.evaluate import evaluate_fact_edit, fact_edit_suites
+    from mechedit.locate import NeuronAttributionConfig, neuron_attribution
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(subject=fact.subject))
+    code, summary, err = run_cli(capsys, "run", recipe, "--runs", tmp_path / "runs")
+    assert code == 0, err
+    folder = Path(summary["folder"])
+    assert folder.parent == tmp_path / "runs" and folder.name.startswith("tiny-forget-")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "circuit.json", "circuit.scores.json", "circuit.scores.safetensors", "edit", "params.json",
+        "report-facts.json", "summary.json"]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [folder.name]  # no partial folder left
+
+    scores = neuron_attribution(factworld, fact_prompts(world, fact), config=NeuronAttributionConfig(layers=(2,)),
+                                progress=False)
+    circuit = scores.top_k(8)
+    assert list(Circuit.load(folder / "circuit.json")) == list(circuit)
+    report = evaluate_fact_edit(factworld, edit=zero_neurons(factworld, circuit),
+                                suites=fact_edit_suites(world, [fact], neighbours_per_fact=1, mc_rotations=False))
+    rows = json.loads((folder / "summary.json").read_text())["steps"][2]["rows"]
+    assert _rows_close(rows, json.loads(json.dumps(report.to_frame().to_dict(orient="records"))))
+
+    code, again, err = run_cli(capsys, "run", folder / "params.json", "--runs", tmp_path / "again")
+    assert code == 0, err
+    again_folder = Path(again["folder"])
+    assert list(Circuit.load(again_folder / "circuit.json")) == list(circuit)
+    assert json.loads((again_folder / "summary.json").read_text())["steps"][2]["rows"] == rows
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (RECIPE.replace("  top_k: 8", "  top_k: 8\n  topk: 3"), "r.yaml:10: select.topk: unknown key"),
+        (RECIPE.replace("  method: zero", "  method: blur"), "r.yaml:11: edit.method"),
+        (RECIPE.replace("seed: 0", "seed: zero"), "r.yaml:4: seed"),
+        (RECIPE.replace("name: tiny-forget", "name: ../escape"), "r.yaml:1: name"),
+        (RECIPE.replace("layers: [2]", "layerz: [2]"), "takes no option 'layerz'"),
+        (RECIPE[:60], "r.yaml:"),  # truncated
+        ("- just\n- a list\n", "a recipe is a mapping"),
+    ],
+)
+def test_bad_recipes_exit_2_naming_key_and_line(capsys, tmp_path, fact, text, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text.replace("{subject}", fact.subject).replace("{{", "{").replace("}}", "}"))
+    code = main(["--quiet", "run", str(recipe), "--runs", str(tmp_path / "runs")])
+    _, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_crash_mid_run_leaves_no_run_folder_and_the_model_untouched(capsys, tmp_path, monkeypatch, fact):
+    import mechedit.edit
+    from mechedit.provenance import weights_hash
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure in the edit")
+
+    monkeypatch.setattr(mechedit.edit, "zero_neurons", broken)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(subject=fact.subject))
+    before = (zoo.checkpoint_dir("factworld") / "model.safetensors").read_bytes()
+    code = main(["--quiet", "run", str(recipe), "--runs", str(tmp_path / "runs")])
+    _, err = capsys.readouterr()
+    assert code == 1 and "injected failure" in err and "Traceback" not in err
+    assert list((tmp_path / "runs").iterdir()) == []
+    assert (zoo.checkpoint_dir("factworld") / "model.safetensors").read_bytes() == before
+    assert weights_hash(mechedit.load("factworld")) == weights_hash(mechedit.load(zoo.checkpoint_dir("factworld")))

@@ -5,6 +5,7 @@
     mechedit edit --model M --circuit X.json --method zero --out edits/N  # mechedit.cli.edit
     mechedit apply|revert|export EDIT --model M ...                    # mechedit.cli.edit
     mechedit eval --model M [--edit edits/N] --suite facts --data D    # mechedit.cli.evaluate
+    mechedit run RECIPE.yaml                                          # mechedit.cli.recipe
     mechedit demo | circuits                                          # mechedit.cli.demo
 
 Exit codes: 0 success; 2 bad input (unknown method, missing or malformed file, a subject not in
@@ -44,7 +45,7 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mechedit.cli import demo, edit, evaluate, locate
+    from mechedit.cli import demo, edit, evaluate, locate, recipe
 
     parser = _Parser(
         prog="mechedit",
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, suppress=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for module in (locate, edit, evaluate, demo):
+    for module in (locate, edit, evaluate, recipe, demo):
         module.register(sub, [common])
     return parser
 

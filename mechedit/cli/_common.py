@@ -28,6 +28,8 @@ class Context:
     device: str | None = None
     quiet: bool = False
     json: bool = False
+    #: set by ``mechedit run``: the steps' summaries are collected here instead of printed
+    record: list[dict[str, Any]] | None = None
 
     def say(self, *parts: Any) -> None:
         """Progress for people: stderr, so ``--json`` output on stdout stays parseable."""
@@ -106,7 +108,9 @@ def check_new_output(path: str | os.PathLike, *, what: str, overwrite: bool = Fa
 
 def emit(ctx: Context, summary: dict[str, Any], lines: list[str]) -> None:
     """The command's result: ``summary`` as one JSON object with ``--json``, else ``lines`` as text."""
-    if ctx.json:
+    if ctx.record is not None:
+        ctx.record.append(summary)
+    elif ctx.json:
         print(json.dumps(summary, sort_keys=True, default=str))
     elif not ctx.quiet:
         for line in lines:
