@@ -112,6 +112,6 @@ def emit(ctx: Context, summary: dict[str, Any], lines: list[str]) -> None:
         ctx.record.append(summary)
     elif ctx.json:
         print(json.dumps(summary, sort_keys=True, default=str))
-    elif not ctx.quiet:
+    else:  # the result itself, also under --quiet (which silences progress only)
         for line in lines:
             print(line)

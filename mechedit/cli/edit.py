@@ -125,7 +125,7 @@ def _check_args(args: argparse.Namespace, opts: dict[str, Any]) -> None:
         cls = FinetuneConfig if args.method == "finetune" else RankOneConfig
         known = {f.name for f in dataclasses.fields(cls)}
     else:
-        known = {"positions", "per_position", "exclude_bos"} | ({"scale"} if args.method == "zero" else set())
+        known = {"positions", "per_position", "exclude_bos"}
     unknown = sorted(set(opts) - known)
     if unknown:
         raise UsageError(f"--method {args.method} takes no option {unknown[0]!r}; its options: {', '.join(sorted(known))}")
