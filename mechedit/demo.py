@@ -83,7 +83,9 @@ def choose_fact(model: Any, world: World, config: DemoConfig) -> Fact:
     if config.subject is not None:
         chosen = [f for f in facts if f.subject == config.subject]
         if not chosen:
-            raise ValueError(f"no person {config.subject!r} in the world; e.g. {facts[0].subject!r}")
+            near = [f.subject for f in facts if f.subject.lower() == config.subject.lower()]
+            hint = f"; did you mean {near[0]!r}? (names are case-sensitive)" if near else f"; e.g. {facts[0].subject!r}"
+            raise ValueError(f"no person {config.subject!r} in the world{hint}")
         return chosen[0]
     # every fact in every template, scored in one batched pass: [n_facts, n_templates]
     per_fact = len(rel.templates)
@@ -99,8 +101,7 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True) -> Demo
     """Run the whole pipeline once and write the run folder; see the module docstring."""
     cfg = config or DemoConfig()
     say = print if progress else (lambda *a, **k: None)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out_dir)  # created only once the fact is chosen: bad arguments leave no folder
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
 
@@ -150,6 +151,7 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True) -> Demo
     seconds["evaluate"] = time.perf_counter() - t
 
     say(f"[6/6] writing {out}/")
+    out.mkdir(parents=True, exist_ok=True)
     weight_edit = zero_neurons(model, circuit)
     paths = {
         "params": out / "params.json",

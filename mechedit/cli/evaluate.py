@@ -1,0 +1,179 @@
+"""``mechedit eval``: measure a model, and with ``--edit`` the model before and with a saved edit.
+
+Suites (``mechedit.evaluate``):
+
+* ``facts``: ``evaluate_fact_edit``. With a fact-world selection (``--data factworld:P19:NAME``)
+  the whole forget case of ``fact_edit_suites`` (or, with ``--new VALUE``, the edit case):
+  efficacy, paraphrase, multiple choice, neighbourhood, same subject, fluency. With a file, the
+  prompts are the efficacy suite and ``--paraphrases`` / ``--neighbours`` files add those suites.
+* ``privacy``: ``privacy_report`` on the secrets of ``--data`` (``factworld:secrets[:kind]`` or a
+  file of ``prefix``/``secret`` records): exposure, MRR, memorisation, extraction.
+* ``bias``: ``pair_preference`` on contrastive pairs (``factworld:bias[:split]`` or a
+  CrowS-Pairs CSV): how often the advantaged side is preferred, before and with the edit.
+
+Without ``--edit`` the "after" columns repeat (facts) or are empty (privacy, bias).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import math
+from pathlib import Path
+from typing import Any
+
+from mechedit.cli._common import (
+    Context,
+    UsageError,
+    check_new_output,
+    emit,
+    load_model,
+    parse_options,
+)
+
+SUITES = ("facts", "privacy", "bias")
+EXAMPLES = """examples:
+  mechedit eval --model factworld --edit edits/na-zero --suite facts --data "factworld:P19:NAME" --out reports/na.json
+  mechedit eval --model ./my_gpt2 --edit edits/x --suite facts --data facts.jsonl --neighbours others.jsonl
+  mechedit eval --model factworld --suite privacy --data factworld:secrets:phone --limit 10 --set el=false
+  mechedit eval --model factworld --edit edits/pcgu --suite bias --data factworld:bias:test
+
+--set KEY=VALUE passes options to the suite's function: facts -> fact_edit_suites (fact-world data) or
+evaluate_fact_edit (files), privacy -> privacy_report, bias -> pair_preference."""
+
+
+def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("eval", parents=parents, help="evaluate a model, before and with a saved edit",
+                       description=__doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0], epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a zoo name, a local HF checkpoint folder or a hub id")
+    p.add_argument("--edit", help="an edit folder (from mechedit edit); omitted: the model as it is")
+    p.add_argument("--suite", required=True, help="one of: " + ", ".join(SUITES))
+    p.add_argument("--data", required=True, help="prompts, secrets or pairs: a file or a fact-world selection")
+    p.add_argument("--limit", type=int, help="use only the first N records / selected facts")
+    p.add_argument("--paraphrases", help="facts suite, file data: held-out phrasings of the same facts")
+    p.add_argument("--neighbours", help="facts suite, file data: other subjects' facts that should stay")
+    p.add_argument("--new", help="facts suite, fact-world data: the edit case's new answer (default: a forget case)")
+    p.add_argument("--set", dest="options", action="append", metavar="KEY=VALUE", help="a suite option (repeatable)")
+    p.add_argument("--out", help="write the report here (JSON)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.set_defaults(run=run)
+
+
+def _check_options(function: Any, opts: dict[str, Any], reserved: set[str], what: str) -> None:
+    params = inspect.signature(function).parameters
+    known = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY} - reserved
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise UsageError(f"{what} takes no option {unknown[0]!r}; its options: {', '.join(sorted(known))}")
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become ``None``, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _facts(model: Any, edit: Any, args: argparse.Namespace, opts: dict[str, Any]) -> tuple[Any, dict[str, Any], list[str]]:
+    from mechedit.cli.inputs import WorldSpec, read_facts, world_facts
+    from mechedit.evaluate import evaluate_fact_edit, fact_edit_suites
+
+    spec = WorldSpec.parse(args.data)
+    if spec is not None:
+        if args.paraphrases or args.neighbours:
+            raise UsageError("--paraphrases/--neighbours are for file data; a fact-world selection brings its own")
+        _check_options(fact_edit_suites, opts, {"case"}, "the facts suite (fact_edit_suites)")
+        world, facts = world_facts(spec, args.limit)
+        new = None if args.new is None else [args.new] * len(facts)
+        suites = fact_edit_suites(world, facts, new, **opts)
+        report = evaluate_fact_edit(model, edit=edit, suites=suites)
+    else:
+        if args.new is not None:
+            raise UsageError("--new is for fact-world data; in a file, give each record a target_new")
+        _check_options(evaluate_fact_edit, opts, {"edit", "edited", "paraphrases", "neighbours", "suites", "progress"},
+                       "the facts suite (evaluate_fact_edit)")
+        report = evaluate_fact_edit(
+            model, edit=edit, edited=read_facts(args.data, limit=args.limit),
+            paraphrases=read_facts(args.paraphrases) if args.paraphrases else (),
+            neighbours=read_facts(args.neighbours) if args.neighbours else (), **opts,
+        )
+    frame = report.to_frame()
+    rows = frame.to_dict(orient="records")
+    return report, {"rows": rows}, [frame.to_string(index=False, float_format=lambda v: f"{v:.4f}")]
+
+
+def _privacy(model: Any, edit: Any, args: argparse.Namespace, opts: dict[str, Any]) -> tuple[Any, dict[str, Any], list[str]]:
+    from mechedit.cli.inputs import read_secrets
+    from mechedit.evaluate import privacy_report
+
+    _check_options(privacy_report, opts, {"edit"}, "the privacy suite (privacy_report)")
+    report = privacy_report(model, read_secrets(args.data, limit=args.limit), edit=edit, **opts)
+    metrics = {k: {"before": b, "after": a} for k, (b, a) in report.metrics.items()}
+    lines = [f"{k:24s} {b:10.4f} {a:10.4f}" for k, (b, a) in report.metrics.items()]
+    return report, {"metrics": metrics, "n_secrets": report.n_secrets, "flips": report.flips},\
+        [f"{'metric':24s} {'before':>10s} {'after':>10s}", *lines]
+
+
+def _bias(model: Any, edit: Any, args: argparse.Namespace, opts: dict[str, Any]) -> tuple[Any, dict[str, Any], list[str]]:
+    from mechedit.cli.inputs import read_contrastive
+    from mechedit.edit import applied_edit
+    from mechedit.evaluate import pair_preference
+
+    _check_options(pair_preference, opts, set(), "the bias suite (pair_preference)")
+    pairs = read_contrastive(args.data, limit=args.limit)
+    before = pair_preference(model, pairs, **opts)
+    after = None
+    if edit is not None:
+        with applied_edit(model, edit):
+            after = pair_preference(model, pairs, **opts)
+    result = {"before": before.to_dict(), "after": None if after is None else after.to_dict()}
+    line = f"advantaged side preferred: {before.percent:.1f} % of {before.n_pairs} pairs"
+    if after is not None:
+        line += f" -> {after.percent:.1f} % with the edit"
+    return None, result, [line]
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    if args.suite not in SUITES:
+        raise UsageError(f"unknown suite {args.suite!r}; choose one of {', '.join(SUITES)}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    if args.suite != "facts" and (args.new or args.paraphrases or args.neighbours):
+        raise UsageError("--new, --paraphrases and --neighbours belong to the facts suite")
+    if args.out is not None:
+        check_new_output(args.out, what="--out", overwrite=args.overwrite)
+        if args.suite == "bias" and not args.out.endswith(".json"):
+            raise UsageError("--out must be a .json file")
+    if args.edit is not None and not (Path(args.edit) / "manifest.json").is_file():
+        raise FileNotFoundError(f"--edit {args.edit!r} is not an edit folder (no manifest.json)")
+    opts = parse_options(args.options)
+
+    model = load_model(ctx, args.model)
+    edit = None
+    if args.edit is not None:
+        from mechedit.edit import load_edit
+
+        edit = load_edit(args.edit)
+    ctx.say(f"evaluating the {args.suite} suite ...")
+    suite = {"facts": _facts, "privacy": _privacy, "bias": _bias}[args.suite]
+    facts_edit = edit if edit is not None or args.suite != "facts" else contextlib.nullcontext
+    report, result, lines = suite(model, facts_edit, args, opts)
+    files = {}
+    if args.out is not None:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        if report is not None:
+            files["report"] = str(report.save(args.out))
+        else:
+            from mechedit.artifacts import write_json_atomic
+
+            files["report"] = str(write_json_atomic(args.out, _finite(result)))
+    summary = {"command": "eval", "suite": args.suite, "model": args.model, "edit": args.edit,
+               "data": args.data, **result, "files": files}
+    emit(ctx, _finite(summary), lines + [f"report -> {files['report']}" for _ in files])
+    return 0
