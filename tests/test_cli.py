@@ -16,6 +16,7 @@ import mechedit
 from mechedit import zoo
 from mechedit.circuit import Circuit
 from mechedit.cli import main
+from mechedit.components import Component
 from mechedit.prompts import FactPrompt
 from mechedit.scores import Scores
 from mechedit.zoo.prompts import fact_pairs, fact_prompts
@@ -140,6 +141,20 @@ def test_locate_activation_patching_equals_the_api(capsys, tmp_path, world, fact
     torch.testing.assert_close(Scores.load(summary["files"]["scores"]).values, scores.values)
     assert list(Circuit.load(out)) == list(scores.threshold(0.0, by="abs"))
     assert summary["site"] == "mlp_out" and len(Circuit.load(out)) == factworld.cfg.n_layers
+
+
+def test_locate_fact_lookup_equals_the_api(capsys, tmp_path, world, factworld):
+    from mechedit.locate import fact_lookup
+
+    out = tmp_path / "fl.json"
+    code, summary, err = run_cli(capsys, "locate", "fact-lookup", "--model", "factworld", "--data", "factworld:P19",
+                                 "--limit", 12, "--template", 1, "--set", "n_corrupt=1", "--set", "extraction_layer=1",
+                                 "--set", "probes=false", "--out", out)
+    assert code == 0, err
+    facts = [fact_prompts(world, f)[1] for f in [f for f in world.facts if f.relation_id == "P19"][:12]]
+    found = fact_lookup(factworld, facts, n_corrupt=1, extraction_layer=1, probes=False, progress=False)
+    torch.testing.assert_close(Scores.load(summary["files"]["scores"]).values, found.mlp_effects.values, equal_nan=True)
+    assert list(Circuit.load(out)) == list(found.mlps) == [Component("mlp", 0)]
 
 
 @pytest.mark.parametrize(
@@ -336,7 +351,8 @@ def _bad_files(tmp: Path) -> dict[str, Path]:
     ("argv", "message"),
     [
         (["locate", "nope", "--model", "{model}", "--data", "{case}", "--out", "{out}/c.json"], "unknown locator"),
-        (["locate", "fact-lookup", "--model", "{model}", "--data", "{case}", "--out", "{out}/c.json"], "not landed"),
+        (["locate", "fact-lookup", "--model", "{model}", "--data", "{good}", "--set", "threshold=2",
+          "--out", "{out}/c.json"], "threshold must be"),
         (["locate", "knowledge-neurons", "--model", "{model}", "--data", "{out}/missing.json", "--out", "{out}/c.json"],
          "No such data file"),
         (["locate", "knowledge-neurons", "--model", "{model}", "--data", "{broken}", "--out", "{out}/c.json"],

@@ -2,8 +2,7 @@
 
 Each locator is one ``Locator`` entry in ``LOCATORS``: what data it reads (``mechedit.cli.inputs``),
 which function runs it and how ``--site`` and ``--set KEY=VALUE`` map onto that function. A new
-locator (fact lookup is being written on another branch) is one more entry here; until then its
-name is in ``PENDING`` and the command says so.
+locator is one more entry here; a name in ``PENDING`` is refused with its message.
 """
 
 from __future__ import annotations
@@ -127,6 +126,13 @@ def _neuron_attribution(model, data, retain, site, opts, progress) -> Located:
     return Located(neuron_attribution(model, data, retain or (), config=NeuronAttributionConfig(**opts), progress=progress))
 
 
+def _fact_lookup(model, data, retain, site, opts, progress) -> Located:
+    from mechedit.locate import FactLookupConfig, fact_lookup
+
+    found = fact_lookup(model, data, config=FactLookupConfig(**opts), progress=progress)
+    return Located(found.mlp_effects, found.mlps)
+
+
 LOCATORS: dict[str, Locator] = {
     "activation-patching": Locator(
         "pairs", "mechedit.locate:activation_patching", _activation_patching, default_site="resid_pre",
@@ -156,10 +162,15 @@ LOCATORS: dict[str, Locator] = {
         "facts", "mechedit.locate:neuron_attribution", _neuron_attribution,
         config="mechedit.locate:NeuronAttributionConfig", help="gradient x activation of MLP neurons (forget vs --retain)",
     ),
+    "fact-lookup": Locator(
+        "facts", "mechedit.locate:fact_lookup", _fact_lookup, config="mechedit.locate:FactLookupConfig",
+        selects=True, help="fact-lookup MLPs (probes, attention knockout, path patching); selects itself "
+        "(--set threshold=0.02 extraction_layer=1 min_mlps=1); Scores: MLP path effects",
+    ),
 }
 
 #: locators being written elsewhere: name -> what to tell a user who asks for one
-PENDING = {"fact-lookup": "fact-lookup has not landed in this version of mechedit yet"}
+PENDING: dict[str, str] = {}
 
 
 def _resolve(dotted: str) -> Any:
