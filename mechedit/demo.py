@@ -30,7 +30,7 @@ from mechedit.evaluate import EditReport, evaluate_fact_edit, fact_item_scores
 from mechedit.locate import NeuronAttributionConfig, neuron_attribution
 from mechedit.scores import Scores
 from mechedit.zoo.prompts import fact_prompts
-from mechedit.zoo.world import Fact, World, fill
+from mechedit.zoo.world import Fact, World, facts_about, fill
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,7 @@ def choose_fact(model: Any, world: World, config: DemoConfig) -> Fact:
         raise ValueError(f"unknown relation {config.relation_id!r}; the world has {sorted(world.relation)}")
     facts = [f for f in world.facts if f.relation_id == rel.id]
     if config.subject is not None:
-        chosen = [f for f in facts if f.subject == config.subject]
-        if not chosen:
-            near = [f.subject for f in facts if f.subject.lower() == config.subject.lower()]
-            hint = f"; did you mean {near[0]!r}? (names are case-sensitive)" if near else f"; e.g. {facts[0].subject!r}"
-            raise ValueError(f"no person {config.subject!r} in the world{hint}")
-        return chosen[0]
+        return facts_about(facts, config.subject)[0]
     # every fact in every template, scored in one batched pass: [n_facts, n_templates]
     per_fact = len(rel.templates)
     prompts = [p for f in facts for p in fact_prompts(world, f) + fact_prompts(world, f, heldout=True)]

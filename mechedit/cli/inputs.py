@@ -64,6 +64,8 @@ def _world(name: str) -> Any:
 
 def world_facts(spec: WorldSpec, limit: int | None) -> tuple[Any, list[Any]]:
     """``(world, [Fact, ...])`` of a relation or planted selection."""
+    from mechedit.zoo.world import facts_about
+
     world = _world(spec.world)
     if spec.what == "planted":
         facts = world.planted_facts
@@ -72,12 +74,10 @@ def world_facts(spec: WorldSpec, limit: int | None) -> tuple[Any, list[Any]]:
     elif spec.what in world.relation:
         facts = [f for f in world.facts if f.relation_id == spec.what]
         if spec.detail is not None:
-            chosen = [f for f in facts if f.subject == spec.detail]
-            if not chosen:
-                near = [f.subject for f in facts if f.subject.lower() == spec.detail.lower()]
-                hint = f" (did you mean {near[0]!r}? names are case-sensitive)" if near else f"; e.g. {facts[0].subject!r}"
-                raise UsageError(f"no person {spec.detail!r} in {spec.world}{hint}")
-            facts = chosen
+            try:
+                facts = facts_about(facts, spec.detail, where=spec.world)
+            except ValueError as err:
+                raise UsageError(str(err)) from None
     else:
         raise UsageError(
             f"--data {spec.world}:{spec.what}: expected a relation id ({', '.join(sorted(world.relation))}), "

@@ -317,6 +317,22 @@ def fill(template: str, subject: str) -> str:
     return template.replace("{}", subject)
 
 
+def facts_about(facts: Sequence[Fact], subject: str, *, where: str = "the world") -> list[Fact]:
+    """The facts of ``facts`` whose subject is exactly ``subject``.
+
+    Raises ``ValueError`` when there are none, with a hint when the name only differs in letter
+    case (names are case-sensitive) or an example name otherwise.
+    """
+    chosen = [f for f in facts if f.subject == subject]
+    if not chosen:
+        near = [f.subject for f in facts if f.subject.lower() == subject.lower()]
+        hint = f"; did you mean {near[0]!r}? (names are case-sensitive)" if near else (
+            f"; e.g. {facts[0].subject!r}" if facts else ""
+        )
+        raise ValueError(f"no person {subject!r} in {where}{hint}")
+    return chosen
+
+
 # --------------------------------------------------------------------------------------------
 # The world
 
