@@ -166,3 +166,23 @@ def test_heatmap_and_report_are_standalone(tmp_path):
     assert not re.search(r"<script[^>]+src=[\"']https?://", text), "the report must not load scripts from the network"
     assert len(text) > 1_000_000  # plotly.js is inline
     assert text.count("Plotly.newPlot") == 2
+
+
+def test_heatmap_marks_exactly_the_selected_neurons(model):
+    from mechedit.components import Component
+    from mechedit.viz import heatmap
+
+    scores = neuron_attribution(model, FACTS, config=NeuronAttributionConfig(retain_weight=0), progress=False)
+    chosen = scores.top_k(7)
+    fig = heatmap(scores, mark=chosen)
+    marks = next(t for t in fig.data if t.name == "selected")
+    cells = {(int(y), int(x)) for x, y in zip(marks.x, marks.y, strict=True)}
+    assert cells == {(c.layer, c.neuron) for c in chosen} and len(cells) == 7
+    heat = fig.data[0]
+    for layer, neuron in cells:  # the marked cells hold the selected (largest) scores
+        assert heat.z[layer][neuron] == pytest.approx(float(scores.values[layer, neuron]))
+    assert min(heat.z[layer][neuron] for layer, neuron in cells) >= float(scores.values.flatten().sort().values[-7])
+    with pytest.raises(ValueError, match="has no neuron"):
+        heatmap(scores, mark=[Component("mlp", 0)])
+    with pytest.raises(ValueError, match="outside the axis"):
+        heatmap(scores, mark=[Component("neuron", 1, neuron=scores.values.shape[1])])

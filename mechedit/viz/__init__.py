@@ -1,6 +1,6 @@
 """Figures from results: plotly only here, never in the core.
 
-``heatmap`` draws any two axes of a ``Scores``; ``before_after`` draws an evaluation table;
+``heatmap`` draws any two axes of a ``Scores`` (``mark=`` outlines selected components); ``before_after`` draws an evaluation table;
 ``edge_graph`` draws an edge circuit; ``probe_curves`` linear probes' accuracy by depth; ``partition_heatmap``, ``bias_bars`` and ``bias_history``
 draw a bias edit (where its partitions sit, the bias against 50 %); ``edit_bars`` compares
 several edits' reports row by row, ``comparison_bars`` one case edited through several

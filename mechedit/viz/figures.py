@@ -6,12 +6,13 @@ is interactive in a notebook and goes into an HTML report with ``mechedit.viz.wr
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import plotly.graph_objects as go
 
+from mechedit.components import Component
 from mechedit.scores import Scores
 
 if TYPE_CHECKING:
@@ -36,6 +37,17 @@ def _recorded_span(scores: Scores) -> tuple[int, int] | None:
     return None
 
 
+def _coordinate(component: Component, axis: str, size: int) -> int:
+    """The index of ``component`` along a heatmap axis (``layer``, ``neuron``, ``head``, ``pos``)."""
+    value = getattr(component, axis, None)
+    if value is None:
+        raise ValueError(f"cannot mark {component!r} on a heatmap with axis {axis!r}: it has no {axis}")
+    value = int(value)
+    if not -size <= value < size:
+        raise ValueError(f"cannot mark {component!r}: {axis} {value} is outside the axis (size {size})")
+    return value % size
+
+
 def heatmap(
     scores: Scores,
     *,
@@ -47,6 +59,7 @@ def heatmap(
     zmid: float | None = 0.0,
     height: int | None = None,
     mark_span: tuple[int, int] | None = None,
+    mark: Iterable[Component] | None = None,
 ) -> go.Figure:
     """A heatmap of two axes of ``scores`` (others reduced by ``reduce``).
 
@@ -60,6 +73,10 @@ def heatmap(
     the subject's tokens); by default the span a locator recorded in
     ``scores.config["subject_span"]`` (for several prompts, the first one's) or
     ``["changed_span"]`` (where activation patching's first clean/corrupt pair differs).
+
+    ``mark`` outlines the cells of selected components (e.g. ``scores.top_k(24)``, a ``Circuit``),
+    as one scatter trace named ``"selected"`` (hover: the component): each component must carry
+    both plotted coordinates (``layer`` and its ``neuron`` / ``head`` / ``pos``).
     """
     if scores.values.ndim < 2:
         raise ValueError(f"a heatmap needs two axes; these scores have {scores.axes}")
@@ -88,6 +105,13 @@ def heatmap(
             colorbar={"title": {"text": "score"}},
         )
     )
+    if mark is not None:
+        cells = [(_coordinate(c, x, len(xt)), _coordinate(c, y, len(yt)), str(c)) for c in mark]
+        fig.add_scatter(
+            x=[xt[i] for i, _, _ in cells], y=[yt[j] for _, j, _ in cells], mode="markers",
+            name="selected", text=[t for _, _, t in cells], hovertemplate="%{text}<extra>selected</extra>",
+            marker={"symbol": "square-open", "size": 9, "color": "black", "line": {"width": 2}},
+        )
     span = mark_span if mark_span is not None else _recorded_span(scores) if x == "pos" else None
     if span is not None:
         start, end = int(span[0]), int(span[1])
