@@ -78,7 +78,8 @@ probe_curves({"subject's last token": lookup.probes_subject, "final token": look
 # `zoo/MODEL_CARD.md`).
 
 # %%
-heatmap(lookup.head_effects, title="Attention knockout: share of the logit difference lost per head")
+heatmap(lookup.head_effects, mark=lookup.heads,
+        title="Attention knockout: share of the logit difference lost per head (extraction heads outlined)")
 
 # %% [markdown]
 # Later layers still read the subject, though: restoring the clean subject tokens' residual
