@@ -305,3 +305,17 @@ def test_a_record_the_generator_does_not_reproduce_is_refused():
     tampered["world_config"]["n_private"] = 0
     with pytest.raises(MetadataError, match="cannot be rebuilt.*n_private"):
         world_from_metadata(tampered)
+
+
+def test_mc_on_a_relation_with_too_few_values_says_so(world):
+    import dataclasses
+    import random
+
+    from mechedit.zoo.world import Fact
+
+    small = dataclasses.replace(world.relation["P19"], id="PX", values=("rome", "oslo", "lima"))
+    tiny = dataclasses.replace(world, relations=(*world.relations, small))
+    with pytest.raises(ValueError, match="relation PX has 3 values .* multiple choice"):
+        tiny.mc_question(Fact(world.people[0].name, "PX", "rome"), random.Random(0), "heldout")
+    question = tiny.mc_question(world.facts[0], random.Random(0), "heldout")  # other relations unaffected
+    assert world.facts[0].value in question.options

@@ -585,6 +585,14 @@ class World:
         """
         rel = self.relation[fact.relation_id]
         wrong = [v for v in rel.values if v != fact.value]
+        needed = len(MC_LETTERS) if without_value else len(MC_LETTERS) - 1
+        if len(wrong) < needed:
+            raise ValueError(
+                f"relation {rel.id} has {len(rel.values)} values ({', '.join(rel.values)}); a "
+                f"{len(MC_LETTERS)}-option question needs {needed} wrong ones, so multiple choice "
+                "cannot be asked about it; evaluate it without the multiple_choice suite (build its "
+                "FactEditSuites by hand)"
+            )
         if without_value:
             options, answer = rng.sample(wrong, len(MC_LETTERS)), ""
         else:
