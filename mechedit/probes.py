@@ -40,6 +40,7 @@ from mechedit.tokens import subject_token_positions, tokenize_prompts
 __all__ = [
     "ProbeResult",
     "attribute_probes",
+    "depth_hook",
     "depth_labels",
     "fit_probes",
     "probe_positions",
@@ -56,10 +57,12 @@ def depth_labels(n_layers: int) -> tuple[str, ...]:
     return (*(f"resid_pre {d}" for d in range(n_layers)), f"resid_post {n_layers - 1}")
 
 
-def _depth_hooks(n_layers: int) -> list[str]:
-    return [f"blocks.{d}.hook_resid_pre" for d in range(n_layers)] + [
-        f"blocks.{n_layers - 1}.hook_resid_post"
-    ]
+def depth_hook(n_layers: int, depth: int) -> str:
+    """The hook of depth ``depth`` (``0 .. n_layers``): ``resid_pre`` of block ``depth``, or the last
+    block's ``resid_post`` for ``depth == n_layers``."""
+    if not 0 <= depth <= n_layers:
+        raise ValueError(f"depth must be in 0..{n_layers}, got {depth}")
+    return f"blocks.{depth}.hook_resid_pre" if depth < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
 
 
 def probe_positions(model: Any, facts: Sequence[FactPrompt], *, position: Position = "subject_last") -> list[int]:
@@ -113,7 +116,7 @@ def subject_residuals(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     positions = torch.tensor(probe_positions(model, facts, position=position))
-    hooks = _depth_hooks(model.cfg.n_layers)
+    hooks = [depth_hook(model.cfg.n_layers, d) for d in range(model.cfg.n_layers + 1)]
     for name in hooks:
         check_hook_name(model, name)
     device = model_device(model)

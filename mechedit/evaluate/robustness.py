@@ -119,7 +119,13 @@ from mechedit.hf import architecture, hf_parameters, layout
 from mechedit.interventions import Intervention, patch
 from mechedit.metrics import continuation_logprobs
 from mechedit.models import model_device
-from mechedit.probes import depth_labels, fit_probes, split_by_subject, subject_residuals
+from mechedit.probes import (
+    depth_hook,
+    depth_labels,
+    fit_probes,
+    split_by_subject,
+    subject_residuals,
+)
 from mechedit.prompts import FactPrompt
 from mechedit.tokens import tokenize_continuations
 
@@ -672,10 +678,6 @@ def _difference_directions(original: Any, edited: Any, attack: Sequence[FactProm
     return out
 
 
-def _depth_hook(n_layers: int, depth: int) -> str:
-    return f"blocks.{depth}.hook_resid_pre" if depth < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
-
-
 def _ablate_directions(model: Any, directions: dict[int, Tensor]):
     def projector(u: Tensor) -> Callable[..., Tensor]:
         def hook(act: Tensor, hook: Any = None) -> Tensor:  # noqa: ARG001
@@ -684,7 +686,7 @@ def _ablate_directions(model: Any, directions: dict[int, Tensor]):
 
         return hook
 
-    hooks = [(_depth_hook(model.cfg.n_layers, d), projector(u)) for d, u in directions.items()]
+    hooks = [(depth_hook(model.cfg.n_layers, d), projector(u)) for d, u in directions.items()]
     return model.hooks(fwd_hooks=hooks)
 
 
