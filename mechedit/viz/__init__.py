@@ -1,19 +1,22 @@
 """Figures from results: plotly only here, never in the core.
 
 ``heatmap`` draws any two axes of a ``Scores`` (``mark=`` outlines selected components); ``before_after`` draws an evaluation table;
-``edge_graph`` draws an edge circuit; ``probe_curves`` linear probes' accuracy by depth; ``partition_heatmap``, ``bias_bars`` and ``bias_history``
+``edge_graph`` draws an edge circuit; ``probe_curves`` linear probes' accuracy by depth;
+``agreement_heatmaps`` and ``recovery_bars`` whether several localisations agree and find a planted layer; ``partition_heatmap``, ``bias_bars`` and ``bias_history``
 draw a bias edit (where its partitions sit, the bias against 50 %); ``edit_bars`` compares
 several edits' reports row by row, ``comparison_bars`` one case edited through several
 localisations; ``write_report`` puts figures and tables into one standalone
 HTML file (plotly's JavaScript inline, so it opens with no network).
 """
 
+from mechedit.viz.agreement import agreement_heatmaps, recovery_bars
 from mechedit.viz.bias import bias_bars, bias_history, partition_heatmap
 from mechedit.viz.edits import comparison_bars, edit_bars
 from mechedit.viz.figures import before_after, edge_graph, heatmap, probe_curves
 from mechedit.viz.report import write_report
 
 __all__ = [
+    "agreement_heatmaps",
     "before_after",
     "bias_bars",
     "bias_history",
@@ -23,5 +26,6 @@ __all__ = [
     "heatmap",
     "partition_heatmap",
     "probe_curves",
+    "recovery_bars",
     "write_report",
 ]
