@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 
 from mechedit.components import Component
 from mechedit.scores import Scores
@@ -60,6 +61,9 @@ def heatmap(
     height: int | None = None,
     mark_span: tuple[int, int] | None = None,
     mark: Iterable[Component] | None = None,
+    notes: Mapping[Component, str] | None = None,
+    order: str = "raw",
+    max_columns: int = 4096,
 ) -> go.Figure:
     """A heatmap of two axes of ``scores`` (others reduced by ``reduce``).
 
@@ -76,8 +80,19 @@ def heatmap(
 
     ``mark`` outlines the cells of selected components (e.g. ``scores.top_k(24)``, a ``Circuit``),
     as one scatter trace named ``"selected"`` (hover: the component): each component must carry
-    both plotted coordinates (``layer`` and its ``neuron`` / ``head`` / ``pos``).
+    both plotted coordinates (``layer`` and its ``neuron`` / ``head`` / ``pos``). ``notes``
+    (``{component: text}``, e.g. ``mechedit.unembedding.promoted_tokens`` joined) is added to a
+    marked component's hover.
+
+    ``order="sorted"`` sorts each row by ``|score|``, largest first (x becomes the rank; hover
+    shows the original index), and shows the first ``max_columns`` ranks. In raw order an x axis
+    longer than ``max_columns`` (e.g. 11,008 neurons) is shown in bins of adjacent entries, each
+    the entry of largest ``|score|`` (sign kept), so a heatmap of a 7B model stays responsive.
     """
+    if order not in ("raw", "sorted"):
+        raise ValueError(f"order must be 'raw' or 'sorted', got {order!r}")
+    if max_columns < 1:
+        raise ValueError(f"max_columns must be >= 1, got {max_columns}")
     if scores.values.ndim < 2:
         raise ValueError(f"a heatmap needs two axes; these scores have {scores.axes}")
     y = y or ("layer" if "layer" in scores.axes else scores.axes[0])
@@ -94,22 +109,48 @@ def heatmap(
     if reduced.axes.index(y) > reduced.axes.index(x):
         values = values.T
     xt, yt = _axis_ticks(reduced, x), _axis_ticks(reduced, y)
-    fig = go.Figure(
-        go.Heatmap(
-            z=values.cpu().numpy(),
-            x=xt,
-            y=yt,
-            colorscale=colorscale,
-            zmid=zmid,
-            hovertemplate=f"{y} %{{y}}<br>{x} %{{x}}<br>score %{{z:.4g}}<extra></extra>",
-            colorbar={"title": {"text": "score"}},
-        )
+    marked = list(mark) if mark is not None else []
+    cells = [(_coordinate(c, x, len(xt)), _coordinate(c, y, len(yt)), c) for c in marked]
+    # source[row][column]: the original x entry a displayed cell shows (sorted or binned axes)
+    if order == "sorted":
+        ranked = values.abs().argsort(dim=1, descending=True, stable=True)[:, :max_columns]
+        values = values.gather(1, ranked)
+        source = ranked
+        x_labels = [str(r) for r in range(values.shape[1])]
+        cells = [(int((ranked[j] == i).nonzero()[0, 0]), j, c) for i, j, c in cells if (ranked[j] == i).any()]
+        hover_x = [[xt[i] for i in row] for row in source.tolist()]
+    elif len(xt) > max_columns:
+        width = -(-len(xt) // max_columns)
+        pad = (-values.shape[1]) % width
+        blocks = torch.nn.functional.pad(values, (0, pad)).reshape(values.shape[0], -1, width)
+        pick = blocks.abs().argmax(-1, keepdim=True)
+        values = blocks.gather(-1, pick).squeeze(-1)
+        source = (pick.squeeze(-1) + torch.arange(values.shape[1]) * width).clamp(max=len(xt) - 1)
+        x_labels = [f"{b * width}-{min(len(xt), (b + 1) * width) - 1}" for b in range(values.shape[1])]
+        cells = [(i // width, j, c) for i, j, c in cells]
+        hover_x = [[xt[i] for i in row] for row in source.tolist()]
+    else:
+        x_labels, hover_x = xt, None
+    heat = go.Heatmap(
+        z=values.cpu().numpy(),
+        x=x_labels,
+        y=yt,
+        colorscale=colorscale,
+        zmid=zmid,
+        hovertemplate=f"{y} %{{y}}<br>{x} %{{x}}<br>score %{{z:.4g}}<extra></extra>",
+        colorbar={"title": {"text": "score"}},
     )
-    if mark is not None:
-        cells = [(_coordinate(c, x, len(xt)), _coordinate(c, y, len(yt)), str(c)) for c in mark]
+    if hover_x is not None:
+        what = "rank" if order == "sorted" else "bin"
+        heat.update(customdata=hover_x, hovertemplate=(
+            f"{y} %{{y}}<br>{x} %{{customdata}} ({what} %{{x}})<br>score %{{z:.4g}}<extra></extra>"))
+    fig = go.Figure(heat)
+    if cells:
+        notes = notes or {}
         fig.add_scatter(
-            x=[xt[i] for i, _, _ in cells], y=[yt[j] for _, j, _ in cells], mode="markers",
-            name="selected", text=[t for _, _, t in cells], hovertemplate="%{text}<extra>selected</extra>",
+            x=[x_labels[i] for i, _, _ in cells], y=[yt[j] for _, j, _ in cells], mode="markers",
+            name="selected", text=[str(c) + (f"<br>{notes[c]}" if c in notes else "") for _, _, c in cells],
+            hovertemplate="%{text}<extra>selected</extra>",
             marker={"symbol": "square-open", "size": 9, "color": "black", "line": {"width": 2}},
         )
     span = mark_span if mark_span is not None else _recorded_span(scores) if x == "pos" else None
