@@ -15,6 +15,39 @@ from typing import Any
 import torch
 
 HASH_CHARS = 16
+# what a result's numbers depend on besides mechedit itself, reported with every run and report
+LIBRARIES = ("torch", "transformer-lens", "transformers", "safetensors", "plotly")
+
+
+def library_versions() -> dict[str, str]:
+    """``{package: version}`` for mechedit, Python and ``LIBRARIES`` ("not installed" if absent)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from mechedit import __version__
+
+    out = {"mechedit": __version__, "python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def invocation() -> str:
+    """The command line that is running (``mechedit eval ...``), or the script / kernel it runs in."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    argv = list(sys.argv)
+    if not argv or not argv[0]:
+        return "python (interactive)"
+    program = Path(argv[0]).name
+    if "ipykernel" in program or "ipykernel" in " ".join(argv[1:2]):
+        return "Jupyter kernel (Python API calls)"
+    return shlex.join([program, *argv[1:]])
 
 
 def _digest(chunks: Iterable[bytes | memoryview]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 
 import pytest
@@ -160,9 +161,14 @@ def test_heatmap_and_report_are_standalone(tmp_path):
     table = pd.DataFrame({"suite": ["efficacy"], "metric": ["accuracy"], "before": [1.0], "after": [0.0]})
     bars = before_after(table)
     assert [t.name for t in bars.data] == ["before", "after"]
-    path = write_report(tmp_path / "r" / "report.html", [("Scores", [fig, table, "some text"]), ("Bars", [bars])], title="t")
+    path = write_report(tmp_path / "r" / "report.html", [("Scores", [fig, table, "some text"]), ("Bars", [bars])], title="t",
+                        provenance={"model": "tiny-gpt2", "config": {"k": 3}})
     text = path.read_text()
-    assert text.count("<h2>") == 2
+    assert text.count("<h2>") == 3 and "<h2>Provenance</h2>" in text
+    from importlib.metadata import version
+    shown = html.unescape(text)
+    for expected in ("tiny-gpt2", '{"k": 3}', version("torch"), version("transformer-lens"), version("transformers")):
+        assert expected in shown, expected
     assert not re.search(r"<script[^>]+src=[\"']https?://", text), "the report must not load scripts from the network"
     assert len(text) > 1_000_000  # plotly.js is inline
     assert text.count("Plotly.newPlot") == 2

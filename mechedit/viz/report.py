@@ -7,7 +7,8 @@ report written on an air-gapped machine opens the same anywhere.
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -44,11 +45,26 @@ def write_report(
     *,
     title: str = "mechedit report",
     subtitle: str = "",
+    provenance: Mapping[str, object] | None = None,
 ) -> Path:
     """Write ``sections`` (``[(heading, [figure | DataFrame | text, ...]), ...]``) to one HTML file.
 
+    A final "Provenance" section lists ``provenance`` (e.g. model, weights hash, method configs;
+    nested values as JSON), the library versions (``mechedit.provenance.library_versions``) and
+    the command or kernel that wrote the report, unless ``provenance`` gives them itself.
     Creates the parent folder; returns the path. The file is self-contained.
     """
+    from mechedit.provenance import invocation, library_versions
+
+    given = dict(provenance or {})
+    given.setdefault("command", invocation())
+    for name, v in library_versions().items():
+        given.setdefault(f"version: {name}", v)
+    table = pd.DataFrame({
+        "what": list(given),
+        "value": [v if isinstance(v, str) else json.dumps(v, default=str, sort_keys=True) for v in given.values()],
+    })
+    sections = [*sections, ("Provenance", [table])]
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     include_js = True
