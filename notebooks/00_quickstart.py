@@ -25,7 +25,9 @@ from mechedit.zoo.prompts import fact_prompts
 from mechedit.edit import ablate, zero_neurons
 from mechedit.evaluate import evaluate_fact_edit
 from mechedit.locate import neuron_attribution
-from mechedit.viz import before_after, heatmap
+from mechedit.viz import before_after, heatmap, notebook_setup
+
+notebook_setup()  # figures and progress bars that survive saving and nbconvert
 
 # %% [markdown]
 # ## Load

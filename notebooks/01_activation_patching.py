@@ -28,9 +28,11 @@ import mechedit
 from mechedit import zoo
 from mechedit.checks import check_hooks
 from mechedit.locate import activation_patching
-from mechedit.viz import heatmap
+from mechedit.viz import heatmap, notebook_setup
 from mechedit.zoo.prompts import fact_pairs
 from mechedit.zoo.world import fill
+
+notebook_setup()  # figures and progress bars that survive saving and nbconvert
 
 model = mechedit.load("factworld-planted")
 world = zoo.load_world("factworld-planted")

@@ -37,8 +37,10 @@ from mechedit.locate import (
     edge_attribution_patching,
     edge_faithfulness,
 )
-from mechedit.viz import edge_graph, heatmap
+from mechedit.viz import edge_graph, heatmap, notebook_setup
 from mechedit.zoo.prompts import fact_pairs
+
+notebook_setup()  # figures and progress bars that survive saving and nbconvert
 
 model = mechedit.load("factworld-planted")
 world = zoo.load_world("factworld-planted")

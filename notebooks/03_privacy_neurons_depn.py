@@ -35,7 +35,9 @@ from mechedit.locate import depn_select, knowledge_neurons
 from mechedit.locate.depn import keep_mask
 from mechedit.prompts import FactPrompt
 from mechedit.scores import Scores
-from mechedit.viz import heatmap
+from mechedit.viz import heatmap, notebook_setup
+
+notebook_setup()  # figures and progress bars that survive saving and nbconvert
 
 model = mechedit.load("factworld")
 world = zoo.load_world("factworld")

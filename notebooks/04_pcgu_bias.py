@@ -36,7 +36,9 @@ from mechedit.evaluate import pair_preference
 from mechedit.evaluate.bias import bias_edit_table
 from mechedit.locate import PCGUConfig, pcgu
 from mechedit.locate.pcgu import partition_specs
-from mechedit.viz import bias_bars, bias_history, partition_heatmap
+from mechedit.viz import bias_bars, bias_history, notebook_setup, partition_heatmap
+
+notebook_setup()  # figures and progress bars that survive saving and nbconvert
 
 # Many small forward/backward passes: on 2 shared cores, two threads per op wait on each other
 # more than they compute (one thread ran this notebook several times faster).

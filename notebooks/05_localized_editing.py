@@ -46,7 +46,9 @@ from mechedit.edit import (
 from mechedit.evaluate import evaluate_fact_edit, fact_edit_suites, greedy_completions
 from mechedit.locate import causal_tracing
 from mechedit.prompts import FactPrompt
-from mechedit.viz import edit_bars, heatmap
+from mechedit.viz import edit_bars, heatmap, notebook_setup
+
+notebook_setup()  # figures and progress bars that survive saving and nbconvert
 
 # Many small forward/backward passes: on 2 shared cores one thread per op is faster than two.
 torch.set_num_threads(1)

@@ -35,8 +35,10 @@ from mechedit.edit import FinetuneConfig, LogOneMinusP, RetainCE
 from mechedit.evaluate import ComparisonConfig, compare_localizations, fact_edit_suites
 from mechedit.evaluate.robustness import RobustnessConfig
 from mechedit.locate import attribution_patching, causal_tracing, fact_lookup
-from mechedit.viz import comparison_bars, heatmap, probe_curves
+from mechedit.viz import comparison_bars, heatmap, notebook_setup, probe_curves
 from mechedit.zoo.prompts import fact_pairs, fact_prompts
+
+notebook_setup()  # figures and progress bars that survive saving and nbconvert
 
 # Many small forward/backward passes: on 2 shared cores one thread per op is faster than two.
 torch.set_num_threads(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -34,3 +35,24 @@ def test_notebook_is_paired_clean_and_executes(script, tmp_path):
     client.execute()
     errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    _check_renders_anywhere(notebook)
+
+
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+def _check_renders_anywhere(notebook) -> None:
+    """Every figure also has a text/html form that `nbconvert --to html` keeps (with plotly.js
+    inline, no CDN), and progress bars are saved as text at their final state, not as widgets."""
+    from nbconvert import HTMLExporter
+
+    outputs = [o for c in notebook.cells for o in c.get("outputs", [])]
+    figures = [o for o in outputs if PLOTLY_MIME in o.get("data", {})]
+    assert figures, "the notebook draws no figure"
+    assert all("text/html" in o["data"] for o in figures), "a figure has only plotly's JupyterLab MIME type"
+    assert not [o for o in outputs if WIDGET_MIME in o.get("data", {})], "a widget progress bar would save at 0 %"
+    page, _ = HTMLExporter().from_notebook_node(notebook)
+    assert page.count('class="plotly-graph-div"') >= len(figures)
+    assert len(page) > 3_000_000, "plotly.js (about 4.5 MB) should be inline in the exported page"
+    assert not re.search(r"<script[^>]+src=[\"']https?://cdn\.plot\.ly", page), "plotly.js must be inline, not from a CDN"

@@ -336,7 +336,7 @@ def _train(
     desc: str,
 ) -> _Run:
     """Train the masked entries of ``model`` in place by ``cfg``; return the run's record."""
-    from tqdm.auto import tqdm
+    from mechedit.progress import tqdm
 
     start_time = time.perf_counter()
     live = hf_parameters(model)

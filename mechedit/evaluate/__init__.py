@@ -1,6 +1,11 @@
 """Evaluation suites: each a function returning a result that serialises to JSON and a DataFrame."""
 
-from mechedit.evaluate.agreement import Agreement, layer_profile, localization_agreement, planted_recovery
+from mechedit.evaluate.agreement import (
+    Agreement,
+    layer_profile,
+    localization_agreement,
+    planted_recovery,
+)
 from mechedit.evaluate.attribution_check import AttributionCheck, verify_attribution
 from mechedit.evaluate.bias import (
     PairPreference,

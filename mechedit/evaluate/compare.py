@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from mechedit.artifacts import (
     ArtifactError,
@@ -56,6 +55,7 @@ from mechedit.components import Component
 from mechedit.edit.finetune import FinetuneConfig, covered_masks, exact_match, finetune
 from mechedit.evaluate.facts import FactEditSuites
 from mechedit.evaluate.robustness import robustness_report
+from mechedit.progress import tqdm
 from mechedit.prompts import FactPrompt
 from mechedit.provenance import weights_hash
 

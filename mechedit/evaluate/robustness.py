@@ -488,7 +488,7 @@ def _answer_rows(model: Any, prompts: Sequence[FactPrompt]):
 def _relearn_lora(edited: Any, attack: Sequence[FactPrompt], cfg: RobustnessConfig, info: dict,
                   progress: bool) -> Iterator[None]:
     """Train ``W0 + B A`` adapters, keep them written in the weights for the block, restore ``W0``."""
-    from tqdm.auto import tqdm
+    from mechedit.progress import tqdm
 
     names = _lora_names(edited, cfg.lora_targets)
     live = hf_parameters(edited)
@@ -776,7 +776,7 @@ def robustness_report(
             a retain case holding forget facts, bad config values.
         RuntimeError: a model in training mode.
     """
-    from tqdm.auto import tqdm
+    from mechedit.progress import tqdm
 
     cfg = RobustnessConfig() if config is None else config
     if not isinstance(cfg, RobustnessConfig):

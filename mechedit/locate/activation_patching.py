@@ -41,7 +41,6 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechedit import components as comp
 from mechedit.checks import HookCheck, hook_check_record, require_eval_mode
@@ -57,6 +56,7 @@ from mechedit.edges import (
 )
 from mechedit.gradients import capture_activations
 from mechedit.metrics import PAIR_METRICS, PairMetric, pair_metric
+from mechedit.progress import tqdm
 from mechedit.prompts import PromptPair, TokenizedPairs
 from mechedit.provenance import Provenance
 from mechedit.resume import ReferenceRun, check_resumable, reference_run, resume

@@ -58,7 +58,6 @@ from typing import Any, Literal
 import torch
 from einops import reduce
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechedit import components as comp
 from mechedit.checks import HookCheck, hook_check_record, require_eval_mode
@@ -73,6 +72,7 @@ from mechedit.edges import (
 )
 from mechedit.gradients import activations_and_gradients, capture_activations
 from mechedit.metrics import PAIR_METRICS, PairMetric, pair_metric
+from mechedit.progress import tqdm
 from mechedit.prompts import PromptPair, TokenizedPairs
 from mechedit.provenance import Provenance
 from mechedit.scores import Scores

@@ -57,10 +57,10 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechedit.checks import HookCheck, hook_check_record, require_eval_mode
 from mechedit.models import model_device
+from mechedit.progress import tqdm
 from mechedit.prompts import FactPrompt, TokenizedFacts, facts_with_subjects
 from mechedit.provenance import Provenance
 from mechedit.resume import ReferenceRun, check_resumable, reference_run, resume

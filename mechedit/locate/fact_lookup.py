@@ -91,13 +91,13 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechedit.checks import HookCheck, hook_check_record, require_eval_mode
 from mechedit.circuit import Circuit
 from mechedit.components import Component
 from mechedit.models import model_device
 from mechedit.probes import ProbeResult, attribute_probes
+from mechedit.progress import tqdm
 from mechedit.prompts import FactPrompt, PromptPair, TokenizedPairs, facts_with_subjects
 from mechedit.provenance import Provenance
 from mechedit.resume import check_resumable

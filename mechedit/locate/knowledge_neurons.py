@@ -47,13 +47,13 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechedit.checks import HookCheck, hook_check_record, require_eval_mode
 from mechedit.components import hook_name
 from mechedit.gradients import capture_activations
 from mechedit.interventions import Intervention, patch
 from mechedit.models import is_masked_lm, model_device
+from mechedit.progress import tqdm
 from mechedit.prompts import FactPrompt
 from mechedit.provenance import Provenance
 from mechedit.resume import ReferenceRun, check_resumable, reference_run, resume

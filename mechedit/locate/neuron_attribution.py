@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 from einops import einsum
-from tqdm.auto import tqdm
 
 from mechedit.checks import require_eval_mode
 from mechedit.components import hook_name
 from mechedit.gradients import activations_and_gradients
 from mechedit.metrics import target_logprob
 from mechedit.models import model_device
+from mechedit.progress import tqdm
 from mechedit.prompts import FactPrompt
 from mechedit.provenance import Provenance
 from mechedit.scores import Scores

@@ -13,6 +13,7 @@ from mechedit.viz.agreement import agreement_heatmaps, recovery_bars
 from mechedit.viz.bias import bias_bars, bias_history, partition_heatmap
 from mechedit.viz.edits import comparison_bars, edit_bars
 from mechedit.viz.figures import before_after, edge_graph, heatmap, probe_curves
+from mechedit.viz.notebook import notebook_setup
 from mechedit.viz.report import write_report
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "edge_graph",
     "edit_bars",
     "heatmap",
+    "notebook_setup",
     "partition_heatmap",
     "probe_curves",
     "recovery_bars",
