@@ -12,6 +12,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import tqdm.auto as _auto_bars
+import tqdm.std as _text_bars
+
 ENV = "MECHEDIT_PROGRESS"
 
 
@@ -20,10 +23,5 @@ def tqdm(*args: Any, **kwargs: Any) -> Any:
     mode = os.environ.get(ENV, "auto")
     if mode not in ("auto", "text"):
         raise ValueError(f"{ENV}={mode!r}: use 'auto' (widgets in notebooks) or 'text'")
-    if mode == "text":
-        from tqdm.std import tqdm as text_bar
-
-        return text_bar(*args, **kwargs)
-    from mechedit.progress import tqdm as auto_bar
-
-    return auto_bar(*args, **kwargs)
+    bar = _text_bars.tqdm if mode == "text" else _auto_bars.tqdm
+    return bar(*args, **kwargs)
