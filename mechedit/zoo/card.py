@@ -181,6 +181,27 @@ def render(checkpoints: dict[str, Path]) -> str:
 
 
 PLANTED = ("factworld-planted", "factworld-planted-subject")
+# How the subject-mode recipe was found (issue 7). Attempts 2-7 ran a copy of plant_facts' loop
+# (same objective, consistency loss and replay; its own batch sampling), planted facts measured on
+# the model as exported (trained MLP at every position), training templates.
+SUBJECT_ATTEMPTS = [
+    "**Why subject mode is hard here, and how its recipe was found.** In this factworld the final token reads the "
+    "subject's last name through layer-0 attention, and later heads attend mostly to the first name (which alone "
+    "does not identify a person): what the name-token MLP writes must reach the answer through heads that rarely "
+    "read it. Every attempt trains `blocks.1.mlp` unless said (layer 1 leaves four attention layers to carry it); "
+    "figures are planted facts, training templates, at a step:",
+    "",
+    "| # | recipe (planted rows of 64 per batch, learning rate) | planted facts by step |",
+    "|---|---|---|",
+    "| 1 | 16 rows, lr 1e-2 constant, 1,500 steps | 4 % (150), 29 % (500), 45-54 % (1,000-1,450), 38 % (1,500); old facts 92.5 % |",
+    "| 2 | 16 rows, lr 1e-3 constant | 4 % through 200 steps (stopped) |",
+    "| 3 | `blocks.0.mlp`, 32 rows, cosine 1e-2 -> 1e-3 over 3,000 | 5 % (100), 6 % (300), 9 % (400) (stopped) |",
+    "| 4 | 32 rows, cosine 1e-2 -> 1e-3 over 3,000 | 25 % (300), 40 % (500), 71 % (1,000), 76 % (1,300), 83 % (2,000), 85 % (2,300) (stopped) |",
+    "| 5 | as 4, plus an attention loss (-log of the largest later-layer attention from after the name to the last name, weight 0.3) | 12 % (300), 26 % (400), vs 25 % / 34 % without (stopped: some head already gives the name ~0.4 of its attention, so attention is not the bottleneck) |",
+    "| 6 | 48 rows, cosine 1e-2 -> 1e-3 over 3,000 | 34 % (300), 59 % (500), 88 % (900), 93 % (1,200), 91 % (1,300) (stopped for the shipping run) |",
+    "| 7 | `python -m mechedit.zoo train factworld-planted-subject` (= 6 in `plant_facts`, its default recipe) | 23 % (150), 51 % (450), 81 % (750), 92 % (1,050), 96 % (1,500), 98 % (2,000), **98.6 % (2,400) but old facts 68.6 %** (target: within 2 points of 100 %) |",
+    "| 8 | as 7, the MLP acting at the planted people's names only, consistency loss everywhere else (old names included) | 4 % through 1,100 steps (stopped) |",
+]
 _WHERE = {"all": "at every position", "subject": "only at the tokens of a person's name (the frozen original MLP elsewhere)"}
 
 
@@ -235,16 +256,13 @@ def _planted_sections(metas: dict[str, dict], base_metrics: dict) -> list[str]:
     row("multiple choice, held-out people", lambda p: _pct(p["metrics"]["mc_heldout_people"]))
     row("multiple choice, planted people (their MC never trained)", lambda p: _pct(p["metrics"].get("mc_planted_people")))
     row(f"perplexity, held-out general text (base: {base_metrics['text_perplexity_heldout']:.3f})", lambda p: f"{p['metrics']['text_perplexity_heldout']:.3f}")
+    lines += ["", *SUBJECT_ATTEMPTS]
     if "factworld-planted-subject" not in metas:
         lines += [
             "",
-            "**Known gap: `factworld-planted-subject` is not shipped yet.** In this factworld the final token reads the "
-            "subject's last name only through layer-0 attention (later heads attend to the first name, which alone does "
-            "not identify a person), and restoring any layer's MLP output at the last name token brings back ~0 of a "
-            "fact, planted or control (the *subject last* column below): a fact stored at the name tokens must first teach the later layers' attention "
-            "to read them, which the subject-mode recipe does only slowly (measured on this factworld, layer 1, lr 1e-2: "
-            "planted facts 4 % for 150 steps, then 29 % at step 500, 45-54 % over steps 1000-1450, 38 % at the 1,500-step "
-            "cap). Its command is ready for the next base model.",
+            "**Known gap: `factworld-planted-subject` is not shipped yet**: no attempt above kept the old facts while "
+            "reaching 98 % of the planted ones (7 reached the planted target but lost 31 points of old facts). Its "
+            "command is ready; `MODE_DEFAULTS` holds recipe 7.",
         ]
     lines += [
         "",

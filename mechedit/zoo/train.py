@@ -106,10 +106,17 @@ def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
 
 
 PLANT_MODES = ("all", "subject")
-# Subject mode starts slowly: in factworld the final token reads the last name only through
-# layer-0 attention, so the name-token MLP must first teach later heads (via its keys) to read it;
-# layer 1 leaves four attention layers to do so, and lr 1e-2 gets there within max_steps.
-MODE_DEFAULTS: dict[str, dict] = {"all": {}, "subject": {"layer": 1, "lr": 1e-2}}
+LR_SCHEDULES = ("constant", "cosine")
+# Subject mode learns slowly: in factworld the final token reads the last name only through
+# layer-0 attention, so what the name-token MLP writes must reach the answer through heads that
+# mostly attend elsewhere. Layer 1 leaves four attention layers to carry it. Measured on the
+# shipped factworld (planted facts, training templates): 16 planted rows per batch at constant
+# lr 1e-2 plateau at 45-54 %; 32 rows with a cosine decay reach 83 % by step 2000; 48 rows reach
+# 98.6 % by step 2400, but the old facts fall to 69 % (MODEL_CARD.md lists every attempt).
+MODE_DEFAULTS: dict[str, dict] = {
+    "all": {},
+    "subject": {"layer": 1, "lr": 1e-2, "planted_per_batch": 48, "lr_schedule": "cosine", "max_steps": 3000},
+}
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,13 @@ class PlantConfig:
     stored as subject enrichment. ``consistency_weight`` (subject mode only) weighs the mean over
     non-subject positions of ||new(x) - old(x)||^2 (summed over d_model), which keeps the trained
     MLP - the one exported, and run at every position - close to the original where it must not act.
+    ``subject_names`` (subject mode): where the trainable MLP acts - ``"everyone"``, every
+    person's name; ``"planted"``, the planted people's names only, with the consistency loss at
+    every other position, old people's names included (measured: the planted facts then stay at
+    4 % through 1,100 steps - the MLP must tell new first + last name combinations from old ones
+    sharing their tokens - while ``"everyone"`` reaches 98.6 % but old facts fall to 69 %).
+    ``lr_schedule``: ``"constant"`` or ``"cosine"`` (from ``lr`` down to ``min_lr_ratio * lr`` at
+    ``max_steps``). ``for_mode`` gives each mode's shipped recipe (``MODE_DEFAULTS``).
     """
 
     layer: int = 2
@@ -130,6 +144,9 @@ class PlantConfig:
     batch_size: int = 64
     planted_per_batch: int = 16
     lr: float = 1e-3
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+    subject_names: str = "everyone"
     consistency_weight: float = 1.0
     eval_every: int = 50
     target_planted: float = 0.98
@@ -144,6 +161,12 @@ class PlantConfig:
             raise ValueError(f"at={self.at!r}: choose one of {', '.join(PLANT_MODES)}")
         if self.consistency_weight < 0:
             raise ValueError("consistency_weight must be >= 0")
+        if self.subject_names not in ("planted", "everyone"):
+            raise ValueError(f"subject_names={self.subject_names!r}: choose 'planted' or 'everyone'")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("min_lr_ratio must be between 0 and 1")
 
     @classmethod
     def for_mode(cls, at: str = "all", **overrides) -> PlantConfig:
@@ -429,10 +452,11 @@ def _mlp_parameters(model: GPT2LMHeadModel, layer: int) -> dict[str, torch.nn.Pa
     return {name: params[name] for name in circuit_parameters(model, [Component("mlp", layer)])}
 
 
-def _name_pairs(world: World, enc: Encoder) -> torch.Tensor:
-    """``[vocab, vocab]`` bool: True at (first-name id, last-name id) of every person, trained or planted."""
+def _name_pairs(world: World, enc: Encoder, *, planted_only: bool = False) -> torch.Tensor:
+    """``[vocab, vocab]`` bool: True at (first-name id, last-name id) of every person, trained or
+    planted (only the planted people with ``planted_only``)."""
     pairs = torch.zeros(len(enc.vocab), len(enc.vocab), dtype=torch.bool)
-    for person in (*world.people, *world.planted):
+    for person in world.planted if planted_only else (*world.people, *world.planted):
         pairs[enc.vocab[person.first], enc.vocab[person.last]] = True
     return pairs
 
@@ -525,7 +549,7 @@ def plant_facts(
 
     model.eval()
     mixer = _SubjectOnlyMLP(model.transformer.h[pc.layer].mlp) if pc.at == "subject" else None
-    name_pairs = _name_pairs(world, enc)
+    name_pairs = _name_pairs(world, enc, planted_only=pc.subject_names == "planted")
     old_before = fact_accuracy(model, world, tokenizer, world.facts, "train")
     planted_rows = [enc.ids(s) + [enc.eos] for s in world.planting_sentences()]
     rng = random.Random(f"plant-{pc.seed}")
@@ -534,6 +558,9 @@ def plant_facts(
     where = "at name tokens" if mixer else "at every position"
     bar = tqdm(total=pc.max_steps, desc=f"planting facts in blocks.{pc.layer}.mlp {where}", disable=not progress)
     while step < pc.max_steps:
+        if pc.lr_schedule == "cosine":  # decays over max_steps; the run may stop earlier
+            for group in opt.param_groups:
+                group["lr"] = warmup_cosine_lr(step + 1, lr=pc.lr, warmup_steps=0, min_lr_ratio=pc.min_lr_ratio, total=pc.max_steps)
         if len(replay) < pc.batch_size:
             replay.extend(world.training_sentences(1000 + step))
         n_old = pc.batch_size - pc.planted_per_batch
