@@ -233,8 +233,11 @@ def run_export(args: argparse.Namespace, ctx: Context) -> int:
 def run_train(args: argparse.Namespace, ctx: Context) -> int:
     out = check_new_output(args.out, what="--out", overwrite=args.overwrite)
     ctx.say(f"training {args.name} into {out} ...")
-    meta = train_from_args(args, out, progress=ctx.progress)
-    summary = {"command": "world train", "name": args.name, "out": str(out), "steps": meta.get("steps", meta.get("plant_steps")),
+    from mechedit.cli._common import quiet_loading
+
+    with quiet_loading(ctx):  # without progress, no "Writing model shards" bar from transformers either
+        meta = train_from_args(args, out, progress=ctx.progress)
+    summary = {"command": "world train", "name": args.name, "out": str(out), "steps": meta.get("plant_steps", meta.get("steps")),
                "metrics": meta.get("metrics", {})}
     emit(ctx, summary, [f"checkpoint: {out}", *(f"  {k}: {v}" for k, v in summary["metrics"].items()
                                                 if isinstance(v, (int, float)))])

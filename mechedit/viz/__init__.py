@@ -5,13 +5,15 @@
 draw a bias edit (where its partitions sit, the bias against 50 %); ``edit_bars`` compares
 several edits' reports row by row, ``comparison_bars`` one case edited through several
 localisations; ``write_report`` puts figures and tables into one standalone
-HTML file (plotly's JavaScript inline, so it opens with no network).
+HTML file (plotly's JavaScript inline, so it opens with no network); ``write_run_report`` writes
+that page for a ``mechedit run`` folder.
 """
 
 from mechedit.viz.bias import bias_bars, bias_history, partition_heatmap
 from mechedit.viz.edits import comparison_bars, edit_bars
 from mechedit.viz.figures import before_after, edge_graph, heatmap, probe_curves
 from mechedit.viz.report import write_report
+from mechedit.viz.run_report import write_run_report
 
 __all__ = [
     "before_after",
@@ -24,4 +26,5 @@ __all__ = [
     "partition_heatmap",
     "probe_curves",
     "write_report",
+    "write_run_report",
 ]

@@ -47,10 +47,12 @@ def write_report(
 ) -> Path:
     """Write ``sections`` (``[(heading, [figure | DataFrame | text, ...]), ...]``) to one HTML file.
 
-    Creates the parent folder; returns the path. The file is self-contained.
+    Creates the parent folder; returns the path. The file is self-contained, and written to a
+    temporary name and renamed (a crash leaves no half-written report).
     """
+    from mechedit.artifacts import write_text_atomic
+
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     include_js = True
     parts = []
     for heading, blocks in sections:
@@ -66,5 +68,4 @@ def write_report(
         + "\n".join(parts)
         + "</body></html>\n"
     )
-    out.write_text(page, encoding="utf-8")
-    return out
+    return write_text_atomic(out, page)
