@@ -17,6 +17,10 @@
 * ``text_heldout.txt`` - the held-out general text, one sentence per line.
 
 Files are written with sorted keys and fixed ordering: the same world gives byte-identical files.
+
+``export_records(world, out_dir, fmt)`` (``mechedit world export``) writes instead the record files
+the command line's ``--data`` reads, as JSON Lines, JSON or CSV: ``facts`` and ``paraphrases`` (one
+row per fact and training / held-out template), ``planted``, ``private`` and ``bias_pairs.csv``.
 """
 
 from __future__ import annotations
