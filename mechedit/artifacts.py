@@ -285,6 +285,14 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path
     return path
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to a temporary file beside ``path`` and rename it over ``path``.
+
+    A crash mid-write leaves ``path`` as it was (absent or the old file), never half-written.
+    """
+    return _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any, *, sort_keys: bool = False) -> Path:
     """Write ``data`` as readable JSON (``dumps_readable``) atomically; returns the path.
 
@@ -449,5 +457,6 @@ __all__ = [
     "read_tensors",
     "tensors_hash",
     "write_json_atomic",
+    "write_text_atomic",
     "write_tensors",
 ]

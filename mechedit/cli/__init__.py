@@ -7,6 +7,8 @@
     mechedit eval --model M [--edit edits/N] --suite facts --data D    # mechedit.cli.evaluate
     mechedit run RECIPE.yaml                                          # mechedit.cli.recipe
     mechedit demo | circuits                                          # mechedit.cli.demo
+    mechedit world show|export|train|card                             # mechedit.cli.world
+    mechedit report RUN_DIR                                           # mechedit.cli.report
 
 Exit codes: 0 success; 2 bad input (unknown method, missing or malformed file, a subject not in
 the prompt, a mismatched model: one line on stderr, no traceback); 1 any other failure
@@ -45,7 +47,7 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mechedit.cli import demo, edit, evaluate, locate, recipe
+    from mechedit.cli import demo, edit, evaluate, locate, recipe, report, world
 
     parser = _Parser(
         prog="mechedit",
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, suppress=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for module in (locate, edit, evaluate, recipe, demo):
+    for module in (locate, edit, evaluate, recipe, demo, world, report):
         module.register(sub, [common])
     return parser
 

@@ -5,7 +5,8 @@ error names the key and its line. The run folder ``<runs>/<name>-<UTC timestamp>
 ``params.json`` (the resolved recipe, the seed and library versions), ``circuit.json`` (+ scores),
 ``edit/``, ``report-<suite>.json`` per evaluation and ``summary.json`` (every step's summary). It
 is built under a hidden ``.<name>-<timestamp>.partial`` name and renamed when complete, so a crash
-leaves nothing that looks like a finished run. ``mechedit run runs/X/params.json`` reruns it.
+leaves nothing that looks like a finished run; ``report.html`` (``mechedit report``'s page) is
+then written into the finished folder (``--no-report``: not). ``mechedit run runs/X/params.json`` reruns it.
 
 The steps are the commands ``locate``, ``edit`` and ``eval`` with the recipe's settings, so a
 recipe means exactly what the same command lines mean.
@@ -224,6 +225,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="a recipe .yaml, or a run folder's params.json to rerun it")
     p.add_argument("--runs", default="runs", help="where run folders go (default: runs)")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report (`mechedit report RUN_DIR` writes it later)")
     p.set_defaults(run=run)
 
 
@@ -257,8 +259,27 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
         raise
-    emit(ctx, {"command": "run", "folder": str(final), **summary}, [f"run folder: {final}"])
+    report = None if getattr(args, "no_report", False) else _html_report(final)
+    emit(ctx, {"command": "run", "folder": str(final), **summary, **({"report": str(report)} if report else {})},
+         [f"run folder: {final}", *([f"report: {report}"] if report else [])])
     return 0
+
+
+def _html_report(folder: Path) -> Path | None:
+    """``folder/report.html`` (``mechedit report``'s page), written once the run is complete.
+
+    A failure here is reported and leaves the finished run folder as it is.
+    """
+    import sys
+
+    try:
+        from mechedit.viz.run_report import write_run_report
+
+        return write_run_report(folder)
+    except Exception as err:
+        sys.stderr.write(f"mechedit run: the HTML report failed ({type(err).__name__}: {err}); "
+                         f"write it with `mechedit report {folder}`\n")
+        return None
 
 
 def _relocated(value: Any, old: Path, new: Path) -> Any:

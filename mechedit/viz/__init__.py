@@ -6,7 +6,8 @@
 draw a bias edit (where its partitions sit, the bias against 50 %); ``edit_bars`` compares
 several edits' reports row by row, ``comparison_bars`` one case edited through several
 localisations; ``write_report`` puts figures and tables into one standalone
-HTML file (plotly's JavaScript inline, so it opens with no network).
+HTML file (plotly's JavaScript inline, so it opens with no network); ``write_run_report`` writes
+that page for a ``mechedit run`` folder.
 """
 
 from mechedit.viz.agreement import agreement_heatmaps, recovery_bars
@@ -15,6 +16,7 @@ from mechedit.viz.edits import comparison_bars, edit_bars
 from mechedit.viz.figures import before_after, edge_graph, heatmap, probe_curves
 from mechedit.viz.notebook import notebook_setup
 from mechedit.viz.report import write_report
+from mechedit.viz.run_report import write_run_report
 
 __all__ = [
     "agreement_heatmaps",
@@ -30,4 +32,5 @@ __all__ = [
     "probe_curves",
     "recovery_bars",
     "write_report",
+    "write_run_report",
 ]

@@ -52,8 +52,10 @@ def write_report(
     A final "Provenance" section lists ``provenance`` (e.g. model, weights hash, method configs;
     nested values as JSON), the library versions (``mechedit.provenance.library_versions``) and
     the command or kernel that wrote the report, unless ``provenance`` gives them itself.
-    Creates the parent folder; returns the path. The file is self-contained.
+    Creates the parent folder; returns the path. The file is self-contained, and written to a
+    temporary name and renamed (a crash leaves no half-written report).
     """
+    from mechedit.artifacts import write_text_atomic
     from mechedit.provenance import invocation, library_versions
 
     given = dict(provenance or {})
@@ -66,7 +68,6 @@ def write_report(
     })
     sections = [*sections, ("Provenance", [table])]
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     include_js = True
     parts = []
     for heading, blocks in sections:
@@ -82,5 +83,4 @@ def write_report(
         + "\n".join(parts)
         + "</body></html>\n"
     )
-    out.write_text(page, encoding="utf-8")
-    return out
+    return write_text_atomic(out, page)

@@ -5,6 +5,7 @@
     python -m mechedit.zoo train factworld-planted-subject    # the same, stored as subject enrichment
     python -m mechedit.zoo train factworld-planted --layer 4 --out DIR   # ground truth at another layer
     python -m mechedit.zoo train factworld-mlm        # BERT (masked LM) on the same world
+    python -m mechedit.zoo train factworld --config tiny.json --out DIR   # other sizes (mechedit.zoo.build)
     python -m mechedit.zoo export factworld OUT_DIR   # counterfact.json, known.json, ...
     python -m mechedit.zoo measure factworld          # re-measure the figures into metadata.json
     python -m mechedit.zoo ground-truth factworld-planted   # re-measure where the planted MLP acts
@@ -17,44 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> None:
-    from mechedit.zoo import CHECKPOINTS, checkpoint_dir
+    from mechedit.cli.world import train_from_args
+    from mechedit.zoo import CHECKPOINTS
     from mechedit.zoo.card import write_card
-    from mechedit.zoo.train import PlantConfig, TrainConfig, plant_facts, train_factworld
-    from mechedit.zoo.world import load_occupations
 
-    if args.name == "factworld-mlm":
-        from mechedit.zoo.mlm import MLMTrainConfig, train_mlm
-
-        out = Path(args.out) if args.out else CHECKPOINTS / args.name
-        mc = MLMTrainConfig()
-        if args.epochs is not None:
-            mc = replace(mc, epochs=args.epochs)
-        if args.threads is not None:
-            mc = replace(mc, threads=args.threads)
-        meta = train_mlm(out, train_config=mc)
-    elif args.name == "factworld":
-        out = Path(args.out) if args.out else CHECKPOINTS / args.name
-        tc = TrainConfig()
-        if args.epochs is not None:
-            tc = replace(tc, epochs=args.epochs)
-        if args.threads is not None:
-            tc = replace(tc, threads=args.threads)
-        meta = train_factworld(out, train_config=tc, occupations=load_occupations(args.winogender))
-    else:
-        pc = PlantConfig.for_mode(args.at or ("subject" if args.name == "factworld-planted-subject" else "all"))
-        if args.layer is not None:
-            pc = replace(pc, layer=args.layer)
-        if args.threads is not None:
-            pc = replace(pc, threads=args.threads)
-        out = Path(args.out) if args.out else CHECKPOINTS / pc.name  # --at decides which shipped model
-        base = Path(args.base) if args.base else checkpoint_dir("factworld")
-        meta = plant_facts(base, out, config=pc)
-    print(json.dumps(meta["metrics"], indent=2))
+    default = args.name
+    if args.name.startswith("factworld-planted") and args.at:  # --at decides which shipped model
+        default = "factworld-planted" if args.at == "all" else "factworld-planted-subject"
+    out = Path(args.out) if args.out else CHECKPOINTS / default
+    meta = train_from_args(args, out, progress=True)
+    print(json.dumps(meta.get("metrics", {}), indent=2))
     if not args.out:
         print(f"model card: {write_card()}")
 
@@ -93,19 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mechedit.zoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a zoo checkpoint (writes into the package unless --out)")
-    t.add_argument("name", choices=["factworld", "factworld-planted", "factworld-planted-subject", "factworld-mlm"])
-    t.add_argument("--out", help="checkpoint folder to write (default: the shipped one)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--threads", type=int, help="torch threads (results are reproducible per thread count)")
-    t.add_argument("--layer", type=int, help="planted models: the MLP layer that learns the new facts (default 2, subject mode 1)")
-    t.add_argument(
-        "--at",
-        choices=["all", "subject"],
-        help="planted models: where the trained MLP acts while planting: every position (factworld-planted) "
-        "or only the name tokens (factworld-planted-subject); default: from the name",
-    )
-    t.add_argument("--base", help="planted models: the factworld folder to start from (default: the shipped one)")
-    t.add_argument("--winogender", help="path of WinoGender's occupations-stats.tsv (default ../shared/data/...)")
+    from mechedit.cli.world import add_train_arguments  # the options `mechedit world train` has too
+
+    add_train_arguments(t, out_required=False)
     e = sub.add_parser("export", help="write a zoo world in CounterFact / known_1000 / CrowS-Pairs formats")
     e.add_argument("name")
     e.add_argument("out_dir")

@@ -390,5 +390,6 @@ def write_card(checkpoints: dict[str, Path] | None = None, path: Path = CARD_PAT
 
     if checkpoints is None:
         checkpoints = {n: CHECKPOINTS / n for n in NAMES if (CHECKPOINTS / n / "metadata.json").is_file()}
-    path.write_text(render(checkpoints), encoding="utf-8")
-    return path
+    from mechedit.artifacts import write_text_atomic
+
+    return write_text_atomic(path, render(checkpoints))

@@ -17,6 +17,10 @@
 * ``text_heldout.txt`` - the held-out general text, one sentence per line.
 
 Files are written with sorted keys and fixed ordering: the same world gives byte-identical files.
+
+``export_records(world, out_dir, fmt)`` (``mechedit world export``) writes instead the record files
+the command line's ``--data`` reads, as JSON Lines, JSON or CSV: ``facts`` and ``paraphrases`` (one
+row per fact and training / held-out template), ``planted``, ``private`` and ``bias_pairs.csv``.
 """
 
 from __future__ import annotations
@@ -55,14 +59,22 @@ def _dump_jsonl(path: Path, rows) -> None:
     path.write_text("".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
+def new_targets(world: World, facts, *, seed: int = 0, stream: str = "counterfact") -> list[str]:
+    """A seeded ``target_new`` per fact: another value of its relation (CounterFact's rewrite target).
+
+    ``stream`` names the random stream; ``world.facts`` with the default stream give the targets
+    of ``counterfact.json``.
+    """
+    rng = random.Random(f"{stream}-{world.config.seed}-{seed}")
+    return [rng.choice([v for v in world.relation[f.relation_id].values if v != f.value]) for f in facts]
+
+
 def counterfact_records(world: World, *, seed: int = 0) -> list[dict]:
     """One CounterFact record per fact; ``target_new`` is another value of the relation, drawn by ``seed``."""
-    rng = random.Random(f"counterfact-{world.config.seed}-{seed}")
     records = []
-    for case_id, fact in enumerate(world.facts):
+    for case_id, (fact, new) in enumerate(zip(world.facts, new_targets(world, world.facts, seed=seed))):
         rel = world.relation[fact.relation_id]
         template = rel.train_templates[0]
-        new = rng.choice([v for v in rel.values if v != fact.value])
         neighbours = world.neighbours(fact, limit=MAX_NEIGHBOURS)
         attribute_people = [p.name for p in world.people if p.facts[rel.id] == new][:MAX_NEIGHBOURS]
         records.append(
@@ -119,6 +131,24 @@ def private_records(world: World) -> list[dict]:
     return rows
 
 
+def bias_rows(world: World) -> list[dict]:
+    """CrowS-Pairs rows of the planted bias: each occupation x bias template, training then held out.
+
+    Columns: ``""`` (row index, as in CrowS-Pairs), ``sent_more`` (the favoured pronoun),
+    ``sent_less``, ``stereo_antistereo``, ``bias_type``, ``occupation``, ``p_more``, ``split``.
+    """
+    pairs = [
+        (split, *pair)
+        for split, templates in (("train", BIAS_TEMPLATES_TRAIN), ("heldout", BIAS_TEMPLATES_HELDOUT))
+        for pair in world.bias_pairs(templates=templates)
+    ]
+    return [
+        {"": i, "sent_more": more, "sent_less": less, "stereo_antistereo": "stereo", "bias_type": "gender",
+         "occupation": bias.occupation, "p_more": bias.p_more, "split": split}
+        for i, (split, more, less, bias) in enumerate(pairs)
+    ]
+
+
 def export_world(world: World, out_dir: str | Path) -> list[Path]:
     """Write every export file of ``world`` to ``out_dir`` (created if needed); return their paths."""
     out = Path(out_dir)
@@ -127,14 +157,7 @@ def export_world(world: World, out_dir: str | Path) -> list[Path]:
     _dump_json(out / "known.json", known_records(world, world.facts))
     _dump_json(out / "planted.json", known_records(world, world.planted_facts))
     _dump_jsonl(out / "private.jsonl", private_records(world))
-    with open(out / "bias_pairs.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["", "sent_more", "sent_less", "stereo_antistereo", "bias_type", "occupation", "p_more", "split"])
-        index = 0
-        for split, templates in (("train", BIAS_TEMPLATES_TRAIN), ("heldout", BIAS_TEMPLATES_HELDOUT)):
-            for more, less, bias in world.bias_pairs(templates=templates):
-                writer.writerow([index, more, less, "stereo", "gender", bias.occupation, bias.p_more, split])
-                index += 1
+    _write_rows(out / "bias_pairs.csv", bias_rows(world), "csv")
     mc = world.mc_questions("train") + world.mc_questions("heldout")
     _dump_jsonl(
         out / "mc.jsonl",
@@ -145,3 +168,76 @@ def export_world(world: World, out_dir: str | Path) -> list[Path]:
     )
     (out / "text_heldout.txt").write_text("".join(s + "\n" for s in world.text_heldout), encoding="utf-8")
     return [out / name for name in FILES]
+
+
+# --- the command line's record files ----------------------------------------------------------------
+
+RECORD_FORMATS = ("jsonl", "json", "csv")
+
+
+def fact_rows(world: World, facts, *, heldout: bool = False, stream: str = "counterfact") -> list[dict]:
+    """One row per fact x template: what ``mechedit locate/edit/eval --data FILE`` reads as facts.
+
+    Fields: ``id`` (row number), ``fact_id`` (index into ``facts``), ``subject``, ``relation_id``,
+    ``template`` (index into the relation's ``templates``), ``prompt`` (the template filled, ending
+    before the answer), ``target`` (the true value), ``target_new`` (``new_targets``' seeded other
+    value) and ``split`` (``train`` or ``heldout`` templates). The training templates give exactly
+    the prompts of the selection ``factworld:RELATION``, in the same order.
+    """
+    rows = []
+    for fact_id, (fact, new) in enumerate(zip(facts, new_targets(world, facts, stream=stream))):
+        rel = world.relation[fact.relation_id]
+        for k, template in enumerate(rel.templates):
+            if (k in rel.heldout) != heldout:
+                continue
+            rows.append({
+                "id": len(rows), "fact_id": fact_id, "subject": fact.subject, "relation_id": fact.relation_id,
+                "template": k, "prompt": fill(template, fact.subject), "target": fact.value, "target_new": new,
+                "split": "heldout" if heldout else "train",
+            })
+    return rows
+
+
+def _write_rows(path: Path, rows: list[dict], fmt: str) -> Path:
+    from mechedit.artifacts import write_text_atomic
+
+    if fmt == "jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    elif fmt == "json":
+        text = json.dumps(rows, indent=1, ensure_ascii=False) + "\n"
+    else:
+        import io
+
+        buf = io.StringIO()
+        # every row gets every column (a canary has no heldout_prefix): empty cells read back as null
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buf.getvalue()
+    return write_text_atomic(path, text)
+
+
+def export_records(world: World, out_dir: str | Path, fmt: str = "jsonl") -> list[Path]:
+    """Write the world as the record files the command line's ``--data`` reads; return their paths.
+
+    ``fmt`` (``RECORD_FORMATS``) is the format of ``facts``, ``paraphrases``, ``planted`` (when the
+    world has planted people) and ``private`` (``private_records``' fields: ``prefix`` + ``secret``
+    is what ``--suite privacy`` and DEPN read); ``bias_pairs.csv`` is always a CrowS-Pairs CSV, the
+    one format contrastive pairs are read from. ``facts`` holds every fact in its training
+    templates, ``paraphrases`` in its held-out ones (``fact_rows``). Each file is written to a
+    temporary name and renamed; the same world gives byte-identical files.
+    """
+    if fmt not in RECORD_FORMATS:
+        raise ValueError(f"format {fmt!r}: choose one of {', '.join(RECORD_FORMATS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [
+        _write_rows(out / f"facts.{fmt}", fact_rows(world, world.facts), fmt),
+        _write_rows(out / f"paraphrases.{fmt}", fact_rows(world, world.facts, heldout=True), fmt),
+    ]
+    if world.planted:
+        paths.append(_write_rows(out / f"planted.{fmt}", fact_rows(world, world.planted_facts, stream="planted"), fmt))
+    paths.append(_write_rows(out / f"private.{fmt}", private_records(world), fmt))
+    paths.append(_write_rows(out / "bias_pairs.csv", bias_rows(world), "csv"))
+    return paths
