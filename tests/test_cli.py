@@ -449,7 +449,7 @@ def test_run_recipe_writes_a_folder_equal_to_the_api_and_reruns_from_params(caps
     assert folder.parent == tmp_path / "runs" and folder.name.startswith("tiny-forget-")
     assert sorted(p.name for p in folder.iterdir()) == [
         "circuit.json", "circuit.scores.json", "circuit.scores.safetensors", "edit", "params.json",
-        "report-facts.json", "summary.json"]
+        "report-facts.json", "results.jsonl", "summary.json"]
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [folder.name]  # no partial folder left
 
     scores = neuron_attribution(factworld, fact_prompts(world, fact), config=NeuronAttributionConfig(layers=(2,)),
