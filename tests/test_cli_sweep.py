@@ -202,17 +202,15 @@ def test_bad_sweeps_exit_2_with_one_line_and_no_folder(tiny, tmp_path, monkeypat
 def test_a_sweep_on_a_local_ray_equals_the_pool(pool_sweep, tiny, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'mechedit[ray]'")
     _, recipe, _ = tiny
-    try:  # Ray gives a local instance 30 s to start; an overloaded machine can miss that
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    except Exception as err:
-        pytest.skip(f"a local Ray instance did not start here: {' '.join(str(err).split())}")
     try:
-        # --ray local uses the instance this process already started
         code, summary, err = _cli("sweep", recipe, "--over", "facts", "--limit", "2", "--ray", "local",
                                   "--sweeps", tmp_path / "sweeps")
     finally:
-        ray.shutdown()
+        ray.shutdown()  # (the sweep shuts the instance it started down; this covers a failure before)
+    if code == 1 and "timed out during startup" in err:  # Ray's own 30 s limit, not ours to change
+        pytest.skip(f"a local Ray instance did not start on this (loaded) machine: {err.strip()}")
     assert code == 0, err
     _, pooled = pool_sweep
     assert [j["status"] for j in summary["jobs"]] == ["ok", "ok"]
     assert [_job_numbers(j) for j in summary["jobs"]] == [_job_numbers(j) for j in pooled["jobs"]]
+    assert not any((tmp_path / "sweeps").glob(".*.partial"))
