@@ -125,6 +125,25 @@ def test_results_jsonl_has_one_line_per_item_whose_means_are_the_summary(tiny, t
     assert {r["metric"] for r in rows if r["suite"] == "efficacy"} == set(items[0]["after"])
 
 
+def test_results_jsonl_holds_one_line_per_secret_of_a_privacy_evaluation(tiny, tmp_path):
+    root, recipe, _ = tiny
+    secrets = [{"prefix": f"w{i} w{i + 1} w{i + 2}", "secret": f"w{i + 10} w{i + 11}"} for i in range(1, 4)]
+    (tmp_path / "secrets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in secrets))
+    text = recipe.read_text().replace("  - suite: facts\n", f"  - suite: privacy\n    data: {tmp_path / 'secrets.jsonl'}\n"
+                                      "    options: {n_samples: 10, el: false}\n")
+    (tmp_path / "p.yaml").write_text(text)
+    code, summary, err = _cli("run", tmp_path / "p.yaml", "--runs", tmp_path / "runs")
+    assert code == 0, err
+    folder = Path(summary["folder"])
+    items = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    assert [(i["eval"], i["item"], i["prefix"], i["secret"]) for i in items] == [
+        ("privacy", n, r["prefix"], r["secret"]) for n, r in enumerate(secrets)]
+    metrics = json.loads((folder / "summary.json").read_text())["steps"][2]["metrics"]
+    for when in ("before", "after"):
+        mrr = [i[when]["mrr"] for i in items]
+        assert sum(mrr) / len(mrr) == pytest.approx(metrics["mrr"][when], abs=1e-9)
+
+
 def test_a_failing_job_is_retried_reported_and_exits_1_while_the_others_stay(tiny, tmp_path, monkeypatch):
     import mechedit.edit
 
