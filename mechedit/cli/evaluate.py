@@ -197,7 +197,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     suite = {"facts": _facts, "privacy": _privacy, "bias": _bias}[args.suite]
     facts_edit = edit if edit is not None or args.suite != "facts" else contextlib.nullcontext
     report, result, lines = suite(model, facts_edit, args, opts)
-    items = result.pop("items")  # per-item rows: only `mechedit run` keeps them (results.jsonl)
+    items = result.pop("items", [])  # per-item rows (a suite may have none): only `mechedit run` keeps them
     files = {}
     if args.out is not None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
