@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	# the knowledge-neurons validation peer (dev extra) without its own dependencies
 	$(PY) -m pip install -q --no-deps "knowledge-neurons==0.0.2"
-	$(PY) -m pip install -q -e ".[dev,notebooks]"
+	$(PY) -m pip install -q -e ".[dev,notebooks,ray]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -303,6 +303,16 @@ def write_json_atomic(path: str | os.PathLike, data: Any, *, sort_keys: bool = F
     return _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
+    """Write ``rows`` as JSON Lines (one compact object a line) atomically; returns the path.
+
+    Strict JSON like ``write_json_atomic``: NaN or infinities raise ``ValueError`` before any
+    file is touched.
+    """
+    text = "".join(json.dumps(row, allow_nan=False, ensure_ascii=False) + "\n" for row in rows)
+    return _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Tensors
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -449,7 +450,7 @@ def test_run_recipe_writes_a_folder_equal_to_the_api_and_reruns_from_params(caps
     assert folder.parent == tmp_path / "runs" and folder.name.startswith("tiny-forget-")
     assert sorted(p.name for p in folder.iterdir()) == [
         "circuit.json", "circuit.scores.json", "circuit.scores.safetensors", "edit", "params.json",
-        "report-facts.json", "report.html", "summary.json"]
+        "report-facts.json", "report.html", "results.jsonl", "summary.json"]
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [folder.name]  # no partial folder left
 
     scores = neuron_attribution(factworld, fact_prompts(world, fact), config=NeuronAttributionConfig(layers=(2,)),
@@ -460,6 +461,17 @@ def test_run_recipe_writes_a_folder_equal_to_the_api_and_reruns_from_params(caps
                                 suites=fact_edit_suites(world, [fact], neighbours_per_fact=1, mc_rotations=False))
     rows = json.loads((folder / "summary.json").read_text())["steps"][2]["rows"]
     assert _rows_close(rows, json.loads(json.dumps(report.to_frame().to_dict(orient="records"))))
+    # results.jsonl: one line per evaluated prompt; each row of the summary is its items' mean (rank: median)
+    items = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    assert len(items) == sum(r["n"] for r in rows if r["suite"] != "fluency" and r["metric"] == "p_true")
+    for row in rows:
+        mine = [i[when][row["metric"]] for i in items if (i["case"], i["suite"]) == (row["case"], row["suite"])
+                for when in ("after",)]
+        if row["suite"] == "fluency":  # a corpus measure: no items
+            assert not mine
+            continue
+        mean = statistics.median(mine) if row["metric"].startswith("rank_") else sum(mine) / len(mine)
+        assert len(mine) == row["n"] and mean == pytest.approx(row["after"], abs=1e-6), row
 
     code, again, err = run_cli(capsys, "run", folder / "params.json", "--runs", tmp_path / "again")
     assert code == 0, err

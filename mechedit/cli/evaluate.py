@@ -105,7 +105,8 @@ def _facts(model: Any, edit: Any, args: argparse.Namespace, opts: dict[str, Any]
         )
     frame = report.to_frame()
     rows = frame.to_dict(orient="records")
-    return report, {"rows": rows}, [frame.to_string(index=False, float_format=lambda v: f"{v:.4f}")]
+    items = [{"eval": "facts", **item} for item in report.items]
+    return report, {"rows": rows, "items": items}, [frame.to_string(index=False, float_format=lambda v: f"{v:.4f}")]
 
 
 def _privacy(model: Any, edit: Any, args: argparse.Namespace, opts: dict[str, Any]) -> tuple[Any, dict[str, Any], list[str]]:
@@ -116,7 +117,8 @@ def _privacy(model: Any, edit: Any, args: argparse.Namespace, opts: dict[str, An
     report = privacy_report(model, read_secrets(args.data, limit=args.limit), edit=edit, **opts)
     metrics = {k: {"before": b, "after": a} for k, (b, a) in report.metrics.items()}
     lines = [f"{k:24s} {b:10.4f} {a:10.4f}" for k, (b, a) in report.metrics.items()]
-    return report, {"metrics": metrics, "n_secrets": report.n_secrets, "flips": report.flips},\
+    items = [_privacy_item(i, row) for i, row in enumerate(report.per_secret.to_dict(orient="records"))]
+    return report, {"metrics": metrics, "n_secrets": report.n_secrets, "flips": report.flips, "items": items},\
         [f"{'metric':24s} {'before':>10s} {'after':>10s}", *lines]
 
 
@@ -132,11 +134,42 @@ def _bias(model: Any, edit: Any, args: argparse.Namespace, opts: dict[str, Any])
     if edit is not None:
         with applied_edit(model, edit):
             after = pair_preference(model, pairs, **opts)
-    result = {"before": before.to_dict(), "after": None if after is None else after.to_dict()}
+    result = {"before": before.to_dict(), "after": None if after is None else after.to_dict(), "items": _bias_items(pairs, before, after)}
     line = f"advantaged side preferred: {before.percent:.1f} % of {before.n_pairs} pairs"
     if after is not None:
         line += f" -> {after.percent:.1f} % with the edit"
     return None, result, [line]
+
+
+def _privacy_item(i: int, row: dict[str, Any]) -> dict[str, Any]:
+    """A ``per_secret`` row with its ``<metric>_before`` / ``_after`` columns as ``before`` / ``after`` dicts."""
+    out: dict[str, Any] = {"eval": "privacy", "suite": "privacy", "item": i, "before": {}, "after": {}}
+    for key, value in row.items():
+        stem, _, when = key.rpartition("_")
+        if when in ("before", "after") and stem:
+            out[when][stem] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _bias_items(pairs: list[Any], before: Any, after: Any) -> list[dict[str, Any]]:
+    """One dict per scored pair: its score difference (advantaged - disadvantaged) before/after.
+
+    The pair's texts are given when no pair was skipped (only then do scores line up with ``pairs``).
+    """
+    aligned = not before.skipped
+    out = []
+    for i, diff in enumerate(before.differences.tolist()):
+        row: dict[str, Any] = {"eval": "bias", "suite": "bias", "item": i}
+        if aligned:
+            row.update(advantaged=pairs[i].advantaged, disadvantaged=pairs[i].disadvantaged)
+        row["before"] = {"difference": diff, "preferred": float(diff > 0)}
+        if after is not None:
+            d = float(after.differences[i])
+            row["after"] = {"difference": d, "preferred": float(d > 0)}
+        out.append(row)
+    return out
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
@@ -164,6 +197,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     suite = {"facts": _facts, "privacy": _privacy, "bias": _bias}[args.suite]
     facts_edit = edit if edit is not None or args.suite != "facts" else contextlib.nullcontext
     report, result, lines = suite(model, facts_edit, args, opts)
+    items = result.pop("items", [])  # per-item rows (a suite may have none): only `mechedit run` keeps them
     files = {}
     if args.out is not None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -175,5 +209,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             files["report"] = str(write_json_atomic(args.out, _finite(result)))
     summary = {"command": "eval", "suite": args.suite, "model": args.model, "edit": args.edit,
                "data": args.data, **result, "files": files}
+    if ctx.record is not None:
+        summary["items"] = items
     emit(ctx, _finite(summary), lines + [f"report -> {files['report']}" for _ in files])
     return 0

@@ -3,7 +3,9 @@
 A recipe is YAML validated against ``Recipe`` (pydantic): unknown keys are rejected, and every
 error names the key and its line. The run folder ``<runs>/<name>-<UTC timestamp>/`` holds
 ``params.json`` (the resolved recipe, the seed and library versions), ``circuit.json`` (+ scores),
-``edit/``, ``report-<suite>.json`` per evaluation and ``summary.json`` (every step's summary). It
+``edit/``, ``report-<suite>.json`` per evaluation, ``results.jsonl`` (one line per evaluated item:
+each prompt of the facts suites, each secret, each bias pair, with its before/after values) and
+``summary.json`` (every step's summary). It
 is built under a hidden ``.<name>-<timestamp>.partial`` name and renamed when complete, so a crash
 leaves nothing that looks like a finished run; ``report.html`` (``mechedit report``'s page) is
 then written into the finished folder (``--no-report``: not). ``mechedit run runs/X/params.json`` reruns it.
@@ -230,7 +232,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    from mechedit.artifacts import write_json_atomic
+    from mechedit.artifacts import write_json_atomic, write_jsonl_atomic
     from mechedit.cli import build_parser
 
     recipe = load_recipe(args.recipe)
@@ -253,6 +255,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         for step in steps:
             inner.say(f"== {step.command}")
             step.run(step, inner)
+        # the evaluations' per-item rows go to results.jsonl, not into summary.json
+        write_jsonl_atomic(partial / "results.jsonl", [row for step in inner.record for row in step.pop("items", [])])
         summary = {"name": recipe.name, "recipe": str(args.recipe), "steps": _relocated(inner.record, partial, final)}
         write_json_atomic(partial / "summary.json", summary)
         os.replace(partial, final)

@@ -576,8 +576,14 @@ def fact_edit_suites(
     )
 
 
-def _suite_scores(model: Any, prompts: Sequence[FactPrompt], batch_size: int) -> dict[tuple[str, str], float]:
-    """``{(measure, metric): value}`` of one suite (means over items; ``rank_*`` the median)."""
+def _suite_item_scores(model: Any, prompts: Sequence[FactPrompt], batch_size: int) -> dict[tuple[str, str], torch.Tensor]:
+    """``{(measure, metric): Float[n]}``: each item's score in one suite, in ``prompts`` order.
+
+    The per-item values behind ``_suite_scores``: ``p_*``, ``logprob_*`` (nats), ``token_accuracy_*``,
+    ``rank_*`` (>= 1), ``mrr_*`` (``1 / rank``), ``exact_*`` / ``new_beats_true`` /
+    ``choice_accuracy_*`` (0 or 1). Every reported metric is the mean of its items except
+    ``rank_*``, reported as the median.
+    """
     answers = {"true": [p.target for p in prompts]}
     if all(p.target_new is not None for p in prompts):
         answers["new"] = [p.target_new for p in prompts]
@@ -586,46 +592,58 @@ def _suite_scores(model: Any, prompts: Sequence[FactPrompt], batch_size: int) ->
     keys = list(answers)
     scores = answer_item_scores(model, texts * len(keys), [a for k in keys for a in answers[k]], batch_size=batch_size)
     n = len(prompts)
-    out: dict[tuple[str, str], float] = {}
+    out: dict[tuple[str, str], torch.Tensor] = {}
     logprob = {}
     for k_i, key in enumerate(keys):
         part = slice(k_i * n, (k_i + 1) * n)
         logprob[key] = scores.logprob[part]
-        tf = {
-            f"p_{key}": scores.p[part].mean().item(),
-            f"logprob_{key}": scores.logprob[part].mean().item(),
-            f"token_accuracy_{key}": scores.token_accuracy[part].mean().item(),
-            f"rank_{key}": float(statistics.median(scores.rank[part].tolist())),
-            f"mrr_{key}": (1.0 / scores.rank[part].float()).mean().item(),
-        }
-        out.update({("teacher_forced", metric): v for metric, v in tf.items()})
-        out[("generated", f"exact_{key}")] = scores.exact[part].float().mean().item()
+        out[("teacher_forced", f"p_{key}")] = scores.p[part]
+        out[("teacher_forced", f"logprob_{key}")] = scores.logprob[part]
+        out[("teacher_forced", f"token_accuracy_{key}")] = scores.token_accuracy[part]
+        out[("teacher_forced", f"rank_{key}")] = scores.rank[part].float()
+        out[("teacher_forced", f"mrr_{key}")] = 1.0 / scores.rank[part].float()
+        out[("generated", f"exact_{key}")] = scores.exact[part].float()
     if "new" in logprob:
-        out[("teacher_forced", "new_beats_true")] = (logprob["new"] > logprob["true"]).float().mean().item()
+        out[("teacher_forced", "new_beats_true")] = (logprob["new"] > logprob["true"]).float()
     if all(p.candidates is not None for p in prompts):
         out.update(_choice_accuracy(model, prompts, batch_size))
     return out
 
 
+def _suite_scores(items: dict[tuple[str, str], torch.Tensor]) -> dict[tuple[str, str], float]:
+    """``{(measure, metric): value}`` of one suite from its item scores (means; ``rank_*`` the median)."""
+    out = {}
+    for (measure, metric), v in items.items():
+        if metric.startswith("choice_accuracy_"):
+            v = v[~v.isnan()]  # items without a target_new have no new-answer choice
+        out[(measure, metric)] = float(statistics.median(v.tolist())) if metric.startswith("rank_") else v.mean().item()
+    return out
+
+
 @torch.no_grad()
-def _choice_accuracy(model: Any, prompts: Sequence[FactPrompt], batch_size: int) -> dict[tuple[str, str], float]:
-    """Fraction whose true (new) answer has the highest logit among the candidates' tokens."""
-    right: dict[str, list[torch.Tensor]] = {}
-    by_size: dict[int, list[FactPrompt]] = {}
-    for p in prompts:
-        by_size.setdefault(len(p.candidates), []).append(p)
+def _choice_accuracy(model: Any, prompts: Sequence[FactPrompt], batch_size: int) -> dict[tuple[str, str], torch.Tensor]:
+    """Per item (``Float[n]``, 0 or 1): is the true (new) answer's logit the highest among the candidates' tokens?
+
+    NaN where an item has no ``target_new`` (the ``new`` tensor, when only some items carry one).
+    """
+    right: dict[str, torch.Tensor] = {}
+    by_size: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_size.setdefault(len(p.candidates), []).append(i)
     for group in by_size.values():
         for lo in range(0, len(group), batch_size):
-            batch = tokenize_facts(model, group[lo : lo + batch_size])
+            index = group[lo : lo + batch_size]
+            batch = tokenize_facts(model, [prompts[i] for i in index])
             with real_tokens(batch):
                 logits = model(batch.tokens)
             rows = torch.arange(len(batch), device=logits.device)
             options = logits[rows, batch.last_positions].gather(1, batch.candidate_ids)  # [b, k]
             chosen = batch.candidate_ids.gather(1, options.argmax(-1, keepdim=True))[:, 0]
-            right.setdefault("true", []).append((chosen == batch.target_ids).cpu())
-            if batch.target_new_ids is not None:
-                right.setdefault("new", []).append((chosen == batch.target_new_ids).cpu())
-    return {("teacher_forced", f"choice_accuracy_{k}"): torch.cat(v).float().mean().item() for k, v in right.items()}
+            answers = {"true": batch.target_ids, "new": batch.target_new_ids}
+            for key, target in answers.items():
+                if target is not None:  # grouped by candidate count: scatter back to prompt order
+                    right.setdefault(key, torch.full((len(prompts),), math.nan))[index] = (chosen == target).float().cpu()
+    return {("teacher_forced", f"choice_accuracy_{k}"): v for k, v in right.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -659,10 +677,19 @@ _FRAME_COLUMNS = ["case", "suite", "measure", "metric", "before", "after", "chan
 
 @dataclass(frozen=True)
 class EditReport:
-    """Before/after rows of an edit evaluation, with free-form context (edit description, seeds)."""
+    """Before/after rows of an edit evaluation, with free-form context (edit description, seeds).
+
+    ``items`` (from ``evaluate_fact_edit``; not saved by ``save``, not compared by ``==``): one
+    dict per scored prompt, suite by suite: ``case``, ``suite``, ``item`` (its index in the
+    suite), ``prompt``, ``subject``, ``relation_id``, ``target``, ``target_new``, ``record_id``,
+    and ``before`` / ``after``: ``{metric: value}`` with the metric names of ``rows``. A row's
+    value is the mean of its items' values (``rank_*``: the median); fluency is a corpus
+    measure and has no items.
+    """
 
     rows: tuple[EvalRow, ...]
     context: dict[str, Any]
+    items: tuple[dict[str, Any], ...] = field(default=(), compare=False, repr=False)
 
     def get(self, suite: str, metric: str, *, case: str | None = None, measure: str | None = None) -> EvalRow:
         """The one row for ``suite`` / ``metric`` (narrowed by ``case`` / ``measure``).
@@ -753,23 +780,34 @@ class EditReport:
 Measured = dict[tuple[str, str, str, str], tuple[float, int]]  # (case, suite, measure, metric) -> (value, n)
 
 
-def _measure(model, suites: dict[str, Sequence[FactPrompt]], texts: Sequence[str], batch_size: int) -> Measured:
+Items = dict[tuple[str, str], dict[tuple[str, str], torch.Tensor]]  # (case, suite) -> (measure, metric) -> [n]
+
+
+def _measure(
+    model, suites: dict[str, Sequence[FactPrompt]], texts: Sequence[str], batch_size: int, items: Items | None = None
+) -> Measured:
     out: Measured = {}
     for name, facts in suites.items():
         if facts:
-            for metric, value in fact_scores(model, facts, batch_size=batch_size).items():
-                out[("", name, "", metric)] = (value, len(facts))
+            per_item = fact_item_scores(model, facts, batch_size=batch_size)
+            for metric, value in per_item.items():
+                out[("", name, "", metric)] = (value.mean().item(), len(facts))
+            if items is not None:
+                items[("", name)] = {("", metric): value.cpu() for metric, value in per_item.items()}
     if texts:
         out[("", "fluency", "", "perplexity")] = (perplexity(model, list(texts), batch_size=batch_size), len(texts))
     return out
 
 
-def measure_cases(model: Any, cases: Sequence[FactEditSuites], batch_size: int = 256) -> Measured:
+def measure_cases(
+    model: Any, cases: Sequence[FactEditSuites], batch_size: int = 256, *, items: Items | None = None
+) -> Measured:
     """Every suite of ``cases`` measured on ``model`` as it is (both measures, all metrics).
 
     Returns ``{(case, suite, measure, metric): (value, n_items)}``; ``fluency`` is measured once
     per distinct text set. ``evaluate_fact_edit`` calls it before and after an edit; the
-    robustness evaluation calls it on two models and under attacks.
+    robustness evaluation calls it on two models and under attacks. Given a dict ``items``, each
+    suite's per-item scores go in as ``items[(case, suite)] = {(measure, metric): Float[n]}``.
     """
     out: Measured = {}
     fluency: dict[tuple[str, ...], float] = {}
@@ -777,8 +815,11 @@ def measure_cases(model: Any, cases: Sequence[FactEditSuites], batch_size: int =
         for name in SUITES:
             prompts = getattr(case, name)
             if prompts:
-                for (measure, metric), value in _suite_scores(model, prompts, batch_size).items():
+                per_item = _suite_item_scores(model, prompts, batch_size)
+                for (measure, metric), value in _suite_scores(per_item).items():
                     out[(case.case, name, measure, metric)] = (value, len(prompts))
+                if items is not None:
+                    items[(case.case, name)] = per_item
         if case.fluency:
             if case.fluency not in fluency:  # cases usually share their texts: measure once
                 fluency[case.fluency] = perplexity(model, list(case.fluency), batch_size=batch_size)
@@ -841,11 +882,19 @@ def evaluate_fact_edit(
         raise ValueError("nothing to evaluate: pass suites=fact_edit_suites(world, facts, ...) or edited=[FactPrompt, ...]")
     if progress:
         progress("measuring before the edit")
-    before = {**_measure(model, legacy, fluency_texts, batch_size), **measure_cases(model, cases, batch_size)}
+    items_before: Items = {}
+    items_after: Items = {}
+    before = {
+        **_measure(model, legacy, fluency_texts, batch_size, items_before),
+        **measure_cases(model, cases, batch_size, items=items_before),
+    }
     if progress:
         progress("measuring with the edit")
     with applied_edit(model, edit):
-        after = {**_measure(model, legacy, fluency_texts, batch_size), **measure_cases(model, cases, batch_size)}
+        after = {
+            **_measure(model, legacy, fluency_texts, batch_size, items_after),
+            **measure_cases(model, cases, batch_size, items=items_after),
+        }
     rows = tuple(
         EvalRow(suite, metric, value, after[key][0], n, case, measure)
         for key, (value, n) in before.items()
@@ -854,4 +903,23 @@ def evaluate_fact_edit(
     context = dict(context or {})
     if cases:
         context.setdefault("cases", {c.case: {"facts": [dict(f) for f in c.facts], "sizes": c.sizes()} for c in cases})
-    return EditReport(rows, context)
+    prompts = {**{("", name): facts for name, facts in legacy.items()},
+               **{(c.case, name): getattr(c, name) for c in cases for name in SUITES}}
+    return EditReport(rows, context, _item_rows(prompts, items_before, items_after))
+
+
+def _item_rows(prompts: dict[tuple[str, str], Sequence[FactPrompt]], before: Items, after: Items) -> tuple[dict[str, Any], ...]:
+    """One dict per scored prompt (see ``EditReport.items``), suites in measuring order."""
+    out = []
+    for case, suite in before:
+        values = {
+            when: {metric: [float(x) for x in v.tolist()] for (_, metric), v in measured[(case, suite)].items()}
+            for when, measured in (("before", before), ("after", after))
+        }
+        for i, p in enumerate(prompts[(case, suite)]):
+            out.append({
+                "case": case, "suite": suite, "item": i, "prompt": p.prompt, "subject": p.subject,
+                "relation_id": p.relation_id, "target": p.target, "target_new": p.target_new, "record_id": p.record_id,
+                **{when: {metric: v[i] for metric, v in vals.items()} for when, vals in values.items()},
+            })
+    return tuple(out)
