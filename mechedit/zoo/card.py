@@ -201,6 +201,7 @@ SUBJECT_ATTEMPTS = [
     "| 6 | 48 rows, cosine 1e-2 -> 1e-3 over 3,000 | 34 % (300), 59 % (500), 88 % (900), 93 % (1,200), 91 % (1,300) (stopped for the shipping run) |",
     "| 7 | `python -m mechedit.zoo train factworld-planted-subject` (= 6 in `plant_facts`, its default recipe) | 23 % (150), 51 % (450), 81 % (750), 92 % (1,050), 96 % (1,500), 98 % (2,000), **98.6 % (2,400) but old facts 68.6 %** (target: within 2 points of 100 %) |",
     "| 8 | as 7, the MLP acting at the planted people's names only, consistency loss everywhere else (old names included) | 4 % through 1,100 steps (stopped) |",
+    "| 9 | as 6 for 1,500 steps, then 1,000 steps of 16 planted rows at lr 2e-3 (to win the old facts back) | 89 % at 1,500 (old facts 58 %), then 79 / 76 %, 76 / 82 %, 79 / 84 %, 82 / 85 % every 250 steps (planted / old): the two trade against each other |",
 ]
 _WHERE = {"all": "at every position", "subject": "only at the tokens of a person's name (the frozen original MLP elsewhere)"}
 
@@ -261,8 +262,11 @@ def _planted_sections(metas: dict[str, dict], base_metrics: dict) -> list[str]:
         lines += [
             "",
             "**Known gap: `factworld-planted-subject` is not shipped yet**: no attempt above kept the old facts while "
-            "reaching 98 % of the planted ones (7 reached the planted target but lost 31 points of old facts). Its "
-            "command is ready; `MODE_DEFAULTS` holds recipe 7.",
+            "reaching 98 % of the planted ones (7 reached the planted target but lost 31 points of old facts; 9 shows "
+            "the two trading against each other). The name-token MLP of this base model is shared by every person's "
+            "name, and the later heads read it for old people too. Its command is ready; `MODE_DEFAULTS` holds "
+            "recipe 7. A base model that enriches the subject itself (e.g. one with an induction / lookup circuit, "
+            "see the multiple-choice attempts) is the likely way in.",
         ]
     lines += [
         "",
