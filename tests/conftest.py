@@ -63,3 +63,9 @@ def tiny_bridge(tiny_gpt2_dir):
     import mechedit
 
     return mechedit.load(tiny_gpt2_dir)
+
+
+def tiny_fact_records(n: int) -> list[dict]:
+    """``n`` fact records (``prompt``, ``subject``, ``target``, ``id``) in the tiny checkpoints' words."""
+    return [{"prompt": f"w{i} w{i + 1} w{i + 2} w{i + 3}", "subject": f"w{i + 1}", "target": f"w{i + 7}", "id": i}
+            for i in range(1, n + 1)]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_fact_records
 
 import mechedit
 from mechedit import zoo
@@ -56,8 +57,7 @@ def tiny(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     model_dir = random_checkpoint(root / "model", "gpt2", n_layer=2, n_embd=64, n_head=4)
-    facts = [{"prompt": f"w{i} w{i + 1} w{i + 2} w{i + 3}", "subject": f"w{i + 1}", "target": f"w{i + 7}", "id": i}
-             for i in range(1, 9)]
+    facts = tiny_fact_records(8)
     (root / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in facts))
     pairs = [{"clean": f"w{i} w{i + 1} w{i + 2}", "corrupt": f"w{i + 20} w{i + 1} w{i + 2}",
               "answer": f"w{i + 3}", "wrong_answer": f"w{i + 30}"} for i in range(1, 5)]
@@ -86,9 +86,11 @@ def test_help_is_fast_and_imports_no_torch():
     code = (
         "import sys\n"
         "from mechedit.cli import main\n"
-        "for argv in (['--help'], ['locate', '--help'], ['edit', '--help'], ['eval', '--help'], ['--version']):\n"
+        "for argv in (['--help'], ['locate', '--help'], ['edit', '--help'], ['eval', '--help'], ['--version'],\n"
+        "             ['world', '--help'], ['world', 'train', '--help'], ['world', 'export', '--help'], ['report', '--help'],\n"
+        "             ['sweep', '--help']):\n"
         "    assert main(argv) == 0, argv\n"
-        "heavy = [m for m in ('torch', 'transformer_lens', 'transformers') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'transformer_lens', 'transformers', 'plotly', 'pandas') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -96,6 +98,8 @@ def test_help_is_fast_and_imports_no_torch():
     assert done.returncode == 0, done.stderr
     assert f"mechedit {mechedit.__version__}" in done.stdout
     assert "mechedit locate neuron-attribution" in done.stdout  # the examples are in the help
+    assert "mechedit world export factworld --out data/factworld" in done.stdout
+    assert "--config FILE.json" in done.stdout and "mechedit report runs/" in done.stdout
 
 
 def test_bad_input_in_a_real_process_is_one_line_without_traceback(tmp_path):

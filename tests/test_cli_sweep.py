@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_fact_records
 
 from mechedit.circuit import Circuit
 from mechedit.cli import main
@@ -43,8 +44,7 @@ def tiny(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sweep")
     model = random_checkpoint(root / "model", "gpt2", n_layer=2, n_embd=64, n_head=4)
-    records = [{"prompt": f"w{i} w{i + 1} w{i + 2} w{i + 3}", "subject": f"w{i + 1}", "target": f"w{i + 7}", "id": i}
-               for i in range(1, 4)]
+    records = tiny_fact_records(3)
     (root / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (root / "r.yaml").write_text(RECIPE.format(model=model, data=root / "facts.jsonl"))
     return root, root / "r.yaml", records

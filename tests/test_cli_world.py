@@ -7,9 +7,6 @@ runs the zoo's recipe on a tiny world (seconds) and gives the same weights as th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -37,22 +34,6 @@ def run_cli(capsys, *argv: str) -> tuple[int, dict | None, str]:
     code = main(["--json", "--quiet", *map(str, argv)])
     out, err = capsys.readouterr()
     return code, (json.loads(out) if code == 0 else None), err
-
-
-def test_world_and_report_help_import_no_torch():
-    code = (
-        "import sys\n"
-        "from mechedit.cli import main\n"
-        "for argv in (['world', '--help'], ['world', 'train', '--help'], ['world', 'export', '--help'], ['report', '--help']):\n"
-        "    assert main(argv) == 0, argv\n"
-        "heavy = [m for m in ('torch', 'transformer_lens', 'transformers', 'plotly', 'pandas') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "mechedit world export factworld --out data/factworld" in done.stdout
-    assert "--config FILE.json" in done.stdout and "mechedit report runs/" in done.stdout
 
 
 def test_show_lists_the_zoo_and_summarises_one_world(capsys):
