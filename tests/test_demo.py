@@ -80,3 +80,25 @@ def test_demo_rejects_bad_input(tmp_path):
         run_demo(DemoConfig(subject="nobody here", out_dir=str(tmp_path)), progress=False)
     with pytest.raises(ValueError, match="k must be"):
         DemoConfig(k=0)
+
+
+def test_per_relation_breakdown_explains_the_suite_numbers(demo):
+    """The "same subject, other relations" row is the mean over its items; per relation, each
+    relation's items agree with it, and the report page shows the breakdown and the marked neurons."""
+    from mechedit.viz import relation_bars
+
+    report = demo.report
+    per = report.by_relation("accuracy").set_index(["suite", "relation_id"])
+    others = per.loc["same_subject_other_relations"]
+    assert demo.fact.relation_id not in others.index and len(others) >= 3
+    row = report.get("same_subject_other_relations", "accuracy")
+    # the suite's number is the item-weighted mean of its relations' numbers
+    assert (others["after"] * others["n"]).sum() / others["n"].sum() == pytest.approx(row.after)
+    assert (others["before"] * others["n"]).sum() / others["n"].sum() == pytest.approx(row.before)
+    assert per.loc[("efficacy", demo.fact.relation_id), "after"] == pytest.approx(report.get("efficacy", "accuracy").after)
+    fig = relation_bars(report)
+    assert [t.name for t in fig.data] == ["before", "after"] and len(fig.data[0].x) == len(per)
+    html = demo.paths["report_html"].read_text()
+    assert "per suite and relation" in html and '"name":"selected"' in html.replace(" ", "")
+    with pytest.raises(KeyError, match="per-item metrics"):
+        report.by_relation("no_such_metric")

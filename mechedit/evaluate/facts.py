@@ -713,6 +713,29 @@ class EditReport:
         """Columns case, suite, measure, metric, before, after, change, n (one row each)."""
         return pd.DataFrame([{**asdict(r), "change": r.change} for r in self.rows], columns=_FRAME_COLUMNS)
 
+    def by_relation(self, metric: str = "accuracy") -> pd.DataFrame:
+        """``metric`` before and after, averaged per (case, suite, relation) over the scored items.
+
+        Columns case, suite, relation_id, before, after, change, n. Shows what one number per suite
+        hides, e.g. a "same subject, other relations" drop that is all one relation. Needs the
+        per-item scores (a report from ``evaluate_fact_edit``, not a loaded one).
+        """
+        if not self.items:
+            raise ValueError("this report has no per-item scores (a loaded report keeps only its rows); "
+                             "rerun evaluate_fact_edit")
+        rows = [it for it in self.items if metric in it["before"]]
+        if not rows:
+            have = sorted({m for it in self.items for m in it["before"]})
+            raise KeyError(f"no item has metric {metric!r}; per-item metrics: {have}")
+        frame = pd.DataFrame([
+            {"case": it["case"], "suite": it["suite"], "relation_id": it["relation_id"] or "?",
+             "before": it["before"][metric], "after": it["after"][metric]} for it in rows
+        ])
+        out = frame.groupby(["case", "suite", "relation_id"], sort=False).agg(
+            before=("before", "mean"), after=("after", "mean"), n=("before", "size")).reset_index()
+        out.insert(5, "change", out["after"] - out["before"])
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """The report's JSON document (non-finite before/after values as ``"nan"``/``"inf"``/``"-inf"``)."""
         return {

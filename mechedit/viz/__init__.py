@@ -12,7 +12,7 @@ that page for a ``mechedit run`` folder.
 
 from mechedit.viz.agreement import agreement_heatmaps, recovery_bars
 from mechedit.viz.bias import bias_bars, bias_history, partition_heatmap
-from mechedit.viz.edits import comparison_bars, edit_bars
+from mechedit.viz.edits import comparison_bars, edit_bars, relation_bars
 from mechedit.viz.figures import before_after, edge_graph, heatmap, probe_curves
 from mechedit.viz.notebook import notebook_setup
 from mechedit.viz.report import write_report
@@ -31,6 +31,7 @@ __all__ = [
     "partition_heatmap",
     "probe_curves",
     "recovery_bars",
+    "relation_bars",
     "write_report",
     "write_run_report",
 ]

@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from mechedit.viz.edits import relation_bars
 from mechedit.viz.figures import before_after, heatmap
 from mechedit.viz.report import write_report
 
@@ -46,7 +47,7 @@ def write_demo_report(result: Any, path: str | Path, *, world: Any) -> Path:
                 "Gradient x activation: the predicted drop in the fact's log-probability when a neuron is zeroed, "
                 "minus the same for neighbours that share the value (nats). Blue (positive): removing the neuron hurts this fact "
                 "more than its neighbours.",
-                heatmap(scores, title="neuron attribution (layer x neuron)", height=420),
+                heatmap(scores, title="neuron attribution (layer x neuron), the selected neurons outlined", height=420, mark=circuit),
                 layer_table,
                 selected,
             ],
@@ -57,6 +58,10 @@ def write_demo_report(result: Any, path: str | Path, *, world: Any) -> Path:
                 f"Zeroing the {len(circuit)} selected neurons (reversible; the model is unchanged afterwards).",
                 before_after(probs, title="Target probability and accuracy, before and after"),
                 frame,
+                "Per relation: where a suite's change comes from (a drop in the subject's other relations is often "
+                "one relation).",
+                relation_bars(report),
+                report.by_relation(),
                 before_after(fluency, title="Held-out text perplexity (lower is better)"),
             ],
         ),

@@ -136,3 +136,20 @@ def comparison_bars(
         )
     fig.update_layout(barmode="group", title=title, yaxis_title=yaxis_title, margin={"t": 60, "b": 80})
     return fig
+
+
+def relation_bars(report: EditReport, *, metric: str = "accuracy", title: str | None = None) -> go.Figure:
+    """Before/after bars per suite and relation (``report.by_relation(metric)``), hover with item counts.
+
+    ``report``: an ``EditReport`` from ``evaluate_fact_edit``. One bar pair per (suite, relation),
+    so a collateral drop concentrated in one relation is visible at a glance.
+    """
+    frame = report.by_relation(metric)
+    labels = [f"{s} / {r}" if not c else f"{c}: {s} / {r}" for c, s, r in zip(frame["case"], frame["suite"], frame["relation_id"])]
+    fig = go.Figure()
+    for when, colour in (("before", "#4c78a8"), ("after", "#e45756")):
+        fig.add_bar(x=labels, y=frame[when], name=when, marker_color=colour, customdata=frame["n"],
+                    hovertemplate="%{x}<br>" + when + f" {metric} %{{y:.3f}}<br>%{{customdata}} items<extra></extra>")
+    fig.update_layout(barmode="group", title=title or f"{metric} per suite and relation, before and after the edit",
+                      yaxis_title=metric, height=420, xaxis_tickangle=-30)
+    return fig
