@@ -48,8 +48,8 @@ EXAMPLES = """examples:
 
 --set KEY=VALUE passes options to the suite's function: facts -> fact_edit_suites (fact-world data) or
 evaluate_fact_edit (files), privacy -> privacy_report, bias -> pair_preference, robustness ->
-RobustnessConfig's fields (attacks, relearn_steps, latent_steps, ...) and fact_edit_suites' neighbours_per_fact,
-mc_rotations and candidates for its cases."""
+RobustnessConfig's fields (attacks, relearn_steps, latent_steps, ...) and, for its cases, fact_edit_suites'
+neighbours_per_fact, mc_rotations and candidates, same_subject=false (no other-facts suite) and fluency_texts=N."""
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -150,7 +150,9 @@ def _bias(model: Any, edit: Any, args: argparse.Namespace, opts: dict[str, Any])
     return None, result, [line]
 
 
-_ROBUSTNESS_CASE_OPTIONS = ("neighbours_per_fact", "mc_rotations", "candidates")
+# fact_edit_suites' keywords, plus two that only shrink the cases (a quick run): same_subject=false
+# drops the people's other facts, fluency_texts=N keeps the first N held-out texts for perplexity
+_ROBUSTNESS_CASE_OPTIONS = ("neighbours_per_fact", "mc_rotations", "candidates", "same_subject", "fluency_texts")
 _ROBUSTNESS_RETAIN = 12
 
 
@@ -163,10 +165,17 @@ def _robustness_options(opts: dict[str, Any]) -> None:
     unknown = sorted(set(opts) - known)
     if unknown:
         raise UsageError(f"the robustness suite takes no option {unknown[0]!r}; its options: {', '.join(sorted(known))}")
+    n = opts.get("fluency_texts")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise UsageError(f"fluency_texts is a count of the world's held-out texts (an int >= 0), got {n!r}")
+    if not isinstance(opts.get("same_subject", True), bool):
+        raise UsageError(f"same_subject is true or false, got {opts['same_subject']!r}")
 
 
 def _robustness(model: Any, edit: Any, args: argparse.Namespace, opts: dict[str, Any],
                 ctx: Context) -> tuple[Any, dict[str, Any], list[str]]:
+    import dataclasses
+
     from mechedit.cli.inputs import WorldSpec, world_facts
     from mechedit.evaluate import fact_edit_suites
     from mechedit.evaluate.robustness import RobustnessConfig, robustness_report
@@ -178,6 +187,9 @@ def _robustness(model: Any, edit: Any, args: argparse.Namespace, opts: dict[str,
     case_opts = {k: opts[k] for k in _ROBUSTNESS_CASE_OPTIONS if k in opts}
     config = RobustnessConfig(**{k: v for k, v in opts.items() if k not in case_opts})
     world, facts = world_facts(spec, args.limit)
+    same_subject = case_opts.pop("same_subject", True)
+    if "fluency_texts" in case_opts:
+        case_opts["fluency_texts"] = list(world.text_heldout[: case_opts["fluency_texts"]])
     forgotten = set(facts)
     if args.retain is not None:
         retain_spec = WorldSpec.parse(args.retain)
@@ -191,6 +203,9 @@ def _robustness(model: Any, edit: Any, args: argparse.Namespace, opts: dict[str,
     forget_case = fact_edit_suites(world, facts, new, exclude=retain, **case_opts)
     retain_case = fact_edit_suites(world, retain, case="retain", neighbours_per_fact=0,
                                    **{k: v for k, v in case_opts.items() if k != "neighbours_per_fact"})
+    if not same_subject:
+        forget_case = dataclasses.replace(forget_case, same_subject=())
+        retain_case = dataclasses.replace(retain_case, same_subject=())
     # the attacks need the original and the edited model side by side: a second load, never a copy
     edited = load_model(ctx, args.model)
     edit.apply(edited)

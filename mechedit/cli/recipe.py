@@ -58,8 +58,9 @@ def _models() -> dict[str, Any]:
             return self
 
     class Edit(Strict):
-        method: Literal["zero", "mean", "finetune", "rank-one"]
+        method: Literal["zero", "mean", "finetune", "rank-one", "pcgu", "f-learning"]
         data: str | None = None
+        dev: str | None = None  # pcgu's checkpoint pairs
         limit: int | None = Field(default=None, ge=1)
         new: str | None = None
         retain: str | None = None
@@ -68,8 +69,9 @@ def _models() -> dict[str, Any]:
         options: dict[str, Any] = {}
 
     class Evaluate(Strict):
-        suite: Literal["facts", "privacy", "bias"]
+        suite: Literal["facts", "privacy", "bias", "robustness"]
         data: str | None = None
+        retain: str | None = None  # robustness's retained facts
         limit: int | None = Field(default=None, ge=1)
         new: str | None = None
         options: dict[str, Any] = {}
@@ -171,13 +173,13 @@ def step_argvs(recipe: Any, folder: Path) -> list[list[str]]:
     if r["edit"] is not None:
         ed = {**r["edit"], "model": r["model"], "circuit": folder / "circuit.json", "out": folder / "edit"}
         argvs.append(_argv("edit", ed, {"model": "--model", "circuit": "--circuit", "method": "--method",
-                                        "data": "--data", "limit": "--limit", "new": "--new", "retain": "--retain",
+                                        "data": "--data", "dev": "--dev", "limit": "--limit", "new": "--new", "retain": "--retain",
                                         "texts": "--texts", "hooks": "--hooks", "out": "--out"}))
     for ev in r["evaluate"]:
         fields = {**ev, "model": r["model"], "data": ev["data"] or r["data"], "out": folder / f"report-{ev['suite']}.json",
                   "edit": folder / "edit" if r["edit"] is not None else None}
         argvs.append(_argv("eval", fields, {"model": "--model", "edit": "--edit", "suite": "--suite", "data": "--data",
-                                           "limit": "--limit", "new": "--new", "out": "--out"}))
+                                           "limit": "--limit", "new": "--new", "retain": "--retain", "out": "--out"}))
     return argvs
 
 
