@@ -172,7 +172,7 @@ def test_eval_robustness_reports_the_headline_and_writes_the_report(capsys, tmp_
                                  "--out", out)
     assert code == 0, err
     head = summary["headline"]
-    assert head["measure"] == "choice_accuracy_true"
+    assert head["measure"] == "choice_accuracy_true" and head["case"] == "forget"
     assert head["forget"]["original"] == 1.0 and head["forget"]["edited"] <= 0.5  # the edit did forget
     assert head["retain"]["n"] > 0 and set(head["recovery"]) == {"relearn_full", "latent_universal"}
     report = RobustnessReport.load(out)
@@ -183,6 +183,24 @@ def test_eval_robustness_reports_the_headline_and_writes_the_report(capsys, tmp_
     assert report.context["config"]["relearn_steps"] == 2 and len(report.context["split"]["heldout_subjects"]) == 1
     sizes = report.context["cases"]["forget"]["sizes"]
     assert sizes["same_subject"] == 0 and sizes["fluency"] == 20
+
+
+def test_the_robustness_headline_of_an_edit_case():
+    from mechedit.cli.evaluate import robustness_headline
+    from mechedit.evaluate.robustness import RobustnessReport, RobustnessRow
+
+    nan = float("nan")
+    rows = (
+        RobustnessRow("edit", "efficacy", "choice_accuracy_true", "none", 1.0, 0.2, nan, 8),
+        RobustnessRow("edit", "efficacy", "exact_true", "none", 1.0, 0.0, nan, 8),
+        RobustnessRow("retain", "efficacy", "choice_accuracy_true", "none", 1.0, 0.9, nan, 16),
+        RobustnessRow("forget_heldout", "efficacy", "choice_accuracy_true", "relearn_full", 1.0, 0.2, 0.6, 4),
+        RobustnessRow("forget_heldout", "efficacy", "exact_true", "relearn_full", 1.0, 0.0, 1.0, 4),
+    )
+    head = robustness_headline(RobustnessReport(rows, {"config": {"attacks": ["relearn_full", "latent_universal"]}}))
+    assert head["case"] == "edit" and head["forget"] == {"original": 1.0, "edited": 0.2, "n": 8}
+    assert head["retain"]["edited"] == 0.9
+    assert head["recovery"] == {"relearn_full": pytest.approx(0.5)}  # (0.6 - 0.2) / (1.0 - 0.2); no rows: no entry
 
 
 @pytest.mark.parametrize(

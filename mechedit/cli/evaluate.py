@@ -219,15 +219,18 @@ def _robustness(model: Any, edit: Any, args: argparse.Namespace, opts: dict[str,
 
 
 def robustness_headline(report: Any) -> dict[str, Any]:
-    """A robustness report's headline: forget and retain efficacy (original vs edited) and each
-    attack's recovery on the held-out half (``choice_accuracy_true`` where the prompts list
-    candidates, else greedy ``exact_true``; NaN recovery: the edit did not move that score)."""
+    """A robustness report's headline: forget (or edit) and retain efficacy of the true answers
+    (original vs edited; ``case`` is the forget case's label) and each attack's recovery on the
+    held-out half (``choice_accuracy_true`` where the prompts list candidates, else greedy
+    ``exact_true``; NaN recovery: the edit did not move that score)."""
     measures = {r.measure for r in report.rows if r.suite == "efficacy"}
     measure = "choice_accuracy_true" if "choice_accuracy_true" in measures else "exact_true"
-    out: dict[str, Any] = {"measure": measure}
-    for case in ("forget", "retain"):
+    # the forget case is labelled "edit" when it carries new answers (fact_edit_suites' case)
+    forget = next(r.case for r in report.rows if r.case not in ("retain", "forget_heldout"))
+    out: dict[str, Any] = {"measure": measure, "case": forget}
+    for key, case in (("forget", forget), ("retain", "retain")):
         row = report.get("efficacy", measure, "none", case=case)
-        out[case] = {"original": row.original, "edited": row.edited, "n": row.n}
+        out[key] = {"original": row.original, "edited": row.edited, "n": row.n}
     attacks = report.context.get("config", {}).get("attacks", [])
     recovery = {}
     for name in attacks:
