@@ -7,7 +7,12 @@
 * ``--method mean``: an ``ActivationEdit`` replacing the circuit by its mean over ``--data``'s prompts;
 * ``--method finetune``: a ``WeightEdit`` from fine-tuning only the circuit's parameters
   (``finetune``; forget ``--data``, or teach ``--new VALUE``; keep ``--retain``);
-* ``--method rank-one``: ROME's rank-one ``WeightEdit`` at the circuit's layer (needs ``--new``).
+* ``--method rank-one``: ROME's rank-one ``WeightEdit`` at the circuit's layer (needs ``--new``);
+* ``--method pcgu``: PCGU's update (``pcgu_update``) from contrastive pairs (``--data``, e.g.
+  ``factworld:bias:train``; ``--dev`` picks the checkpoint), inside the circuit's tensors when a
+  ``--circuit`` is given, else over every tensor;
+* ``--method f-learning``: F-Learning (``f_learning``) on the circuit: learn the old answers of
+  ``--data``, subtract that delta, learn the new ones (``--new`` or the records' ``target_new``).
 
 ``apply EDIT --model DIR`` writes a weight edit into a local checkpoint folder **in place** and
 keeps the original tensors beside it (``DIR/mechedit_reverts/``), so ``revert EDIT --model DIR``
@@ -33,7 +38,7 @@ from mechedit.cli._common import (
     parse_options,
 )
 
-METHODS = ("zero", "mean", "finetune", "rank-one")
+METHODS = ("zero", "mean", "finetune", "rank-one", "pcgu", "f-learning")
 EXAMPLES = """examples:
   mechedit edit --model factworld --circuit circuits/na.json --method zero --out edits/na-zero
   mechedit edit --model factworld --circuit circuits/na.json --method mean --data factworld:P19 --limit 20 --out edits/na-mean
@@ -41,9 +46,15 @@ EXAMPLES = """examples:
       --set steps=20 --set 'objectives={"npo": 1.0}' --out edits/na-ft
   mechedit edit --model factworld --circuit circuits/ct.json --method rank-one --data "factworld:P19:NAME" --new CITY \\
       --out edits/rome --export exports/rome-model
+  mechedit edit --model factworld --method pcgu --data factworld:bias:train --set k=64 --set lr=0.01 --out edits/pcgu
+  mechedit edit --model factworld --circuit circuits/ct.json --method f-learning --data "factworld:P19:NAME" --new CITY \
+      --set lam=1.0 --set 'learn={"steps": 50, "lr": 0.01}' --out edits/fl
 
 Method options go through --set KEY=VALUE: finetune takes FinetuneConfig's fields (objectives, lr, steps, ...),
-rank-one RankOneConfig's, zero/mean ablate()'s keywords (positions, per_position, exclude_bos)."""
+rank-one RankOneConfig's, zero/mean ablate()'s keywords (positions, per_position, exclude_bos); pcgu takes
+PCGUUpdateConfig's fields (lr, epochs, batch_size, eval_every, target, seed) and its ranking's (k, aggregation,
+mode, causal_reduction, masked_score, include_zero, params); f-learning FLearningConfig's: lam, learn_scope
+(circuit|full), and old / learn as objects of FinetuneConfig fields, merged into f_learning's defaults."""
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -51,12 +62,14 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("edit", parents=parents, help="build an edit of a circuit and save it (weights or hooks)",
                        description=__doc__.split("\n\n")[1], epilog=EXAMPLES, formatter_class=fmt)
     p.add_argument("--model", required=True, help="a zoo name, a local HF checkpoint folder or a hub id")
-    p.add_argument("--circuit", required=True, help="a circuit JSON (from mechedit locate)")
+    p.add_argument("--circuit", help="a circuit JSON (from mechedit locate); pcgu: optional, bounds its tensors")
     p.add_argument("--method", required=True, help="one of: " + ", ".join(METHODS))
-    p.add_argument("--data", help="prompts: mean's reference, finetune's forget/edit set, rank-one's facts")
+    p.add_argument("--data", help="prompts: mean's reference, finetune's forget/edit set, rank-one's and f-learning's "
+                                  "facts, pcgu's contrastive pairs")
     p.add_argument("--limit", type=int, help="use only the first N records / selected facts of --data")
-    p.add_argument("--retain", help="finetune: prompts whose answers should stay")
-    p.add_argument("--new", help="the new answer to teach (finetune edit, rank-one); sets every fact's target_new")
+    p.add_argument("--retain", help="finetune, f-learning: prompts whose answers should stay")
+    p.add_argument("--dev", help="pcgu: contrastive pairs that choose the checkpoint (default for WORLD:bias data: WORLD:bias:dev)")
+    p.add_argument("--new", help="the new answer to teach (finetune edit, rank-one, f-learning); sets every fact's target_new")
     p.add_argument("--texts", help="rank-one: general text, a .txt file (one text a line) or a zoo world name "
                                    "(default: the zoo model's own world)")
     p.add_argument("--hooks", action="store_true", help="zero: an activation edit even for a neuron circuit")
@@ -107,16 +120,52 @@ def _texts(args: argparse.Namespace) -> list[str]:
     return texts
 
 
+def _pcgu_keys() -> tuple[set[str], set[str]]:
+    """``--set`` keys of ``--method pcgu``: (the ranking's ``PCGUConfig``, the update's config).
+
+    ``batch_size`` is the update's (pairs per step); the ranking's own is ignored by the update.
+    """
+    from mechedit.edit import PCGUUpdateConfig
+    from mechedit.locate import PCGUConfig
+
+    update = {f.name for f in dataclasses.fields(PCGUUpdateConfig)} - {"ranking"}
+    return {f.name for f in dataclasses.fields(PCGUConfig)} - update, update
+
+
+def _check_f_learning(opts: dict[str, Any]) -> None:
+    from mechedit.edit import FinetuneConfig
+
+    stage_keys = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    for stage in ("old", "learn"):
+        given = opts.get(stage, {})
+        if not isinstance(given, dict):
+            raise UsageError(f"--method f-learning: {stage} must be an object of FinetuneConfig fields, "
+                             f"e.g. --set '{stage}={{\"steps\": 20}}'; got {given!r}")
+        unknown = sorted(set(given) - stage_keys)
+        if unknown:
+            raise UsageError(f"--method f-learning: {stage} takes no option {unknown[0]!r}; "
+                             f"its options: {', '.join(sorted(stage_keys))}")
+
+
 def _check_args(args: argparse.Namespace, opts: dict[str, Any]) -> None:
+    from mechedit.cli.inputs import WorldSpec
+
     if args.method not in METHODS:
         raise UsageError(f"unknown edit method {args.method!r}; choose one of {', '.join(METHODS)}")
-    needs_data = {"mean": "the reference prompts", "finetune": "the prompts to forget or edit", "rank-one": "the facts to edit"}
+    if args.circuit is None and args.method != "pcgu":
+        raise UsageError(f"--method {args.method} needs --circuit X.json (from mechedit locate)")
+    needs_data = {"mean": "the reference prompts", "finetune": "the prompts to forget or edit", "rank-one": "the facts to edit",
+                  "pcgu": "the contrastive pairs, e.g. factworld:bias:train", "f-learning": "the facts to update"}
     if args.method in needs_data and args.data is None:
         raise UsageError(f"--method {args.method} needs --data ({needs_data[args.method]})")
     if args.method == "rank-one" and args.new is None:
         raise UsageError("--method rank-one needs --new VALUE (the answer to write)")
-    if args.method in ("zero", "mean") and (args.new or args.retain):
+    if args.method == "f-learning" and args.new is None and WorldSpec.parse(args.data) is not None:
+        raise UsageError("--method f-learning needs --new VALUE for fact-world data (the answer that replaces the old one)")
+    if args.method in ("zero", "mean", "pcgu") and (args.new or args.retain):
         raise UsageError(f"--method {args.method} takes no --new/--retain")
+    if args.dev is not None and args.method != "pcgu":
+        raise UsageError("--dev is for --method pcgu (the pairs that choose its checkpoint)")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     if args.method in ("finetune", "rank-one"):
@@ -124,6 +173,14 @@ def _check_args(args: argparse.Namespace, opts: dict[str, Any]) -> None:
 
         cls = FinetuneConfig if args.method == "finetune" else RankOneConfig
         known = {f.name for f in dataclasses.fields(cls)}
+    elif args.method == "pcgu":
+        ranking, update = _pcgu_keys()
+        known = ranking | update
+    elif args.method == "f-learning":
+        from mechedit.edit import FLearningConfig
+
+        known = {f.name for f in dataclasses.fields(FLearningConfig)}
+        _check_f_learning(opts)
     else:
         known = {"positions", "per_position", "exclude_bos"}
     unknown = sorted(set(opts) - known)
@@ -131,18 +188,84 @@ def _check_args(args: argparse.Namespace, opts: dict[str, Any]) -> None:
         raise UsageError(f"--method {args.method} takes no option {unknown[0]!r}; its options: {', '.join(sorted(known))}")
 
 
-def build_edit(model: Any, circuit: Any, args: argparse.Namespace, opts: dict[str, Any], ctx: Context) -> Any:
-    """The edit ``args`` ask for, from the library's functions (the same call a script would make)."""
+def _circuit_tensors(model: Any, circuit: Any) -> tuple[str, ...]:
+    """The HF tensors a circuit touches, as PCGU's ``params`` (names as ``partition_sizes`` has them)."""
+    from mechedit.components import partition_sizes
+    from mechedit.edit import covered_masks
+
+    trainable = partition_sizes(model)
+    names = tuple(n for n in covered_masks(model, circuit) if n in trainable)
+    if not names:
+        raise UsageError("--method pcgu: the circuit covers no trainable tensor; pass a circuit of weight "
+                         "components (mlp, attn, head, neuron, partition) or none for every tensor")
+    return names
+
+
+def _dev_pairs_source(args: argparse.Namespace) -> str:
+    from mechedit.cli.inputs import WorldSpec
+
+    if args.dev is not None:
+        return args.dev
+    spec = WorldSpec.parse(args.data)
+    if spec is not None and spec.what == "bias":
+        return f"{spec.world}:bias:dev"
+    raise UsageError("--method pcgu needs --dev PAIRS (contrastive pairs that choose the checkpoint; "
+                     "WORLD:bias data defaults to WORLD:bias:dev)")
+
+
+def _pcgu(model: Any, circuit: Any, args: argparse.Namespace, opts: dict[str, Any], info: dict[str, Any]) -> Any:
+    from mechedit.cli.inputs import read_contrastive
+    from mechedit.edit import PCGUUpdateConfig, pcgu_update
+    from mechedit.locate import PCGUConfig
+
+    ranking_keys, _ = _pcgu_keys()
+    ranking = {k: v for k, v in opts.items() if k in ranking_keys}
+    if circuit is not None and "params" not in ranking:
+        ranking["params"] = _circuit_tensors(model, circuit)
+    config = PCGUUpdateConfig(ranking=PCGUConfig(**ranking), **{k: v for k, v in opts.items() if k not in ranking_keys})
+    pairs = read_contrastive(args.data, limit=args.limit)
+    dev = read_contrastive(_dev_pairs_source(args))
+    run = pcgu_update(model, pairs, dev, config=config).runs["pcgu"]
+    info.update({"dev_bias": run.dev_bias, "checkpoint": run.checkpoint, "steps": run.steps, "n_pairs": len(pairs)})
+    return run.edit
+
+
+def _f_learning_config(opts: dict[str, Any], *, retain: bool) -> Any:
+    """``FLearningConfig`` from ``--set``: ``old`` / ``learn`` objects override f_learning's defaults
+    field by field; a ``--retain`` set adds ``retain_ce`` to stage 3 unless ``learn`` names objectives."""
+    from mechedit.edit import FLearningConfig
+
+    defaults = FLearningConfig()
+    learn = dict(opts.get("learn", {}))
+    if retain and "objectives" not in learn:
+        learn["objectives"] = {"edit_ce": 1.0, "retain_ce": 1.0}
+    return FLearningConfig(
+        old=dataclasses.replace(defaults.old, **opts.get("old", {})),
+        learn=dataclasses.replace(defaults.learn, **learn),
+        **{k: v for k, v in opts.items() if k in ("lam", "learn_scope")},
+    )
+
+
+def build_edit(model: Any, circuit: Any, args: argparse.Namespace, opts: dict[str, Any], ctx: Context,
+               info: dict[str, Any] | None = None) -> Any:
+    """The edit ``args`` ask for, from the library's functions (the same call a script would make).
+
+    ``info``, when given, receives the method's own outcome figures (pcgu: its dev bias and checkpoint).
+    """
     from mechedit.cli.inputs import read_facts
     from mechedit.edit import (
         FinetuneConfig,
         RankOneConfig,
         ablate,
+        f_learning,
         finetune,
         rank_one_edit,
         zero_neurons,
     )
 
+    info = {} if info is None else info
+    if args.method == "pcgu":
+        return _pcgu(model, circuit, args, opts, info)
     facts = read_facts(args.data, limit=args.limit) if args.data is not None else []
     if args.new is not None:
         facts = [dataclasses.replace(f, target_new=args.new, candidates=None) for f in facts]
@@ -158,6 +281,14 @@ def build_edit(model: Any, circuit: Any, args: argparse.Namespace, opts: dict[st
         config = FinetuneConfig(**_objectives(opts, teach=args.new is not None, retain=bool(retain)))
         data = {"edit": facts} if args.new is not None else {"forget": facts}
         return finetune(model, circuit, retain=retain, config=config, progress=ctx.progress, **data)
+    if args.method == "f-learning":
+        retain = read_facts(args.retain) if args.retain is not None else []
+        config = _f_learning_config(opts, retain=bool(retain))
+        needs_text = any(o.name == "retain_kl" for o in config.learn.objectives)
+        edit = f_learning(model, circuit, edit=facts, retain=retain, general_text=_texts(args) if needs_text else (),
+                          config=config, progress=ctx.progress)
+        info["delta_norm"] = edit.params.get("delta_norm")
+        return edit
     return rank_one_edit(model, facts, layer=circuit, texts=_texts(args), config=RankOneConfig(**opts))
 
 
@@ -167,27 +298,32 @@ def run_edit(args: argparse.Namespace, ctx: Context) -> int:
     out = check_new_output(args.out, what="--out", overwrite=args.overwrite)
     if args.export is not None:
         check_new_output(args.export, what="--export", overwrite=args.overwrite)
-    if not Path(args.circuit).is_file():
+    if args.circuit is not None and not Path(args.circuit).is_file():
         raise FileNotFoundError(f"--circuit {args.circuit!r}: no such file")
 
     from mechedit.circuit import Circuit
     from mechedit.edit import WeightEdit
     from mechedit.edit.export import export_hf
 
-    circuit = Circuit.load(args.circuit)
+    circuit = Circuit.load(args.circuit) if args.circuit is not None else None
     model = load_model(ctx, args.model)
-    circuit.validate(model)
-    ctx.say(f"building a {args.method} edit of {len(circuit)} components ...")
-    edit = build_edit(model, circuit, args, opts, ctx)
+    if circuit is not None:
+        circuit.validate(model)
+    n_components = None if circuit is None else len(circuit)
+    ctx.say(f"building a {args.method} edit" + ("" if circuit is None else f" of {n_components} components") + " ...")
+    info: dict[str, Any] = {}
+    edit = build_edit(model, circuit, args, opts, ctx, info)
     if args.export is not None and not isinstance(edit, WeightEdit):
         raise UsageError("--export writes weight edits; this is an activation edit (hooks), which has no checkpoint form")
     files = {"edit": str(edit.save(out, overwrite=args.overwrite))}
     if args.export is not None:
         files["export"] = str(export_hf(model, args.export, edit=edit, overwrite=args.overwrite))
     kind = type(edit).__name__
+    of = "every tensor" if circuit is None else f"{n_components} components"
     emit(ctx, {"command": "edit", "method": args.method, "kind": kind, "model": args.model,
-               "circuit": args.circuit, "n_components": len(circuit), "files": files},
-         [f"{args.method}: {kind} of {len(circuit)} components -> {files['edit']}"]
+               "circuit": args.circuit, "n_components": n_components, "files": files, **info},
+         [f"{args.method}: {kind} of {of} -> {files['edit']}"]
+         + [f"{k}: {v}" for k, v in info.items()]
          + ([f"exported checkpoint -> {files['export']}"] if "export" in files else []))
     return 0
 

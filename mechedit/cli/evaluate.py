@@ -10,6 +10,11 @@ Suites (``mechedit.evaluate``):
   file of ``prefix``/``secret`` records): exposure, MRR, memorisation, extraction.
 * ``bias``: ``pair_preference`` on contrastive pairs (``factworld:bias[:split]`` or a
   CrowS-Pairs CSV): how often the advantaged side is preferred, before and with the edit.
+* ``robustness``: ``robustness_report`` (needs ``--edit``): the model as it is vs a second copy
+  with the edit applied, on the forget (or, with ``--new``, edit) case of a fact-world selection
+  (at least two subjects) and the retained facts of ``--retain`` (default: up to 12 other facts of
+  the same relations), then attacks on the edited copy that try to bring the old answers back;
+  the headline is each attack's recovery on the held-out half (0 = nothing back, 1 = all).
 
 Without ``--edit`` the "after" columns repeat (facts) or are empty (privacy, bias).
 """
@@ -32,15 +37,19 @@ from mechedit.cli._common import (
     parse_options,
 )
 
-SUITES = ("facts", "privacy", "bias")
+SUITES = ("facts", "privacy", "bias", "robustness")
 EXAMPLES = """examples:
   mechedit eval --model factworld --edit edits/na-zero --suite facts --data "factworld:P19:NAME" --out reports/na.json
   mechedit eval --model ./my_gpt2 --edit edits/x --suite facts --data facts.jsonl --neighbours others.jsonl
   mechedit eval --model factworld --suite privacy --data factworld:secrets:phone --limit 10 --set el=false
   mechedit eval --model factworld --edit edits/pcgu --suite bias --data factworld:bias:test
+  mechedit eval --model factworld --edit edits/na-ft --suite robustness --data factworld:P19 --limit 6 \
+      --set 'attacks=["relearn_full", "latent_universal"]' --set relearn_steps=5 --set latent_steps=5 --out reports/rob.json
 
 --set KEY=VALUE passes options to the suite's function: facts -> fact_edit_suites (fact-world data) or
-evaluate_fact_edit (files), privacy -> privacy_report, bias -> pair_preference."""
+evaluate_fact_edit (files), privacy -> privacy_report, bias -> pair_preference, robustness ->
+RobustnessConfig's fields (attacks, relearn_steps, latent_steps, ...) and, for its cases, fact_edit_suites'
+neighbours_per_fact, mc_rotations and candidates, same_subject=false (no other-facts suite) and fluency_texts=N."""
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -54,7 +63,9 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--limit", type=int, help="use only the first N records / selected facts")
     p.add_argument("--paraphrases", help="facts suite, file data: held-out phrasings of the same facts")
     p.add_argument("--neighbours", help="facts suite, file data: other subjects' facts that should stay")
-    p.add_argument("--new", help="facts suite, fact-world data: the edit case's new answer (default: a forget case)")
+    p.add_argument("--new", help="facts / robustness suite, fact-world data: the edit case's new answer (default: a forget case)")
+    p.add_argument("--retain", help="robustness suite: the retained facts, a fact-world selection of the same world "
+                                    "(default: up to 12 other facts of the forgotten facts' relations)")
     p.add_argument("--set", dest="options", action="append", metavar="KEY=VALUE", help="a suite option (repeatable)")
     p.add_argument("--out", help="write the report here (JSON)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
@@ -172,13 +183,111 @@ def _bias_items(pairs: list[Any], before: Any, after: Any) -> list[dict[str, Any
     return out
 
 
+# fact_edit_suites' keywords, plus two that only shrink the cases (a quick run): same_subject=false
+# drops the people's other facts, fluency_texts=N keeps the first N held-out texts for perplexity
+_ROBUSTNESS_CASE_OPTIONS = ("neighbours_per_fact", "mc_rotations", "candidates", "same_subject", "fluency_texts")
+_ROBUSTNESS_RETAIN = 12
+
+
+def _robustness_options(opts: dict[str, Any]) -> None:
+    import dataclasses
+
+    from mechedit.evaluate.robustness import RobustnessConfig
+
+    known = {f.name for f in dataclasses.fields(RobustnessConfig)} | set(_ROBUSTNESS_CASE_OPTIONS)
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise UsageError(f"the robustness suite takes no option {unknown[0]!r}; its options: {', '.join(sorted(known))}")
+    n = opts.get("fluency_texts")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise UsageError(f"fluency_texts is a count of the world's held-out texts (an int >= 0), got {n!r}")
+    if not isinstance(opts.get("same_subject", True), bool):
+        raise UsageError(f"same_subject is true or false, got {opts['same_subject']!r}")
+
+
+def _robustness(model: Any, edit: Any, args: argparse.Namespace, opts: dict[str, Any],
+                ctx: Context) -> tuple[Any, dict[str, Any], list[str]]:
+    import dataclasses
+
+    from mechedit.cli.inputs import WorldSpec, world_facts
+    from mechedit.evaluate import fact_edit_suites
+    from mechedit.evaluate.robustness import RobustnessConfig, robustness_report
+
+    spec = WorldSpec.parse(args.data)
+    if spec is None:
+        raise UsageError("the robustness suite needs a fact-world selection as --data (e.g. factworld:P19 --limit 6): "
+                         "its cases come from the world's templates, neighbours and multiple choice")
+    case_opts = {k: opts[k] for k in _ROBUSTNESS_CASE_OPTIONS if k in opts}
+    config = RobustnessConfig(**{k: v for k, v in opts.items() if k not in case_opts})
+    world, facts = world_facts(spec, args.limit)
+    same_subject = case_opts.pop("same_subject", True)
+    if "fluency_texts" in case_opts:
+        case_opts["fluency_texts"] = list(world.text_heldout[: case_opts["fluency_texts"]])
+    forgotten = set(facts)
+    if args.retain is not None:
+        retain_spec = WorldSpec.parse(args.retain)
+        if retain_spec is None or retain_spec.world != spec.world:
+            raise UsageError(f"--retain must be a selection of the same fact world as --data ({spec.world}:...)")
+        _, retain = world_facts(retain_spec, None)
+    else:
+        relations = {f.relation_id for f in facts}
+        retain = [f for f in world.facts if f.relation_id in relations and f not in forgotten][:_ROBUSTNESS_RETAIN]
+    new = None if args.new is None else [args.new] * len(facts)
+    forget_case = fact_edit_suites(world, facts, new, exclude=retain, **case_opts)
+    retain_case = fact_edit_suites(world, retain, case="retain", neighbours_per_fact=0,
+                                   **{k: v for k, v in case_opts.items() if k != "neighbours_per_fact"})
+    if not same_subject:
+        forget_case = dataclasses.replace(forget_case, same_subject=())
+        retain_case = dataclasses.replace(retain_case, same_subject=())
+    # the attacks need the original and the edited model side by side: a second load, never a copy
+    edited = load_model(ctx, args.model)
+    edit.apply(edited)
+    report = robustness_report(model, edited, forget_case, retain_case, config=config, progress=ctx.progress)
+    result = {"headline": robustness_headline(report), "rows": report.to_frame().to_dict(orient="records")}
+    h = result["headline"]
+    lines = [f"{'':28s} {'original':>9s} {'edited':>9s}"]
+    lines += [f"{case + ' ' + h['measure']:28s} {h[case]['original']:9.4f} {h[case]['edited']:9.4f}" for case in ("forget", "retain")]
+    lines += [f"recovery {name:19s} {value:9.4f}" for name, value in h["recovery"].items()]
+    return report, result, lines
+
+
+def robustness_headline(report: Any) -> dict[str, Any]:
+    """A robustness report's headline: forget (or edit) and retain efficacy of the true answers
+    (original vs edited; ``case`` is the forget case's label) and each attack's recovery on the
+    held-out half (``choice_accuracy_true`` where the prompts list candidates, else greedy
+    ``exact_true``; NaN recovery: the edit did not move that score)."""
+    measures = {r.measure for r in report.rows if r.suite == "efficacy"}
+    measure = "choice_accuracy_true" if "choice_accuracy_true" in measures else "exact_true"
+    # the forget case is labelled "edit" when it carries new answers (fact_edit_suites' case)
+    forget = next(r.case for r in report.rows if r.case not in ("retain", "forget_heldout"))
+    out: dict[str, Any] = {"measure": measure, "case": forget}
+    for key, case in (("forget", forget), ("retain", "retain")):
+        row = report.get("efficacy", measure, "none", case=case)
+        out[key] = {"original": row.original, "edited": row.edited, "n": row.n}
+    attacks = report.context.get("config", {}).get("attacks", [])
+    recovery = {}
+    for name in attacks:
+        rows = [r for r in report.rows if r.attack == name and r.case == "forget_heldout"
+                and (r.suite == "probe" or (r.suite, r.measure) == ("efficacy", measure))]
+        if rows:
+            recovery[name] = rows[0].recovery
+    out["recovery"] = recovery
+    return out
+
+
 def run(args: argparse.Namespace, ctx: Context) -> int:
     if args.suite not in SUITES:
         raise UsageError(f"unknown suite {args.suite!r}; choose one of {', '.join(SUITES)}")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
-    if args.suite != "facts" and (args.new or args.paraphrases or args.neighbours):
-        raise UsageError("--new, --paraphrases and --neighbours belong to the facts suite")
+    if args.suite != "facts" and (args.paraphrases or args.neighbours):
+        raise UsageError("--paraphrases and --neighbours belong to the facts suite")
+    if args.suite not in ("facts", "robustness") and args.new:
+        raise UsageError("--new belongs to the facts and robustness suites")
+    if args.retain is not None and args.suite != "robustness":
+        raise UsageError("--retain belongs to the robustness suite")
+    if args.suite == "robustness" and args.edit is None:
+        raise UsageError("the robustness suite attacks an edit: pass --edit edits/NAME (from mechedit edit)")
     if args.out is not None:
         check_new_output(args.out, what="--out", overwrite=args.overwrite)
         if args.suite == "bias" and not args.out.endswith(".json"):
@@ -186,6 +295,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     if args.edit is not None and not (Path(args.edit) / "manifest.json").is_file():
         raise FileNotFoundError(f"--edit {args.edit!r} is not an edit folder (no manifest.json)")
     opts = parse_options(args.options)
+    if args.suite == "robustness":
+        _robustness_options(opts)
 
     model = load_model(ctx, args.model)
     edit = None
@@ -194,9 +305,12 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
 
         edit = load_edit(args.edit)
     ctx.say(f"evaluating the {args.suite} suite ...")
-    suite = {"facts": _facts, "privacy": _privacy, "bias": _bias}[args.suite]
-    facts_edit = edit if edit is not None or args.suite != "facts" else contextlib.nullcontext
-    report, result, lines = suite(model, facts_edit, args, opts)
+    if args.suite == "robustness":
+        report, result, lines = _robustness(model, edit, args, opts, ctx)
+    else:
+        suite = {"facts": _facts, "privacy": _privacy, "bias": _bias}[args.suite]
+        facts_edit = edit if edit is not None or args.suite != "facts" else contextlib.nullcontext
+        report, result, lines = suite(model, facts_edit, args, opts)
     items = result.pop("items", [])  # per-item rows (a suite may have none): only `mechedit run` keeps them
     files = {}
     if args.out is not None:

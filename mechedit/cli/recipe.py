@@ -61,8 +61,9 @@ def _models() -> dict[str, Any]:
             return self
 
     class Edit(Strict):
-        method: Literal["zero", "mean", "finetune", "rank-one"]
+        method: Literal["zero", "mean", "finetune", "rank-one", "pcgu", "f-learning"]
         data: str | None = None
+        dev: str | None = None  # pcgu's checkpoint pairs
         limit: int | None = Field(default=None, ge=1)
         new: str | None = None
         retain: str | None = None
@@ -71,8 +72,9 @@ def _models() -> dict[str, Any]:
         options: dict[str, Any] = {}
 
     class Evaluate(Strict):
-        suite: Literal["facts", "privacy", "bias"]
+        suite: Literal["facts", "privacy", "bias", "robustness"]
         data: str | None = None
+        retain: str | None = None  # robustness's retained facts
         limit: int | None = Field(default=None, ge=1)
         new: str | None = None
         options: dict[str, Any] = {}
@@ -94,18 +96,26 @@ def _models() -> dict[str, Any]:
 # --- reading -------------------------------------------------------------------------------------
 
 
-def _lines(node: Any, path: tuple = ()) -> dict[tuple, int]:
-    """YAML key path -> 1-based line, from the composed node tree (for error messages)."""
+def _lines(node: Any, path: tuple = (), seen: frozenset[int] = frozenset()) -> dict[tuple, int]:
+    """YAML key path -> 1-based line, from the composed node tree (for error messages).
+
+    ``seen`` holds the nodes on the current path: an alias of its own ancestor (``&a [*a]``) is a
+    cycle, not a tree, and is walked once.
+    """
     import yaml
 
     out = {path: node.start_mark.line + 1}
+    if id(node) in seen:
+        return out
+    seen = seen | {id(node)}
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
-            out.update(_lines(value, (*path, key.value)))
-            out[(*path, key.value)] = key.start_mark.line + 1
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            out.update(_lines(value, (*path, name), seen))
+            out[(*path, name)] = key.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            out.update(_lines(item, (*path, i)))
+            out.update(_lines(item, (*path, i), seen))
     return out
 
 
@@ -120,14 +130,18 @@ def load_recipe(path: str | os.PathLike) -> Any:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no recipe file {str(p)!r}")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{p}: not a UTF-8 text file, so not a recipe: {err}") from None
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
-        raise UsageError(f"{where}: not valid YAML: {getattr(err, 'problem', None) or err}") from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise UsageError(f"{where}: not valid YAML: {problem}") from None
     lines = _lines(node) if node is not None else {}
     if p.name == "params.json" and isinstance(data, dict) and "recipe" in data:
         data, lines = data["recipe"], {k[1:]: v for k, v in lines.items() if k[:1] == ("recipe",)}
@@ -139,10 +153,13 @@ def load_recipe(path: str | os.PathLike) -> Any:
         first = err.errors()[0]
         loc = tuple(first["loc"])
         key = ".".join(map(str, loc)) or "(top level)"
-        line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+        # YAML keys are text in the node tree; a key like 1 reaches pydantic as an int
+        line = next((lines[found[:n]] for found in (loc, tuple(map(str, loc))) for n in range(len(found), 0, -1)
+                     if found[:n] in lines), lines.get(()))
         what = "unknown key (not in the recipe schema)" if first["type"] == "extra_forbidden" else first["msg"]
         extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-        raise UsageError(f"{p}:{line}: {key}: {what}{extra}") from None
+        where = str(p) if line is None else f"{p}:{line}"
+        raise UsageError(f"{where}: {key}: {' '.join(str(what).split())}{extra}") from None
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -174,13 +191,13 @@ def step_argvs(recipe: Any, folder: Path) -> list[list[str]]:
     if r["edit"] is not None:
         ed = {**r["edit"], "model": r["model"], "circuit": folder / "circuit.json", "out": folder / "edit"}
         argvs.append(_argv("edit", ed, {"model": "--model", "circuit": "--circuit", "method": "--method",
-                                        "data": "--data", "limit": "--limit", "new": "--new", "retain": "--retain",
+                                        "data": "--data", "dev": "--dev", "limit": "--limit", "new": "--new", "retain": "--retain",
                                         "texts": "--texts", "hooks": "--hooks", "out": "--out"}))
     for ev in r["evaluate"]:
         fields = {**ev, "model": r["model"], "data": ev["data"] or r["data"], "out": folder / f"report-{ev['suite']}.json",
                   "edit": folder / "edit" if r["edit"] is not None else None}
         argvs.append(_argv("eval", fields, {"model": "--model", "edit": "--edit", "suite": "--suite", "data": "--data",
-                                           "limit": "--limit", "new": "--new", "out": "--out"}))
+                                           "limit": "--limit", "new": "--new", "retain": "--retain", "out": "--out"}))
     return argvs
 
 
