@@ -144,6 +144,8 @@ def load(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    device_map: str | dict[str, str | int] | None = None,
+    max_memory: dict[str | int, str | int] | None = None,
 ) -> TransformerBridge:
     """Load a model as a ``TransformerBridge`` on raw HF weights, in eval mode.
 
@@ -153,6 +155,9 @@ def load(
             cache).
         device: where to put the model; ``None`` lets TransformerLens choose (CPU here).
         dtype: parameter dtype (float32 by default, so weight edits are exact).
+        device_map, max_memory: spread a model too large for one device over several
+            (``device_map="auto"``, with ``accelerate``; the bridge's own pass-through). Give
+            ``device`` or ``device_map``, not both.
 
     The bridge computes with the HF tensors themselves: where TransformerLens would compute
     attention with private copies of a fused q/k/v weight (GPT-NeoX), ``bind_fused_qkv`` makes it
@@ -171,7 +176,10 @@ def load(
     if local:
         _check_tokenizer_files(Path(target))
     try:
-        bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
+        if device is not None and device_map is not None:
+            raise ValueError("give device= or device_map=, not both (a device map places every layer itself)")
+        spread = {k: v for k, v in (("device_map", device_map), ("max_memory", max_memory)) if v is not None}
+        bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype, **spread)
     except OSError as err:
         if local:
             raise

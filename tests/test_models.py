@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import mechedit
 from mechedit import ModelNotFoundError, zoo
@@ -68,3 +69,16 @@ def test_a_checkpoint_without_tokenizer_files_is_refused(tiny_gpt2_dir, tmp_path
             mechedit.load(tmp_path)
         shutil.copy(tiny_gpt2_dir / "tokenizer_config.json", tmp_path / "tokenizer_config.json")
     assert mechedit.load(tmp_path).to_str_tokens("w1 w2") == ["<bos>", "w1", "w2"]
+
+
+def test_a_device_map_loads_the_same_model(tiny_gpt2_dir):
+    """The multi-GPU path (device_map / max_memory, through accelerate) on the one device here:
+    the same logits and hooks as a plain load; device and device_map together are refused."""
+    plain = mechedit.load(tiny_gpt2_dir)
+    mapped = mechedit.load(tiny_gpt2_dir, device_map={"": "cpu"}, max_memory={"cpu": "2GiB"})
+    tokens = torch.tensor([[0, 5, 7, 9, 11]])
+    assert torch.equal(plain(tokens), mapped(tokens))
+    _, cache = mapped.run_with_cache(tokens, names_filter="blocks.1.mlp.hook_post")
+    assert cache["blocks.1.mlp.hook_post"].shape[:2] == (1, 5)
+    with pytest.raises(ValueError, match="not both"):
+        mechedit.load(tiny_gpt2_dir, device="cpu", device_map="auto")
