@@ -382,6 +382,9 @@ def _bad_files(tmp: Path) -> dict[str, Path]:
         (["eval", "--model", "{model}", "--suite", "vibes", "--data", "{case}"], "unknown suite"),
         (["demo", "--subject", "KASIM QUORVATH", "--out", "{out}/demo"], "did you mean 'kasim quorvath'"),
         (["demo", "--relation", "P999", "--out", "{out}/demo"], "unknown relation"),
+        (["demo", "--model", "{model}", "--out", "{out}/demo"], "needs the facts to forget"),
+        (["demo", "--model", "{model}", "--data", "{out}/none.jsonl", "--out", "{out}/demo"], "none.jsonl"),
+        (["demo", "--data", "{good}", "--out", "{out}/demo"], "for a model outside the zoo"),
         (["--device", "gpu0", "locate", "depn", "--model", "{model}", "--data", "{case}", "--out", "{out}/c.json"],
          "not a device"),
         (["locate", "depn", "--model", "{model}", "--data", "{case}", "--out", "{out}/c.json", "--top-k", "x"],
@@ -523,3 +526,23 @@ def test_a_crash_mid_run_leaves_no_run_folder_and_the_model_untouched(capsys, tm
     assert list((tmp_path / "runs").iterdir()) == []
     assert (zoo.checkpoint_dir("factworld") / "model.safetensors").read_bytes() == before
     assert weights_hash(mechedit.load("factworld")) == weights_hash(mechedit.load(zoo.checkpoint_dir("factworld")))
+
+
+def test_demo_runs_on_any_local_checkpoint_given_facts(capsys, tmp_path, tiny):
+    """`mechedit demo --model DIR --data FILE`: the demo's steps as a recipe run, whose numbers equal
+    `mechedit run` of the same recipe (its params.json), with the report page."""
+    root, model_dir = tiny
+    code, summary, err = run_cli(capsys, "--json", "demo", "--model", str(model_dir), "--data", str(root / "facts.jsonl"),
+                                 "--k", "6", "--out", str(tmp_path / "runs"))
+    assert code == 0, err
+    (folder,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("demo-")]
+    assert {"params.json", "circuit.json", "summary.json", "results.jsonl", "report.html"} <= {p.name for p in folder.iterdir()}
+    params = json.loads((folder / "params.json").read_text())
+    assert params["recipe"]["locate"]["method"] == "neuron-attribution" and params["recipe"]["select"]["top_k"] == 6
+    assert len(Circuit.load(folder / "circuit.json")) == 6
+    first = json.loads((folder / "summary.json").read_text())["steps"]
+    code, _, err = run_cli(capsys, "run", str(folder / "params.json"), "--runs", str(tmp_path / "again"), "--no-report")
+    assert code == 0, err
+    (again,) = (tmp_path / "again").iterdir()
+    second = json.loads((again / "summary.json").read_text())["steps"]
+    assert [s.get("report") for s in first if s.get("command") == "eval"] == [s.get("report") for s in second if s.get("command") == "eval"]

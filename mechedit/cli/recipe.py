@@ -265,6 +265,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
 
     torch.manual_seed(recipe.seed)
     inner = Context(device=recipe.device or ctx.device, quiet=ctx.quiet, json=ctx.json, record=[])
+    made_runs = not runs.exists()
     partial.mkdir(parents=True)
     try:
         write_json_atomic(partial / "params.json", {"recipe": recipe.model_dump(), "versions": _versions(),
@@ -279,6 +280,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         os.replace(partial, final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
+        if made_runs and not any(runs.iterdir()):
+            runs.rmdir()  # nor the runs folder this call created
         raise
     report = None if getattr(args, "no_report", False) else _html_report(final)
     emit(ctx, {"command": "run", "folder": str(final), **summary, **({"report": str(report)} if report else {})},
