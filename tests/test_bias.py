@@ -156,3 +156,15 @@ def test_stereoset_scores_and_icat(tiny_bridge, tmp_path):
     ss = 100 * float((s[:3] > s[3:6]).float().mean())
     lms = 100 * float(torch.cat([s[:3] > s[6:], s[3:6] > s[6:]]).float().mean())
     assert (result.ss, result.lms) == pytest.approx((ss, lms)) and result.icat == pytest.approx(icat(ss, lms))
+
+
+def test_command_line_reads_winogender_as_contrastive_pairs(shared_data, tmp_path):
+    """`--data` for pcgu / the bias suite: the WinoGender folder, or either of its files."""
+    from mechedit.cli.inputs import read_contrastive
+
+    folder = shared_data / "winogender"
+    want = load_winogender_pairs(folder)
+    assert read_contrastive(str(folder)) == want
+    assert read_contrastive(str(folder / "all_sentences.tsv"), limit=5) == want[:5]
+    with pytest.raises(FileNotFoundError, match="all_sentences.tsv"):
+        read_contrastive(str(tmp_path))

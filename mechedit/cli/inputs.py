@@ -228,9 +228,10 @@ def read_secrets(data: str, *, limit: int | None = None) -> list[Any]:
 
 
 def read_contrastive(data: str, *, limit: int | None = None) -> list[Any]:
-    """``ContrastivePair``s: the world's bias pairs (``factworld:bias[:split]``) or CrowS-Pairs CSV."""
+    """``ContrastivePair``s: the world's bias pairs (``factworld:bias[:split]``), a CrowS-Pairs CSV, or
+    a WinoGender folder (``all_sentences.tsv`` + ``occupations-stats.tsv``; the folder or either file)."""
     from mechedit.data import DataFormatError
-    from mechedit.data_pairs import load_crows_pairs, world_bias_splits
+    from mechedit.data_pairs import load_crows_pairs, load_winogender_pairs, world_bias_splits
 
     spec = WorldSpec.parse(data)
     if spec is not None:
@@ -241,11 +242,17 @@ def read_contrastive(data: str, *, limit: int | None = None) -> list[Any]:
         if split not in splits:
             raise UsageError(f"--data {data}: no split {split!r}; splits: {', '.join(splits)}")
         pairs = splits[split]
+    elif Path(data).is_dir() or Path(data).suffix.lower() == ".tsv":
+        folder = Path(data) if Path(data).is_dir() else Path(data).parent
+        if not (folder / "all_sentences.tsv").is_file():
+            raise FileNotFoundError(f"{data!r}: no WinoGender all_sentences.tsv in {folder}")
+        pairs = load_winogender_pairs(folder)
     else:
         if not Path(data).is_file():
             raise FileNotFoundError(f"No such data file: {data!r}")
         if Path(data).suffix.lower() != ".csv":
-            raise DataFormatError(f"{data!r}: contrastive pairs are read from a CrowS-Pairs CSV (sent_more, sent_less)")
+            raise DataFormatError(f"{data!r}: contrastive pairs are read from a CrowS-Pairs CSV (sent_more, sent_less) "
+                                  "or a WinoGender folder")
         pairs = load_crows_pairs(data)
     return pairs[:limit] if limit is not None else pairs
 
