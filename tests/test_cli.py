@@ -523,7 +523,7 @@ def test_a_crash_mid_run_leaves_no_run_folder_and_the_model_untouched(capsys, tm
     code = main(["--quiet", "run", str(recipe), "--runs", str(tmp_path / "runs")])
     _, err = capsys.readouterr()
     assert code == 1 and "injected failure" in err and "Traceback" not in err
-    assert list((tmp_path / "runs").iterdir()) == []
+    assert not (tmp_path / "runs").exists()  # no run folder, partial or complete, and no runs folder it made
     assert (zoo.checkpoint_dir("factworld") / "model.safetensors").read_bytes() == before
     assert weights_hash(mechedit.load("factworld")) == weights_hash(mechedit.load(zoo.checkpoint_dir("factworld")))
 
