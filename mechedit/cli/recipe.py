@@ -201,20 +201,6 @@ def step_argvs(recipe: Any, folder: Path) -> list[list[str]]:
     return argvs
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    from mechedit import __version__
-
-    out = {"mechedit": __version__}
-    for name in ("torch", "transformer-lens", "transformers", "safetensors"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
 def _prevalidate(parser: argparse.ArgumentParser, argvs: list[list[str]]) -> list[argparse.Namespace]:
     """Parse every step and run its checks before anything loads or any folder exists."""
     from mechedit.cli import edit as edit_cmd
@@ -251,6 +237,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace, ctx: Context) -> int:
     from mechedit.artifacts import write_json_atomic, write_jsonl_atomic
     from mechedit.cli import build_parser
+    from mechedit.provenance import library_versions
 
     recipe = load_recipe(args.recipe)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -268,7 +255,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     made_runs = not runs.exists()
     partial.mkdir(parents=True)
     try:
-        write_json_atomic(partial / "params.json", {"recipe": recipe.model_dump(), "versions": _versions(),
+        write_json_atomic(partial / "params.json", {"recipe": recipe.model_dump(), "versions": library_versions(),
                                                    "steps": [["mechedit", *map(str, s)] for s in step_argvs(recipe, final)]})
         for step in steps:
             inner.say(f"== {step.command}")
