@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 	$(PY) -m mechedit demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q --durations=25 -n 2 --dist loadfile
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check mechedit tests bench
