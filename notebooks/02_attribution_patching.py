@@ -146,3 +146,16 @@ for n in (10, 30, 100):
 
 # %%
 edge_graph(eap_ig.greedy_edges(30), n_heads=model.cfg.n_heads, title="EAP-IG greedy circuit, 30 edges")
+
+# %% [markdown]
+# ## What to read
+# One backward pass per batch makes plain AtP cheap, and on this model it is not good enough on
+# its own: Pearson with exact patching 0.55 over head × position and 0.67 over the residual
+# stream; on queries 0.10 (the QK fix brings it to 0.68). Five integrated-gradient steps give
+# 0.95 and 0.98. `verify_attribution`'s check on 30 cells says the same where no exact map
+# exists: AtP recovers 13 of the exact top 15 but its magnitudes are off by 81 % (relative L1),
+# IG's by 38 %. Use AtP to rank, IG (or exact patching of the top cells) before you trust a size.
+# The layer contrast with control facts again picks the planted layer (+8.8 nats; the other
+# layers within ±2.3). For edges, a random set of 100 edges keeps nothing of the gap (-0.002),
+# EAP-IG's 30 keep half of it and plain EAP's 30 keep none: a circuit is only as good as the
+# faithfulness check run on it.
