@@ -30,7 +30,7 @@ from plotly.subplots import make_subplots
 from mechedit.components import Component, hook_name
 from mechedit.gradients import activations_and_gradients, capture_activations
 from mechedit.locate.knowledge_neurons import knowledge_neurons
-from mechedit.locate.neuron_attribution import NeuronAttributionConfig, _subject_mask, neuron_attribution
+from mechedit.locate.neuron_attribution import NeuronAttributionConfig, neuron_attribution
 from mechedit.metrics import target_logprob
 from mechedit.prompts import FactPrompt
 from mechedit.scores import Scores
@@ -260,10 +260,13 @@ def _per_prompt_attribution(model: Any, prompts: Sequence[FactPrompt], component
 
     cap = activations_and_gradients(model, tokens, [name], metric)
     acts, grads = cap.activations[name][..., neuron], cap.gradients[name][..., neuron]  # [batch, pos]
+    where = torch.ones_like(acts)
     if method == "neuron_attribution_subject":
-        where = _subject_mask(model, list(prompts), tuple(tokens.shape), acts.device)
-    else:
-        where = torch.ones_like(acts)
+        where.zero_()
+        for row, fact in enumerate(prompts):
+            if fact.subject is None:
+                raise ValueError(f"{method} needs a subject on every prompt; {fact.prompt!r} has none")
+            where[row, list(subject_token_positions(model, fact))] = 1.0
     return (acts * grads * where).sum(1).double().cpu()
 
 
@@ -308,11 +311,10 @@ def neuron_detail(
     subject_acts = torch.where(subject >= 0, acts[rows, subject.clamp(min=0)], torch.tensor(float("nan")))
 
     attribution = _per_prompt_attribution(model, items, component, method, steps)
-    groups = pd.Series(prompts.groups)
-    facts = torch.as_tensor((groups == "fact").to_numpy())
-    score = attribution[facts].mean()
-    if method != "knowledge_neurons" and (groups == "neighbour").any() and retain_weight:
-        score = score - retain_weight * attribution[torch.as_tensor((groups == "neighbour").to_numpy())].mean()
+    in_group = {g: torch.tensor([x == g for x in prompts.groups]) for g in GROUPS}
+    score = attribution[in_group["fact"]].mean()
+    if method != "knowledge_neurons" and in_group["neighbour"].any() and retain_weight:
+        score = score - retain_weight * attribution[in_group["neighbour"]].mean()
     promoted = promoted_tokens(model, [Component("neuron", layer, neuron=neuron)], k=n_tokens)
     frame = pd.DataFrame({
         "group": list(prompts.groups),
@@ -372,6 +374,18 @@ def neuron_detail_figure(detail: NeuronDetail) -> go.Figure:
 
 # ---------------------------------------------------------------------------------------------
 # The widget
+
+
+def _show(output: Any, figure: Any) -> None:
+    """Replace what ``output`` shows by ``figure``; outside IPython (a script, a test) draw nothing."""
+    from IPython import get_ipython
+    from IPython.display import display
+
+    if get_ipython() is None:
+        return
+    output.clear_output(wait=True)
+    with output:
+        display(figure)
 
 
 def _figure_widget(fig: go.Figure) -> Any:
@@ -484,15 +498,11 @@ class NeuronExplorer:
         return scores
 
     def _draw_heatmap(self, fig: go.Figure) -> None:
-        from IPython.display import display
-
         widget = _figure_widget(fig)
         if widget is not None:
             widget.data[0].on_click(self._on_heatmap_click)
         self._figure_widget = widget
-        self.heatmap_out.clear_output(wait=True)
-        with self.heatmap_out:
-            display(widget if widget is not None else fig)
+        _show(self.heatmap_out, widget if widget is not None else fig)
 
     def _on_heatmap_click(self, trace: Any, points: Any, _state: Any) -> None:
         # the heatmap's y labels are layers and its x labels neurons (raw order, unbinned)
@@ -508,11 +518,7 @@ class NeuronExplorer:
         detail = neuron_detail(self.model, self.prompt_set, component, method=self.method.value, site=self.site.value,
                                steps=self.steps, n_tokens=self.n_tokens)
         self.detail = detail
-        self.detail_out.clear_output(wait=True)
-        with self.detail_out:
-            from IPython.display import display
-
-            display(detail.figure())
+        _show(self.detail_out, detail.figure())
         return detail
 
     def _run(self, action: Any) -> None:
