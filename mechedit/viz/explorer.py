@@ -88,6 +88,13 @@ class PromptSet:
         if "fact" not in self.groups:
             raise ValueError("a prompt set needs at least one 'fact' prompt: the one the neurons are located for")
 
+    @classmethod
+    def join(cls, sets: Sequence[PromptSet], title: str) -> PromptSet:
+        """Several sets as one (e.g. several facts located together), groups kept."""
+        if not sets:
+            raise ValueError("nothing to join: give at least one PromptSet")
+        return cls(tuple(p for s in sets for p in s.prompts), tuple(g for s in sets for g in s.groups), title)
+
     def of(self, group: str) -> list[FactPrompt]:
         """The prompts of one group, in order."""
         if group not in GROUPS:
@@ -108,8 +115,8 @@ def _relation_id(world: Any, relation: str) -> str:
 def fact_prompt_set(world: Any, person: str, relation: str, *, n_neighbours: int = 6) -> PromptSet:
     """One fact of the fact world as a ``PromptSet``.
 
-    ``person``: a trained person's full name (``"kasim quorvath"``); ``relation``: a relation id
-    (``"P641"``) or name (``"sport"``). The set holds the fact in each training template
+    ``person``: a person's full name (``"kasim quorvath"``; a trained or a planted person);
+    ``relation``: a relation id (``"P641"``) or name (``"sport"``). The set holds the fact in each training template
     (``"fact"``), in each held-out template (``"paraphrase"``), and the first ``n_neighbours``
     other people with the same value in the relation's first template (``"neighbour"``).
     """
@@ -118,11 +125,13 @@ def fact_prompt_set(world: Any, person: str, relation: str, *, n_neighbours: int
 
     if n_neighbours < 0:
         raise ValueError(f"n_neighbours must be >= 0, got {n_neighbours}")
-    people = {p.name: p for p in world.people}
+    people = {p.name: p for p in (*world.people, *world.planted)}
     if person not in people:
-        some = ", ".join(sorted(people)[:5])
-        raise ValueError(f"unknown person {person!r}: not one of the world's {len(people)} trained people (e.g. {some})")
+        some = ", ".join(p.name for p in world.people[:5])
+        raise ValueError(f"unknown person {person!r}: not one of the world's {len(people)} people (e.g. {some})")
     rid = _relation_id(world, relation)
+    if rid not in people[person].facts:
+        raise ValueError(f"{person} has no {world.relation[rid].name} fact; their facts: {sorted(people[person].facts)}")
     fact = Fact(person, rid, people[person].facts[rid])
     facts = fact_prompts(world, fact)
     paraphrases = fact_prompts(world, fact, heldout=True)
