@@ -108,6 +108,9 @@ agreement_heatmaps(cells, title=f"Do three neuron locators agree on {prompts.tit
 # - **The subject-position variant disagrees with both** (Jaccard ≈ 0.07): it asks which neurons
 #   *read the subject*, not which write the answer, and finds other neurons in the early layers.
 #   A disagreement here is a different question, not a failure of one method.
+# - Attribution's largest |scores| here are *negative* (≈ −0.01 nats): zeroing those layer-0
+#   neurons is predicted to hurt the neighbours more than the fact, which the neighbour contrast
+#   subtracts. Select with `top_k(k)` (largest positive) for an edit, not by |score|.
 # - Every method's largest scores are small next to the fact's log-probability (≈ 0.01 nats per
 #   neuron for attribution): the fact is spread over many neurons, so no single neuron "is" it.
 
@@ -144,8 +147,8 @@ recovery_bars(by_max, layer=planted_layer, title=f"Strongest neuron per layer: i
 #   every method (it acts as part of the embedding, and many of its neurons each matter a little
 #   for any prompt). A layer ranking by total mass would send an edit to the wrong layer.
 # - By the **strongest neuron**, attribution (contrasted with the neighbours) and knowledge
-#   neurons find the planted layer; the subject-position variant does not: the planted layer was
-#   trained on the whole prompt, and what it adds is read at the last position.
+#   neurons find the planted layer; the subject-position variant does not: it sums over the
+#   subject's tokens only, where layer 0's neurons dominate whichever way it is aggregated.
 # - So "where is the fact?" depends on the aggregation as much as on the method; a planted
 #   ground truth is what tells them apart.
 
@@ -171,10 +174,13 @@ detail.frame.round(3)
 detail.figure()
 
 # %% [markdown]
-# The neuron promotes the fact's value among other attribute words, fires on every prompt of the
-# set, and matters most on the fact's own prompts. Its attribution on the neighbours (same
-# value, other people) is the collateral damage an edit of this neuron risks: read the
-# `neighbour` bars before zeroing it.
+# Here the neuron promotes the fact's value (among other attribute words) and fires strongly at
+# the predicting position on every wording of this person's sport, held-out paraphrases
+# included, but not at the subject's tokens. On the neighbours it fires on two of six and stays
+# at zero on the other four, which the model still completes with the same sport: it is part of
+# how the model recalls *this person's* sport, not a general "baseball" neuron. Its attribution
+# on the neighbours (the `neighbour` bars) is the collateral damage an edit of this neuron risks;
+# here it is a fraction of its attribution on the fact.
 
 # %% [markdown]
 # ## The explorer
