@@ -54,6 +54,16 @@ def test_prompt_set_is_the_fact_its_paraphrases_and_neighbours(world, prompts):
     assert {p.subject for p in prompts.of("fact") + prompts.of("paraphrase")} == {person.name}
     assert person.name not in {p.subject for p in prompts.of("neighbour")}
     assert fact_prompt_set(world, person.name, "P641").prompts[:3] == prompts.prompts[:3]  # id or name
+    # a planted person has one fact; joined sets keep every prompt and its group
+    planted = world.planted[0]
+    (rid, value), = planted.facts.items()
+    one = fact_prompt_set(world, planted.name, rid, n_neighbours=2)
+    assert one.of("fact")[0].target == value and one.of("fact")[0].subject == planted.name
+    joined = PromptSet.join([prompts, one], title="both")
+    assert joined.prompts == prompts.prompts + one.prompts and joined.groups == prompts.groups + one.groups
+    other = next(r.id for r in world.relations if r.id != rid)
+    with pytest.raises(ValueError, match=f"{planted.name} has no .* fact"):
+        fact_prompt_set(world, planted.name, other)
 
 
 def test_detail_reads_the_neurons_activation_and_promoted_tokens_from_the_model(model, prompts, attribution):
