@@ -40,13 +40,14 @@ from mechedit.viz.figures import heatmap
 
 __all__ = [
     "METHODS",
-    "SITES",
+    "MLP_SITES",
     "NeuronDetail",
     "NeuronExplorer",
     "PromptSet",
     "fact_prompt_set",
     "locate_neurons",
     "neuron_detail",
+    "neuron_detail_figure",
     "neuron_explorer",
     "text_prompt_set",
 ]
@@ -57,7 +58,7 @@ METHODS: dict[str, tuple[str, ...]] = {
     "neuron_attribution_subject": ("post",),
     "knowledge_neurons": ("post", "pre"),
 }
-SITES = {"post": "neuron", "pre": "neuron_pre"}
+MLP_SITES = {"post": "neuron", "pre": "neuron_pre"}
 GROUPS = ("fact", "paraphrase", "neighbour")
 _UNITS = {"neuron_attribution": "nats", "neuron_attribution_subject": "nats", "knowledge_neurons": "probability"}
 
@@ -215,6 +216,7 @@ class NeuronDetail:
             ``"fact"`` minus ``retain_weight`` times mean over ``"neighbour"``; knowledge neurons:
             mean over ``"fact"``), i.e. the locator's ``Scores`` value for this neuron.
         unit: ``"nats"`` or ``"probability"``.
+        title: the prompt set's title (shown under the figure's title).
     """
 
     component: Component
@@ -234,7 +236,7 @@ def _component(model: Any, component: Component | tuple[int, int], site: str) ->
     if isinstance(component, tuple):
         if len(component) != 2:
             raise ValueError(f"give a neuron as (layer, neuron), got {component!r}")
-        component = Component(SITES[site], int(component[0]), neuron=int(component[1]))
+        component = Component(MLP_SITES[site], int(component[0]), neuron=int(component[1]))
     if not isinstance(component, Component) or component.site not in ("neuron", "neuron_pre") or component.neuron is None:
         raise ValueError(f"neuron_detail needs an MLP neuron (Component('neuron', layer, neuron=j)), got {component!r}")
     n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
@@ -298,8 +300,8 @@ def neuron_detail(
     rounding). Costs one forward (and for neuron attribution one backward) pass over the set;
     knowledge neurons integrate over ``steps`` points at this one layer.
     """
-    if site not in SITES:
-        raise ValueError(f"site must be one of {tuple(SITES)}, got {site!r}")
+    if site not in MLP_SITES:
+        raise ValueError(f"site must be one of {tuple(MLP_SITES)}, got {site!r}")
     component = _component(model, component, site)
     site = "pre" if component.site == "neuron_pre" else "post"
     _check_method(method, site)
@@ -443,6 +445,7 @@ class NeuronExplorer:
         self.scores: Scores | None = None
         self.figure: go.Figure | None = None
         self.detail: NeuronDetail | None = None
+        self._located: tuple[str, str] = (methods[0], METHODS[methods[0]][0])
 
         people = [p.name for p in world.people] if world is not None else []
         relations = [(f"{r.name} ({r.id})", r.id) for r in world.relations] if world is not None else []
@@ -501,6 +504,7 @@ class NeuronExplorer:
         notes = {c: ", ".join(tokens[n]) for c, n in as_output.items()}
         fig = heatmap(scores, mark=top, notes=notes, title=f"{self.method.value} ({self.site.value}): {prompts.title}")
         self.prompt_set, self.scores, self.figure = prompts, scores, fig
+        self._located = (self.method.value, self.site.value)
         best = top.components[0]
         self.layer.value, self.neuron.value = int(best.layer), int(best.neuron)
         self._draw_heatmap(fig)
@@ -520,11 +524,12 @@ class NeuronExplorer:
             self._on_show(None)
 
     def show_neuron(self) -> NeuronDetail:
-        """Detail of the neuron in ``layer`` / ``neuron`` on the last located prompt set."""
+        """Detail of the neuron in ``layer`` / ``neuron`` on the last located prompt set, by the method located with."""
         if self.scores is None or self.prompt_set is None:
             raise ValueError("locate first: the neuron's detail is shown on the located prompt set")
         component = (int(self.layer.value), int(self.neuron.value))
-        detail = neuron_detail(self.model, self.prompt_set, component, method=self.method.value, site=self.site.value,
+        method, site = self._located
+        detail = neuron_detail(self.model, self.prompt_set, component, method=method, site=site,
                                steps=self.steps, n_tokens=self.n_tokens)
         self.detail = detail
         _show(self.detail_out, detail.figure())
