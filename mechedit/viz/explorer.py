@@ -376,7 +376,7 @@ def neuron_detail_figure(detail: NeuronDetail) -> go.Figure:
     c = detail.component
     fig.update_layout(
         title=f"L{c.layer} {c.site} {c.neuron} promotes: {', '.join(detail.promoted)}" + (f"<br><sup>{detail.title}</sup>" if detail.title else ""),
-        height=620, margin={"t": 90, "b": 160}, barmode="group",
+        height=620, margin={"t": 90, "b": 160}, barmode="relative",  # one bar per prompt: full width
     )
     fig.update_yaxes(title_text="activation", row=1, col=1)
     fig.update_yaxes(title_text=detail.unit, row=2, col=1)
