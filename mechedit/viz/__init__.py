@@ -7,12 +7,22 @@ draw a bias edit (where its partitions sit, the bias against 50 %); ``edit_bars`
 several edits' reports row by row, ``comparison_bars`` one case edited through several
 localisations; ``write_report`` puts figures and tables into one standalone
 HTML file (plotly's JavaScript inline, so it opens with no network); ``write_run_report`` writes
-that page for a ``mechedit run`` folder.
+that page for a ``mechedit run`` folder. ``neuron_explorer`` is a notebook panel (ipywidgets) that
+locates a fact's neurons and shows one neuron's detail; its computation is plain functions
+(``fact_prompt_set``, ``text_prompt_set``, ``locate_neurons``, ``neuron_detail``, whose
+``NeuronDetail.figure()`` draws a neuron's activation and attribution per prompt).
 """
 
 from mechedit.viz.agreement import agreement_heatmaps, recovery_bars
 from mechedit.viz.bias import bias_bars, bias_history, partition_heatmap
 from mechedit.viz.edits import comparison_bars, edit_bars, relation_bars
+from mechedit.viz.explorer import (
+    fact_prompt_set,
+    locate_neurons,
+    neuron_detail,
+    neuron_explorer,
+    text_prompt_set,
+)
 from mechedit.viz.figures import before_after, edge_graph, heatmap, probe_curves
 from mechedit.viz.notebook import notebook_setup
 from mechedit.viz.report import write_report
@@ -26,12 +36,17 @@ __all__ = [
     "comparison_bars",
     "edge_graph",
     "edit_bars",
+    "fact_prompt_set",
     "heatmap",
+    "locate_neurons",
+    "neuron_detail",
+    "neuron_explorer",
     "notebook_setup",
     "partition_heatmap",
     "probe_curves",
     "recovery_bars",
     "relation_bars",
+    "text_prompt_set",
     "write_report",
     "write_run_report",
 ]
