@@ -79,3 +79,38 @@ def test_report_renders_offline_in_chromium_with_hover_and_marks(browser, tmp_pa
     page.screenshot(path=str(screens / "report_heatmap_hover.png"), full_page=True)
     assert not errors, errors
     page.context.close()
+
+
+def test_a_7b_sized_neuron_map_renders_hovers_and_keeps_its_marks(browser, tmp_path):
+    """32 x 11,008 neurons (Llama-2-7B's MLPs): shown in bins of 3 adjacent neurons (the one of largest
+    |score| each), so the page stays small and responsive; a marked neuron is still on its bin and
+    the hover names the neuron the bin shows."""
+    import torch
+
+    from mechedit.components import Component
+    from mechedit.scores import Scores
+
+    values = torch.randn(32, 11_008, generator=torch.Generator().manual_seed(0)) * 0.01
+    planted = [Component("neuron", 3, neuron=5_000), Component("neuron", 30, neuron=11_007)]
+    for c in planted:
+        values[c.layer, c.neuron] = 1.0  # the largest |score| of its bin, so its bin shows it
+    scores = Scores(values, ("layer", "neuron"), site="neuron", method="synthetic")
+    figure = heatmap(scores, mark=planted)
+    z = figure.data[0].z
+    assert z.shape == (32, 3_670)  # ceil(11,008 / 3) bins
+    assert z[3, 5_000 // 3] == 1.0 and z[30, 11_007 // 3] == 1.0
+    path = write_report(tmp_path / "big.html", [("Where", [figure])], title="7B-sized map")
+    assert path.stat().st_size < 12_000_000  # plotly.js (~4.6 MB) + the binned map, not 32 x 11,008 cells
+    page, errors = _open(browser, path)
+    assert page.locator(".js-plotly-plot .scatterlayer .point").count() == len(planted)
+    grid = page.locator(".js-plotly-plot .nsewdrag").first.bounding_box()
+    # layer 3's row, mid-width (the page is 720 px high, the 32-row map taller)
+    page.mouse.move(grid["x"] + grid["width"] * 0.5, grid["y"] + grid["height"] * 3.5 / 32)
+    page.wait_for_selector(".hoverlayer .hovertext", timeout=5000)
+    hover = page.locator(".hoverlayer .hovertext").first.text_content()
+    assert "layer 3" in hover and "neuron" in hover and "bin" in hover, hover
+    screens = Path(os.environ.get("MECHEDIT_SCREENSHOTS", tmp_path))
+    screens.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(screens / "report_7b_map_hover.png"), full_page=True)
+    assert not errors, errors
+    page.context.close()
