@@ -93,3 +93,15 @@ def test_methods_on_factworld_planted_agree_on_the_planted_layer_only_with_a_con
     assert len(fig.data) == 2 and list(fig.data[0].x) == list(scores)
     bars = recovery_bars(planted_recovery(scores, layer=layer), layer=layer)
     assert list(bars.data[0].marker.color) == ["#d62728", "#2ca02c", "#2ca02c"]
+
+
+def test_scores_of_different_models_are_refused_unless_asked_for():
+    from dataclasses import replace
+
+    from mechedit.provenance import Provenance
+
+    a = replace(_neurons([[1.0, 0.0], [0.0, 2.0]]), provenance=Provenance("factworld", "aaaa"))
+    b = replace(_neurons([[1.0, 0.0], [0.0, 2.0]]), provenance=Provenance("factworld-planted", "bbbb"))
+    with pytest.raises(ValueError, match="different models.*same_model=False"):
+        localization_agreement({"a": a, "b": b}, k=1)
+    assert localization_agreement({"a": a, "b": b}, k=1, same_model=False).jaccard[0, 1].item() == 1.0

@@ -103,15 +103,24 @@ def localization_agreement(
     level: Level = "auto",
     by: Literal["abs", "value"] = "abs",
     op: Literal["abs_sum", "abs_max"] = "abs_sum",
+    same_model: bool = True,
 ) -> Agreement:
     """Top-``k`` Jaccard and Spearman matrices of ``{method name: Scores}`` (two or more).
 
     ``level="auto"`` compares cells when all scores share site and shape, else layer profiles
     (``layer_profile`` with ``op``). ``k`` is clipped to the number of cells compared; at layer
-    level a small ``k`` (1-3) is the meaningful one.
+    level a small ``k`` (1-3) is the meaningful one. Scores whose provenance names different
+    weights are refused unless ``same_model=False`` (e.g. comparing a model with its edit on
+    purpose).
     """
     if len(scores) < 2:
         raise ValueError(f"give at least two localisations to compare, got {len(scores)}")
+    weights = {name: s.provenance.weights_hash for name, s in scores.items() if s.provenance is not None}
+    if same_model and len(set(weights.values())) > 1:
+        raise ValueError(
+            f"these scores come from different models (weights hash per localisation: {weights}); "
+            "compare localisations of one model, or pass same_model=False if that is the point"
+        )
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if by not in ("abs", "value"):
