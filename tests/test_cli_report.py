@@ -109,6 +109,13 @@ def test_run_writes_the_report_and_report_rebuilds_it_from_the_folder(capsys, ru
         for key in ("before", "after"):
             if row[key] is not None:
                 assert _g(row[key]) in facts, (row, key)
+    # per relation, from results.jsonl's items: each suite's mean accuracy after the edit is on the page
+    items = [json.loads(line) for line in (run_folder / "results.jsonl").read_text().splitlines() if line.strip()]
+    facts_items = [i for i in items if i.get("eval") == "facts" and "accuracy" in i["after"]]
+    assert facts_items and "Per relation" in facts and facts.count('class="plotly-graph-div"') >= 2
+    for suite in {i["suite"] for i in facts_items}:
+        after = [i["after"]["accuracy"] for i in facts_items if i["suite"] == suite]
+        assert _g(sum(after) / len(after)) in facts, suite
     privacy = _section(page, "Evaluation: privacy")
     numbers = [v for values in steps["privacy"]["metrics"].values() for v in values.values() if v is not None]
     assert numbers

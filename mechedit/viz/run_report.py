@@ -144,11 +144,30 @@ def _bounded(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[(b.between(0, 1) | b.isna()) & (a.between(0, 1) | a.isna()) & ~(b.isna() & a.isna())]
 
 
-def _facts_suite(path: Path) -> list[Block]:
-    from mechedit.evaluate.facts import EditReport
-    from mechedit.viz.edits import edit_bars
+def _fact_items(folder: Path) -> tuple[dict[str, Any], ...]:
+    """The facts evaluation's per-item rows from ``results.jsonl`` (none when absent or unreadable:
+    the per-relation view is then left out, the rest of the report stands)."""
+    path = folder / "results.jsonl"
+    if not path.is_file():
+        return ()
+    items = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            return ()
+        if isinstance(row, dict) and row.get("eval") == "facts" and isinstance(row.get("before"), dict) and isinstance(row.get("after"), dict):
+            items.append(row)
+    return tuple(items)
 
-    report = EditReport.load(path)
+
+def _facts_suite(path: Path) -> list[Block]:
+    from dataclasses import replace
+
+    from mechedit.evaluate.facts import EditReport
+    from mechedit.viz.edits import edit_bars, relation_bars
+
+    report = replace(EditReport.load(path), items=_fact_items(path.parent))
     frame = report.to_frame()
     bounded = _bounded(frame)
     blocks: list[Block] = []
@@ -165,6 +184,13 @@ def _facts_suite(path: Path) -> list[Block]:
         if rows:
             blocks.append(edit_bars({"edited": report}, rows, title="Before and with the edit (probabilities and accuracies)"))
     blocks.append(frame)
+    if report.items and any("accuracy" in it["before"] for it in report.items):
+        blocks += [
+            "Per relation (from results.jsonl): where a suite's change comes from; a drop in the subject's other "
+            "relations or in the neighbours is often one relation.",
+            relation_bars(report),
+            report.by_relation(),
+        ]
     return blocks
 
 
