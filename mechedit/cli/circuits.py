@@ -47,7 +47,7 @@ EXAMPLES = """examples:
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("circuits", parents=parents, help="rebuild (or --check) the circuits/ library from the example recipes",
-                       description=__doc__.split("\n\n", 1)[1], epilog=EXAMPLES,
+                       description=__doc__, epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="circuits", help="the library folder: written, or with --check compared (default: circuits)")
     p.add_argument("--recipes", default="recipes", help="the folder of example recipes (default: recipes)")
