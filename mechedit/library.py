@@ -1,6 +1,9 @@
 """The repository's ``circuits/`` folder: circuits for the shipped models, rebuilt by one command.
 
-    mechedit circuits            # rewrites circuits/*.json
+    mechedit circuits            # rewrites circuits/*.json (mechedit.cli.circuits)
+    mechedit circuits --check    # compares a rebuild with them
+
+Besides one circuit per example recipe (``mechedit.cli.circuits``), the library holds:
 
 * ``factworld-planted_ground_truth.json`` and ``factworld-planted-subject_ground_truth.json`` - the
   MLP block the planted facts were trained into (from each checkpoint's metadata; the second
@@ -10,7 +13,6 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -38,14 +40,21 @@ def planted_ground_truth(name: str = "factworld-planted") -> Circuit:
     )
 
 
-def write_library(out_dir: str | Path = "circuits", *, progress: bool = True) -> list[Path]:
-    """Rebuild every circuit of the library in ``out_dir``; return the files written."""
+def demo_circuit(*, progress: bool = True) -> Circuit:
+    """The circuit of ``mechedit demo`` with its default settings (the demo runs in a temporary folder)."""
     from mechedit.demo import DemoConfig, run_demo
 
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_demo(DemoConfig(out_dir=tmp), progress=progress).circuit
+
+
+def write_library(out_dir: str | Path = "circuits", *, progress: bool = True) -> list[Path]:
+    """Rebuild the ground-truth and demo circuits in ``out_dir``; return the files written.
+
+    ``mechedit circuits`` rebuilds these and the example recipes' circuits.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [planted_ground_truth(name).save(out / f"{name}_ground_truth.json") for name in PLANTED if name in zoo.NAMES]
-    with tempfile.TemporaryDirectory() as tmp:
-        result = run_demo(DemoConfig(out_dir=tmp), progress=progress)
-        written.append(Path(shutil.copy(result.paths["circuit"], out / "factworld_demo.json")))
+    written.append(demo_circuit(progress=progress).save(out / "factworld_demo.json"))
     return written

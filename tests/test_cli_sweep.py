@@ -39,12 +39,12 @@ evaluate:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """``(root, recipe.yaml, fact records)``: a random GPT-2 (not from the zoo) and 3 facts in its words."""
+    """``(root, recipe.yaml, fact records)``: a random GPT-2 (not from the zoo) and 8 facts in its words."""
     from mechedit.zoo.random_model import random_checkpoint
 
     root = tmp_path_factory.mktemp("sweep")
     model = random_checkpoint(root / "model", "gpt2", n_layer=2, n_embd=64, n_head=4)
-    records = tiny_fact_records(3)
+    records = tiny_fact_records(8)
     (root / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (root / "r.yaml").write_text(RECIPE.format(model=model, data=root / "facts.jsonl"))
     return root, root / "r.yaml", records
@@ -61,10 +61,10 @@ def _cli(*argv, quiet: bool = True) -> tuple[int, dict | None, str]:
 
 @pytest.fixture(scope="module")
 def pool_sweep(tiny, tmp_path_factory):
-    """The 2-fact sweep of the tiny recipe in a 1-process ``spawn`` pool (the default)."""
+    """The sweep over the tiny recipe's 8 facts in a 1-process ``spawn`` pool (the default)."""
     _, recipe, _ = tiny
     sweeps = tmp_path_factory.mktemp("pool") / "sweeps"
-    code, summary, err = _cli("sweep", recipe, "--over", "facts", "--limit", "2", "--sweeps", sweeps)
+    code, summary, err = _cli("sweep", recipe, "--over", "facts", "--sweeps", sweeps)
     assert code == 0, err
     return sweeps, summary
 
@@ -80,7 +80,7 @@ def test_a_facts_sweep_in_the_pool_equals_separate_runs(pool_sweep, tiny, tmp_pa
     assert [p.name for p in sweeps.iterdir()] == [folder.name]  # no partial folder left
     assert sorted(p.name for p in folder.iterdir()) == ["jobs", "runs", "sweep.csv", "sweep.jsonl"]
     jobs = summary["jobs"]
-    assert [(j["value"], j["status"], j["attempts"]) for j in jobs] == [("w2", "ok", 1), ("w3", "ok", 1)]
+    assert [(j["value"], j["status"], j["attempts"]) for j in jobs] == [(r["subject"], "ok", 1) for r in records]
     assert [json.loads(line) for line in (folder / "sweep.jsonl").read_text().splitlines()] == jobs
     with (folder / "sweep.csv").open() as fh:
         table = list(csv.DictReader(fh))
@@ -89,7 +89,7 @@ def test_a_facts_sweep_in_the_pool_equals_separate_runs(pool_sweep, tiny, tmp_pa
     for path in folder.rglob("*.json"):  # every path inside names the final folder
         assert ".partial" not in path.read_text(), path
 
-    for job, record in zip(jobs, records, strict=False):
+    for job, record in zip(jobs[:2], records[:2], strict=True):  # two of the eight: each is a whole run
         data = tmp_path / f"{record['id']}.jsonl"
         data.write_text(json.dumps(record) + "\n")
         recipe = tmp_path / f"{record['id']}.yaml"
@@ -222,8 +222,7 @@ def test_a_sweep_on_a_local_ray_equals_the_pool(pool_sweep, tiny, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'mechedit[ray]'")
     _, recipe, _ = tiny
     try:
-        code, summary, err = _cli("sweep", recipe, "--over", "facts", "--limit", "2", "--ray", "local",
-                                  "--sweeps", tmp_path / "sweeps")
+        code, summary, err = _cli("sweep", recipe, "--over", "facts", "--ray", "local", "--sweeps", tmp_path / "sweeps")
     finally:
         ray.shutdown()  # (the sweep shuts the instance it started down; this covers a failure before)
     # Ray's raylet gives its dashboard agent ~15 s to start, a limit of Ray's own. With jupyter's
@@ -233,6 +232,7 @@ def test_a_sweep_on_a_local_ray_equals_the_pool(pool_sweep, tiny, tmp_path):
         pytest.skip(f"a local Ray instance did not start on this machine (slow `import ray`?): {err.strip()}")
     assert code == 0, err
     _, pooled = pool_sweep
-    assert [j["status"] for j in summary["jobs"]] == ["ok", "ok"]
+    assert [j["status"] for j in summary["jobs"]] == ["ok"] * 8
+    assert [j["value"] for j in summary["jobs"]] == [j["value"] for j in pooled["jobs"]]
     assert [_job_numbers(j) for j in summary["jobs"]] == [_job_numbers(j) for j in pooled["jobs"]]
     assert not any((tmp_path / "sweeps").glob(".*.partial"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,18 @@ from mechedit.provenance import weights_hash
 CIRCUITS = sorted((Path(__file__).resolve().parents[1] / "circuits").glob("*.json"))
 
 
+@functools.cache
+def _shipped(name: str):
+    """One load per zoo model for all the library's files (validating a circuit leaves the model as it is)."""
+    return mechedit.load(name)
+
+
 @pytest.mark.parametrize("path", CIRCUITS, ids=[p.stem for p in CIRCUITS])
 def test_library_circuits_load_and_fit_the_shipped_model(path):
     circuit = Circuit.load(path)
     name = circuit.provenance.model_name
     assert name in zoo.NAMES, f"{path.name} was made on {name!r}, not a shipped model"
-    model = mechedit.load(name)
+    model = _shipped(name)
     circuit.validate(model)
     assert circuit.provenance.weights_hash == weights_hash(model), (
         f"{path.name} is stale: the {name} weights changed; rebuild with `mechedit circuits`"

@@ -7,7 +7,8 @@
     mechedit eval --model M [--edit edits/N] --suite facts --data D    # mechedit.cli.evaluate
     mechedit run RECIPE.yaml                                          # mechedit.cli.recipe
     mechedit sweep RECIPE.yaml --over facts|seeds|k=8,16 [--ray ADDR] # mechedit.cli.sweep
-    mechedit demo | circuits                                          # mechedit.cli.demo
+    mechedit demo                                                     # mechedit.cli.demo
+    mechedit circuits [--check] [--only NAME ...]                     # mechedit.cli.circuits
     mechedit world show|export|train|card                             # mechedit.cli.world
     mechedit report RUN_DIR                                           # mechedit.cli.report
 
@@ -48,7 +49,7 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mechedit.cli import demo, edit, evaluate, locate, recipe, report, sweep, world
+    from mechedit.cli import circuits, demo, edit, evaluate, locate, recipe, report, sweep, world
 
     parser = _Parser(
         prog="mechedit",
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, suppress=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for module in (locate, edit, evaluate, recipe, sweep, demo, world, report):
+    for module in (locate, edit, evaluate, recipe, sweep, demo, circuits, world, report):
         module.register(sub, [common])
     return parser
 

@@ -1,4 +1,4 @@
-"""``mechedit demo`` (the fact-world job end to end) and ``mechedit circuits`` (the circuits/ library)."""
+"""``mechedit demo``: the fact-world job end to end (``mechedit circuits`` is in ``mechedit.cli.circuits``)."""
 
 from __future__ import annotations
 
@@ -26,12 +26,6 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="runs/demo", help="run folder (created once the arguments check out)")
     demo.set_defaults(run=run_demo)
-    circuits = sub.add_parser(
-        "circuits", parents=parents, help="rebuild the circuits/ library for the shipped models",
-        epilog="example:\n  mechedit circuits --out circuits", formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    circuits.add_argument("--out", default="circuits", help="folder to write (default: circuits)")
-    circuits.set_defaults(run=run_circuits)
 
 
 def run_demo(args: argparse.Namespace, ctx: Context) -> int:
@@ -106,10 +100,3 @@ def _demo_on_checkpoint(args: argparse.Namespace, ctx: Context) -> int:
         path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
         return recipe_cmd.run(argparse.Namespace(recipe=str(path), runs=args.out, no_report=False), ctx)
 
-
-def run_circuits(args: argparse.Namespace, ctx: Context) -> int:
-    from mechedit.library import write_library
-
-    paths = [str(p) for p in write_library(args.out)]
-    emit(ctx, {"command": "circuits", "files": paths}, paths)
-    return 0

@@ -8,6 +8,11 @@
   - plain facts (``prompt``, ``target``, optional ``subject``, ``target_new``, ``relation_id``, ``id``),
   - patching pairs (``clean``, ``corrupt``, ``answer``, ``wrong_answer``, optional ``id``),
   - secrets (``prefix``, ``secret``), or CrowS-Pairs rows (``sent_more``, ``sent_less``; CSV);
+* or a **Hugging Face hub dataset name** (read through ``datasets``; needs the network or a warm
+  cache): facts and secrets in the formats above, and for contrastive pairs CrowS-Pairs
+  (``crows_pairs`` or ``nyu-mll/crows_pairs``, ``HUB_CONTRASTIVE``). WinoGender has no hub name
+  here: the hub copies lack the occupation statistics that decide which side is advantaged, so
+  it is read from the original folder (``all_sentences.tsv`` + ``occupations-stats.tsv``);
 * or a **fact-world selection** ``WORLD:WHAT[:DETAIL]``, ``WORLD`` a zoo model with a recorded
   world (``factworld``, ``factworld-planted``):
   - ``factworld:P19`` every person's birth-city fact (``--limit N``: the first N people),
@@ -24,6 +29,7 @@ value (``mechedit.zoo.prompts.fact_pairs``).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,9 +233,53 @@ def read_secrets(data: str, *, limit: int | None = None) -> list[Any]:
     return read_facts(data, limit=limit)
 
 
+def crows_pairs_from_hub(ds: Any, source: str) -> list[Any]:
+    """CrowS-Pairs rows as the hub serves them (``bias_type`` and ``stereo_antistereo`` as class
+    indices) -> ``ContrastivePair``s, as ``load_crows_pairs`` reads the CSV: ``sent_more`` is the
+    advantaged side, ``group`` the bias type; ``meta`` keeps the scalar fields (label names)."""
+    import datasets
+
+    from mechedit.data import DataFormatError
+    from mechedit.data_pairs import ContrastivePair
+
+    classes = {k: f for k, f in (getattr(ds, "features", None) or {}).items() if isinstance(f, datasets.ClassLabel)}
+    pairs = []
+    for i, row in enumerate(ds):
+        row = {k: classes[k].int2str(v) if k in classes and isinstance(v, int) else v for k, v in row.items()}
+        missing = [k for k in ("sent_more", "sent_less", "bias_type") if not row.get(k)]
+        if missing:
+            raise DataFormatError(f"{source}: record {i}: {missing[0]!r} is missing or empty (CrowS-Pairs format); "
+                                  f"the record has {sorted(row)}")
+        meta = {k: v for k, v in row.items() if k not in ("sent_more", "sent_less") and isinstance(v, (str, int, float))}
+        pairs.append(ContrastivePair(row["sent_more"], row["sent_less"], group=row["bias_type"], meta=meta))
+    return pairs
+
+
+#: hub dataset names read as contrastive pairs: name -> (hub id, split, converter of the loaded rows)
+HUB_CONTRASTIVE: dict[str, tuple[str, str, Callable[[Any, str], list[Any]]]] = {
+    "crows_pairs": ("nyu-mll/crows_pairs", "test", crows_pairs_from_hub),
+    "nyu-mll/crows_pairs": ("nyu-mll/crows_pairs", "test", crows_pairs_from_hub),
+}
+
+
+def _hub_contrastive(name: str) -> list[Any]:
+    import datasets  # late: only a hub name needs it
+
+    hub_id, split, convert = HUB_CONTRASTIVE[name]
+    try:
+        ds = datasets.load_dataset(hub_id, split=split)
+    except Exception as err:
+        raise FileNotFoundError(
+            f"--data {name!r}: loading {hub_id} from the Hugging Face hub failed ({type(err).__name__}: "
+            f"{' '.join(str(err).split())}); offline, pass the CrowS-Pairs CSV file instead"
+        ) from err
+    return convert(ds, hub_id)
+
+
 def read_contrastive(data: str, *, limit: int | None = None) -> list[Any]:
-    """``ContrastivePair``s: the world's bias pairs (``factworld:bias[:split]``), a CrowS-Pairs CSV, or
-    a WinoGender folder (``all_sentences.tsv`` + ``occupations-stats.tsv``; the folder or either file)."""
+    """``ContrastivePair``s: the world's bias pairs (``factworld:bias[:split]``), a CrowS-Pairs CSV,
+    a WinoGender folder (``all_sentences.tsv`` + ``occupations-stats.tsv``; the folder or either file),
+    or a hub name in ``HUB_CONTRASTIVE`` (CrowS-Pairs)."""
     from mechedit.data import DataFormatError
     from mechedit.data_pairs import load_crows_pairs, load_winogender_pairs, world_bias_splits
 
@@ -242,6 +292,8 @@ def read_contrastive(data: str, *, limit: int | None = None) -> list[Any]:
         if split not in splits:
             raise UsageError(f"--data {data}: no split {split!r}; splits: {', '.join(splits)}")
         pairs = splits[split]
+    elif data in HUB_CONTRASTIVE and not Path(data).exists():
+        pairs = _hub_contrastive(data)
     elif Path(data).is_dir() or Path(data).suffix.lower() == ".tsv":
         folder = Path(data) if Path(data).is_dir() else Path(data).parent
         if not (folder / "all_sentences.tsv").is_file():
@@ -249,7 +301,8 @@ def read_contrastive(data: str, *, limit: int | None = None) -> list[Any]:
         pairs = load_winogender_pairs(folder)
     else:
         if not Path(data).is_file():
-            raise FileNotFoundError(f"No such data file: {data!r}")
+            raise FileNotFoundError(f"No such data file: {data!r} (contrastive pairs: a CrowS-Pairs CSV, a WinoGender "
+                                    f"folder, WORLD:bias, or a hub name: {', '.join(HUB_CONTRASTIVE)})")
         if Path(data).suffix.lower() != ".csv":
             raise DataFormatError(f"{data!r}: contrastive pairs are read from a CrowS-Pairs CSV (sent_more, sent_less) "
                                   "or a WinoGender folder")
