@@ -46,6 +46,6 @@ def write_library(out_dir: str | Path = "circuits", *, progress: bool = True) ->
     out.mkdir(parents=True, exist_ok=True)
     written = [planted_ground_truth(name).save(out / f"{name}_ground_truth.json") for name in PLANTED if name in zoo.NAMES]
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_demo(DemoConfig(out_dir=tmp), progress=progress)
+        result = run_demo(DemoConfig(out_dir=tmp, effects=False), progress=progress)  # only the circuit is kept
         written.append(Path(shutil.copy(result.paths["circuit"], out / "factworld_demo.json")))
     return written
