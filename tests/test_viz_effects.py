@@ -14,7 +14,13 @@ import mechedit
 from mechedit import zoo
 from mechedit.components import Component
 from mechedit.edit import ablate
-from mechedit.evaluate import ExposureResult, fact_item_scores, k_sweep, predicted_vs_observed, top_predictions
+from mechedit.evaluate import (
+    ExposureResult,
+    fact_item_scores,
+    k_sweep,
+    predicted_vs_observed,
+    top_predictions,
+)
 from mechedit.locate import neuron_attribution
 from mechedit.scores import Scores
 from mechedit.viz import effect_scatter, exposure_strip, k_sweep_lines

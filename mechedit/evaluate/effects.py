@@ -162,17 +162,21 @@ def zeroed_scores(
     keep = (~zeroed).to(device=device, dtype=torch.float32)
     layers = zeroed.any(dim=2).any(dim=0).nonzero().flatten().tolist()  # hook only layers some set edits
     n_sets, n_prompts = zeroed.shape[0], len(facts)
-    logprob = torch.empty(n_sets * n_prompts)
-    correct = torch.empty(n_sets * n_prompts, dtype=torch.bool)
+    # rows prompt by prompt, shortest prompts first, so each chunk is cut to its own longest
+    # prompt (right padding: the cut columns are pads no real token attends to)
+    by_length = last.argsort(stable=True)
+    logprob = torch.empty(n_sets, n_prompts)
+    correct = torch.empty(n_sets, n_prompts, dtype=torch.bool)
     for lo in range(0, n_sets * n_prompts, batch_size):
         rows = torch.arange(lo, min(lo + batch_size, n_sets * n_prompts), device=device)
-        which, prompt = rows // n_prompts, rows % n_prompts
+        which, prompt = rows % n_sets, by_length[rows // n_sets]
+        width = int(last[prompt].max()) + 1
         hooks = [(hook_name("neuron", layer), _keep_hook(keep[which, layer])) for layer in layers]
         with model.hooks(fwd_hooks=hooks):
-            logits = model(tokens[prompt])
-        logprob[lo : lo + len(rows)] = target_logprob(logits, targets[prompt], last[prompt]).float().cpu()
-        correct[lo : lo + len(rows)] = top1_correct(logits, targets[prompt], last[prompt]).cpu()
-    return logprob.view(n_sets, n_prompts), correct.view(n_sets, n_prompts)
+            logits = model(tokens[prompt, :width])
+        logprob[which.cpu(), prompt.cpu()] = target_logprob(logits, targets[prompt], last[prompt]).float().cpu()
+        correct[which.cpu(), prompt.cpu()] = top1_correct(logits, targets[prompt], last[prompt]).cpu()
+    return logprob, correct
 
 
 def _neuron_values(scores: Scores, model: Any) -> Tensor:
