@@ -40,7 +40,7 @@ from mechedit.prompts import FactPrompt
 from mechedit.scores import Scores
 from mechedit.tokens import get_tokenizer, tokenize_facts, tokenize_prompts
 
-__all__ = ["k_sweep", "predicted_vs_observed", "top_predictions"]
+__all__ = ["DEFAULT_KS", "k_sweep", "predicted_vs_observed", "top_predictions", "zeroed_scores"]
 
 #: the k of the demo's sweep (x axis of ``mechedit.viz.k_sweep_lines``)
 DEFAULT_KS = (1, 2, 4, 8, 16, 24, 32)
