@@ -9,8 +9,12 @@
 4. select the top-k neurons as a circuit and save it;
 5. edit: zero them with a reversible activation edit (and save the equivalent weight edit);
 6. evaluate before vs after: efficacy, held-out paraphrases, unseen neighbours, the person's
-   other facts, held-out text perplexity;
-7. write ``runs/demo/`` (params, scores, circuit, weight edit, report.json, report.html).
+   other facts, held-out text perplexity; the edit's effects in detail (``effects=True``): the
+   top predictions before and after, each selected (and a random sample of other) neuron's
+   predicted vs exact effect, and a k sweep against random neurons
+   (``mechedit.evaluate.effects``);
+7. write ``runs/demo/`` (params, scores, circuit, weight edit, report.json, the effect tables as
+   CSV, report.html).
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 import mechedit
 from mechedit import zoo
 from mechedit.circuit import Circuit
 from mechedit.edit import ablate, zero_neurons
 from mechedit.evaluate import EditReport, evaluate_fact_edit, fact_item_scores
+from mechedit.evaluate.effects import DEFAULT_KS, k_sweep, predicted_vs_observed, top_predictions
 from mechedit.locate import NeuronAttributionConfig, neuron_attribution
 from mechedit.scores import Scores
 from mechedit.zoo.prompts import fact_prompts
@@ -45,6 +52,9 @@ class DemoConfig:
             the specificity evaluation).
         retain_weight: weight of the retain set in the attribution score.
         out_dir: the run folder.
+        effects: also measure the edit's effects in detail (top predictions, predicted vs
+            observed per neuron, the k sweep with random neurons; a few seconds more).
+        n_seeds: random neuron sets per k in the sweep.
     """
 
     model: str = "factworld"
@@ -55,12 +65,35 @@ class DemoConfig:
     retain_weight: float = 1.0
     seed: int = 0
     out_dir: str = "runs/demo"
+    effects: bool = True
+    n_seeds: int = 3
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.n_retain < 0:
             raise ValueError(f"n_retain must be >= 0, got {self.n_retain}")
+        if self.n_seeds < 1:
+            raise ValueError(f"n_seeds must be >= 1, got {self.n_seeds}")
+
+
+@dataclass
+class DemoEffects:
+    """The edit's effects in detail (``mechedit.evaluate.effects``' tables).
+
+    Attributes:
+        top_predictions: ``top_predictions``' table: the 5 likeliest next tokens before and with
+            the edit, for the forget prompts, the paraphrases, a few held-out neighbours and one
+            prompt per other relation of the subject.
+        predicted_vs_observed: ``predicted_vs_observed``' table for the k selected neurons and 12
+            random others (nats), and all k zeroed together.
+        k_sweep: ``k_sweep``' table: forget set and held-out neighbours with the top-k vs random
+            k neurons zeroed.
+    """
+
+    top_predictions: pd.DataFrame
+    predicted_vs_observed: pd.DataFrame
+    k_sweep: pd.DataFrame
 
 
 @dataclass
@@ -72,6 +105,7 @@ class DemoResult:
     report: EditReport
     paths: dict[str, Path] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    effects: DemoEffects | None = None
 
 
 def choose_fact(model: Any, world: World, config: DemoConfig) -> Fact:
@@ -144,6 +178,13 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True) -> Demo
         context={"fact": asdict(fact), "k": cfg.k, "model": cfg.model},
     )
     seconds["evaluate"] = time.perf_counter() - t
+    effects = None
+    if cfg.effects:
+        t = time.perf_counter()
+        effects = measure_effects(model, scores, circuit, cfg, forget=forget, paraphrases=fact_prompts(world, fact, heldout=True),
+                                  retain=retain, neighbours=[p for f in held_neighbours for p in fact_prompts(world, f)],
+                                  other_relations=other_relations)
+        seconds["effects"] = time.perf_counter() - t
 
     say(f"[6/6] writing {out}/")
     out.mkdir(parents=True, exist_ok=True)
@@ -155,16 +196,49 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True) -> Demo
         "weight_edit": weight_edit.save(out / "weight_edit", overwrite=True),
         "report_json": report.save(out / "report.json"),
     }
+    if effects is not None:
+        for name in ("top_predictions", "predicted_vs_observed", "k_sweep"):
+            paths[name] = out / f"{name}.csv"
+            getattr(effects, name).to_csv(paths[name], index=False)
     seconds["total"] = time.perf_counter() - t0
     paths["params"].write_text(
         json.dumps({"config": asdict(cfg), "fact": asdict(fact), "n_forget": len(forget), "n_retain": len(retain), "seconds": seconds}, indent=2) + "\n",
         encoding="utf-8",
     )
-    result = DemoResult(cfg, fact, scores, circuit, report, paths, seconds)
+    result = DemoResult(cfg, fact, scores, circuit, report, paths, seconds, effects)
     from mechedit.viz.demo_report import write_demo_report
 
     paths["report_html"] = write_demo_report(result, out / "report.html", world=world)
     return result
+
+
+def measure_effects(
+    model: Any,
+    scores: Scores,
+    circuit: Circuit,
+    cfg: DemoConfig,
+    *,
+    forget: list[Any],
+    paraphrases: list[Any],
+    retain: list[Any],
+    neighbours: list[Any],
+    other_relations: list[Any],
+) -> DemoEffects:
+    """The demo edit's effects in detail (see ``DemoEffects``); the model is left unedited."""
+    # one prompt per other relation: the collateral damage, if any, shows as a changed answer
+    firsts: dict[Any, Any] = {}
+    for p in other_relations:
+        firsts.setdefault(p.relation_id, p)
+    shown = forget + paraphrases + neighbours[:3] + list(firsts.values())
+    top = top_predictions(model, shown, n=5, edit=ablate(model, circuit, mode="zero"))
+    # 12 random neurons and 3 seeds keep this under ~10 s on 2 cores; big batches are cheaper per
+    # row on the tiny fact-world model
+    pvo = predicted_vs_observed(model, scores, forget, retain, k=len(circuit), n_random=12, seed=cfg.seed,
+                                retain_weight=cfg.retain_weight, batch_size=2048)
+    n_scored = int((~scores.values.isnan()).sum())
+    ks = sorted(k for k in {*DEFAULT_KS, len(circuit)} if k <= n_scored)
+    sweep = k_sweep(model, scores, forget, neighbours, ks=ks, n_seeds=cfg.n_seeds, seed=cfg.seed, batch_size=2048)
+    return DemoEffects(top, pvo, sweep)
 
 
 def summary_table(result: DemoResult) -> str:

@@ -45,7 +45,7 @@ def demo_circuit(*, progress: bool = True) -> Circuit:
     from mechedit.demo import DemoConfig, run_demo
 
     with tempfile.TemporaryDirectory() as tmp:
-        return run_demo(DemoConfig(out_dir=tmp), progress=progress).circuit
+        return run_demo(DemoConfig(out_dir=tmp, effects=False), progress=progress).circuit  # only the circuit is kept
 
 
 def write_library(out_dir: str | Path = "circuits", *, progress: bool = True) -> list[Path]:

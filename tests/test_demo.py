@@ -102,3 +102,32 @@ def test_per_relation_breakdown_explains_the_suite_numbers(demo):
     assert "per suite and relation" in html and '"name":"selected"' in html.replace(" ", "")
     with pytest.raises(KeyError, match="per-item metrics"):
         report.by_relation("no_such_metric")
+
+
+def test_demo_measures_and_reports_the_edit_effects(demo):
+    """Top predictions, predicted vs observed and the k sweep: consistent with the edit's report,
+    saved beside it and shown (with what they mean) on the page."""
+    import pandas as pd
+
+    effects = demo.effects
+    k = demo.config.k
+    sweep = effects.k_sweep.set_index(["selection", "k", "suite"])
+    # the sweep's top-k zeroing is the demo's edit, measured by another code path
+    assert sweep.loc[("top-k", k, "forget"), "p_target"] == pytest.approx(demo.report.get("efficacy", "p_target").after, abs=1e-5)
+    random_k = effects.k_sweep.query("selection == 'random' and k == @k and suite == 'forget'")["p_target"]
+    assert len(random_k) == demo.config.n_seeds and random_k.min() > 0.9 > 0.2 > sweep.loc[("top-k", k, "forget"), "p_target"]
+    pvo = effects.predicted_vs_observed
+    assert (pvo["group"] == "selected").sum() == k and (pvo["group"] == "random").sum() == 12
+    joint = pvo[pvo["group"] == "all selected"].iloc[0]
+    assert joint["observed"] > 10 * joint["predicted"] > 0  # far from additive
+    top = effects.top_predictions
+    forgotten = top[(top["rank"] == 1) & (top["target"] == demo.fact.value) & top["prompt"].str.contains(demo.fact.subject)]
+    assert len(forgotten) >= 7 and (forgotten["token_before"].str.strip() == demo.fact.value).all()
+    assert (forgotten["token_after"].str.strip() != demo.fact.value).all()
+    for name in ("top_predictions", "predicted_vs_observed", "k_sweep"):
+        saved = pd.read_csv(demo.paths[name], keep_default_na=False)
+        assert saved.shape == getattr(effects, name).shape
+    html = demo.paths["report_html"].read_text()
+    assert "Predicted vs observed" in html and "k sweep with a random control" in html
+    assert f"with {k} random neurons zeroed" in html and "x the sum" in html
+    assert html.count('class="plotly-graph-div"') == 5  # heatmap, before/after, per relation, scatter, sweep

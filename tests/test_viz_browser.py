@@ -114,3 +114,38 @@ def test_a_7b_sized_neuron_map_renders_hovers_and_keeps_its_marks(browser, tmp_p
     page.screenshot(path=str(screens / "report_7b_map_hover.png"), full_page=True)
     assert not errors, errors
     page.context.close()
+
+
+def test_edit_effect_figures_render_offline_in_chromium(browser, tmp_path):
+    """The demo report's edit-effect figures (predicted vs observed, the k sweep, exposure) draw
+    every point with no console error."""
+    import torch
+
+    from mechedit.evaluate import ExposureResult
+    from mechedit.viz import effect_scatter, exposure_strip, k_sweep_lines
+
+    pvo = pd.DataFrame({
+        "group": ["selected"] * 3 + ["random"] * 2 + ["all selected"], "rank": [1, 2, 3, 40, 900, -1],
+        "layer": [0, 4, 5, 2, 1, -1], "neuron": [117, 377, 74, 9, 300, -1],
+        "predicted": [2e-3, 1.8e-3, 1.7e-3, 1e-4, -2e-5, 5.5e-3], "observed": [5e-3, 2e-3, 2.4e-3, 1.2e-4, -1e-5, 3.1],
+    })
+    sweep = pd.DataFrame(
+        [{"selection": "none", "k": 0, "seed": -1, "suite": "forget", "p_target": 0.99}]
+        + [{"selection": "top-k", "k": k, "seed": -1, "suite": "forget", "p_target": p} for k, p in ((1, 0.98), (8, 0.6), (24, 0.05))]
+        + [{"selection": "random", "k": k, "seed": s, "suite": "forget", "p_target": 0.99 - 0.001 * s} for k in (1, 8, 24) for s in range(3)]
+    )
+    space = torch.full((3,), 6 * 3.3219, dtype=torch.float64)
+    exp = [ExposureResult(torch.tensor(v, dtype=torch.float64), torch.ones(3, dtype=torch.float64), space, "lexicographic")
+           for v in ([19.0, 15.5, 3.0], [2.0, 1.0, 3.0])]
+    path = write_report(tmp_path / "effects.html", [("Effects", [effect_scatter(pvo), k_sweep_lines(sweep), exposure_strip(*exp)])])
+    page, errors = _open(browser, path)
+    plots = page.locator(".js-plotly-plot")
+    assert plots.count() == 3
+    assert plots.nth(0).locator(".scatterlayer .point").count() == 5  # every neuron drawn
+    assert plots.nth(0).locator(".barlayer .point").count() == 2  # sum of predictions, observed
+    assert plots.nth(2).locator(".boxlayer .point").count() == 6  # every secret, before and after
+    screens = Path(os.environ.get("MECHEDIT_SCREENSHOTS", tmp_path))
+    screens.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(screens / "edit_effect_figures.png"), full_page=True)
+    assert not errors, errors
+    page.context.close()

@@ -21,6 +21,7 @@ from mechedit.evaluate.compare import (
     compare_localizations,
 )
 from mechedit.evaluate.controls import depn_controls
+from mechedit.evaluate.effects import k_sweep, predicted_vs_observed, top_predictions
 from mechedit.evaluate.facts import (
     AnswerScores,
     EditReport,
@@ -90,14 +91,17 @@ __all__ = [
     "fact_scores",
     "greedy_completions",
     "is_masked_lm",
+    "k_sweep",
     "mc_item",
     "memorization",
     "mrr",
+    "predicted_vs_observed",
     "privacy_report",
     "robustness_report",
     "secret_token_scores",
     "fact_world_utility",
     "pair_preference",
     "stereoset_scores",
+    "top_predictions",
     "verify_attribution",
 ]

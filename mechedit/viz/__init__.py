@@ -5,7 +5,9 @@
 ``agreement_heatmaps`` and ``recovery_bars`` whether several localisations agree and find a planted layer; ``partition_heatmap``, ``bias_bars`` and ``bias_history``
 draw a bias edit (where its partitions sit, the bias against 50 %); ``edit_bars`` compares
 several edits' reports row by row, ``comparison_bars`` one case edited through several
-localisations; ``write_report`` puts figures and tables into one standalone
+localisations; ``effect_scatter`` each neuron's predicted (attribution) vs observed effect of
+zeroing it, and all selected together; ``k_sweep_lines`` top-k vs random-k zeroing against k;
+``exposure_strip`` per-secret exposure before and after a privacy edit; ``write_report`` puts figures and tables into one standalone
 HTML file (plotly's JavaScript inline, so it opens with no network); ``write_run_report`` writes
 that page for a ``mechedit run`` folder. ``neuron_explorer`` is a notebook panel (ipywidgets) that
 locates a fact's neurons and shows one neuron's detail; its computation is plain functions
@@ -16,6 +18,7 @@ locates a fact's neurons and shows one neuron's detail; its computation is plain
 from mechedit.viz.agreement import agreement_heatmaps, recovery_bars
 from mechedit.viz.bias import bias_bars, bias_history, partition_heatmap
 from mechedit.viz.edits import comparison_bars, edit_bars, relation_bars
+from mechedit.viz.effects import effect_scatter, exposure_strip, k_sweep_lines
 from mechedit.viz.explorer import (
     fact_prompt_set,
     locate_neurons,
@@ -36,8 +39,11 @@ __all__ = [
     "comparison_bars",
     "edge_graph",
     "edit_bars",
+    "effect_scatter",
+    "exposure_strip",
     "fact_prompt_set",
     "heatmap",
+    "k_sweep_lines",
     "locate_neurons",
     "neuron_detail",
     "neuron_explorer",

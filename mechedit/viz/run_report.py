@@ -215,7 +215,17 @@ def _privacy_suite(data: dict[str, Any]) -> list[Block]:
     blocks.append(frame)
     per_secret = data.get("per_secret")
     if isinstance(per_secret, list) and per_secret:
-        blocks.append(pd.DataFrame(per_secret))
+        table = pd.DataFrame(per_secret)
+        if {"exposure_before", "exposure_after"} <= set(table.columns):
+            from mechedit.viz.effects import exposure_strip
+
+            before, after = table["exposure_before"].tolist(), table["exposure_after"].tolist()
+            values = before + after
+            numbers = all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
+            if numbers and any(v is not None and not math.isnan(v) for v in values):
+                # the report keeps no log2 |R| per secret, so the maximum is not marked here
+                blocks.append(exposure_strip(before, after, title="Exposure of each secret (bits), before and with the edit"))
+        blocks.append(table)
     return blocks
 
 
