@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -72,6 +73,47 @@ def tiny_bridge(tiny_gpt2_dir):
     import mechedit
 
     return mechedit.load(tiny_gpt2_dir)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """A headless Chromium (Debian's ``chromium`` driven by playwright; ``.ci/run`` installs it when
+    missing), skipping with the reason where there is none. Module scope: playwright's sync API
+    must not outlive the module (notebook tests run asyncio loops of their own)."""
+    if CHROMIUM is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's `chromium`)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+    with sync_api.sync_playwright() as pw:
+        instance = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        yield instance
+        instance.close()
+
+
+def open_offline(browser, path: Path):
+    """``(page, console errors)``: ``path`` opened in a fresh profile with the network off, once
+    plotly has drawn its first SVG."""
+    context = browser.new_context(offline=True)  # a fresh profile; the page must need no network
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(Path(path).resolve().as_uri())
+    page.wait_for_selector(".main-svg")
+    return page, errors
+
+
+def screenshot(page, name: str, fallback: Path) -> Path:
+    """Save a full-page screenshot to ``$MECHEDIT_SCREENSHOTS`` (default ``fallback``), outside git."""
+    screens = Path(os.environ.get("MECHEDIT_SCREENSHOTS", fallback))
+    screens.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(screens / name), full_page=True)
+    return screens / name
 
 
 def tiny_fact_records(n: int) -> list[dict]:

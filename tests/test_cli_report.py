@@ -159,3 +159,23 @@ def test_report_to_another_file_and_bad_folders_exit_2(capsys, run_folder, tmp_p
         _, err = capsys.readouterr()
         assert code == 2 and err.count("\n") == 1 and message in err, err
     assert sorted(p.name for p in unfinished.iterdir()) == ["params.json"]  # nothing written
+
+
+def test_the_run_report_renders_offline_in_chromium(run_folder, chromium, tmp_path):
+    """``mechedit run``'s page in a real browser: every figure drawn (heatmap with the circuit
+    outlined, the facts suite's bars and its per-relation view, privacy, bias), no console error."""
+    from conftest import open_offline, screenshot
+
+    path = run_folder / "report.html"
+    expected = path.read_text(encoding="utf-8").count('class="plotly-graph-div"')
+    page, errors = open_offline(chromium, path)
+    plots = page.locator(".js-plotly-plot")
+    assert plots.count() == expected >= 4
+    for i in range(expected):
+        assert plots.nth(i).locator(".main-svg").count() >= 1
+    circuit = Circuit.load(run_folder / "circuit.json")
+    assert plots.first.locator(".scatterlayer .point").count() == len(circuit)
+    assert "Per relation" in page.locator("body").inner_text()
+    screenshot(page, "run_report.png", tmp_path)
+    assert not errors, errors
+    page.context.close()

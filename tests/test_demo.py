@@ -131,3 +131,22 @@ def test_demo_measures_and_reports_the_edit_effects(demo):
     assert "Predicted vs observed" in html and "k sweep with a random control" in html
     assert f"with {k} random neurons zeroed" in html and "x the sum" in html
     assert html.count('class="plotly-graph-div"') == 5  # heatmap, before/after, per relation, scatter, sweep
+
+
+def test_demo_report_renders_offline_in_chromium_with_relations_and_controls(demo, chromium, tmp_path):
+    """The demo's own page in a real browser: every figure drawn, the per-relation view and the
+    random control on it, no console error."""
+    from conftest import open_offline, screenshot
+
+    page, errors = open_offline(chromium, demo.paths["report_html"])
+    plots = page.locator(".js-plotly-plot")
+    assert plots.count() == 5
+    for i in range(5):
+        assert plots.nth(i).locator(".main-svg").count() >= 1
+    text = page.locator("body").inner_text()
+    assert "Per relation" in text and "random" in text
+    # the heatmap outlines the circuit: one open square per selected neuron
+    assert plots.first.locator(".scatterlayer .point").count() == len(demo.circuit)
+    screenshot(page, "demo_report.png", tmp_path)
+    assert not errors, errors
+    page.context.close()

@@ -8,12 +8,8 @@ with the reason, only where neither is available. Screenshots go to ``$MECHEDIT_
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
 import pandas as pd
-import pytest
+from conftest import open_offline, screenshot
 
 import mechedit
 from mechedit.locate import NeuronAttributionConfig, neuron_attribution
@@ -21,38 +17,10 @@ from mechedit.prompts import FactPrompt
 from mechedit.unembedding import promoted_tokens
 from mechedit.viz import before_after, heatmap, write_report
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FACTS = [FactPrompt(prompt="w1 w2 w3", target="w4"), FactPrompt(prompt="w5 w6", target="w7")]
 
-pytestmark = [
-    pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (.ci/run installs Debian's `chromium`)"),
-]
 
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
-    with sync_api.sync_playwright() as pw:
-        instance = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        yield instance
-        instance.close()
-
-
-def _open(browser, path: Path):
-    context = browser.new_context(offline=True)  # a fresh profile; the page must need no network
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(path.resolve().as_uri())
-    page.wait_for_selector(".main-svg")
-    return page, errors
-
-
-def test_report_renders_offline_in_chromium_with_hover_and_marks(browser, tmp_path, tiny_gpt2_dir):
+def test_report_renders_offline_in_chromium_with_hover_and_marks(chromium, tmp_path, tiny_gpt2_dir):
     model = mechedit.load(tiny_gpt2_dir)
     scores = neuron_attribution(model, FACTS, config=NeuronAttributionConfig(retain_weight=0), progress=False)
     chosen = list(scores.top_k(5))
@@ -63,7 +31,7 @@ def test_report_renders_offline_in_chromium_with_hover_and_marks(browser, tmp_pa
         [("Where", [heatmap(scores, mark=chosen, notes=notes)]), ("Effect", [before_after(table), table])],
         title="browser check",
     )
-    page, errors = _open(browser, path)
+    page, errors = open_offline(chromium, path)
     assert page.locator(".js-plotly-plot").count() == 2
     assert page.locator(".js-plotly-plot .main-svg").count() >= 2  # plotly drew an SVG for each
     # the selected neurons: one open square each, on the heatmap
@@ -74,14 +42,12 @@ def test_report_renders_offline_in_chromium_with_hover_and_marks(browser, tmp_pa
     page.wait_for_selector(".hoverlayer .hovertext", timeout=5000)
     hover = page.locator(".hoverlayer .hovertext").first.text_content()
     assert "layer" in hover and "neuron" in hover and "score" in hover, hover
-    screens = Path(os.environ.get("MECHEDIT_SCREENSHOTS", tmp_path))
-    screens.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(screens / "report_heatmap_hover.png"), full_page=True)
+    screenshot(page, "report_heatmap_hover.png", tmp_path)
     assert not errors, errors
     page.context.close()
 
 
-def test_a_7b_sized_neuron_map_renders_hovers_and_keeps_its_marks(browser, tmp_path):
+def test_a_7b_sized_neuron_map_renders_hovers_and_keeps_its_marks(chromium, tmp_path):
     """32 x 11,008 neurons (Llama-2-7B's MLPs): shown in bins of 3 adjacent neurons (the one of largest
     |score| each), so the page stays small and responsive; a marked neuron is still on its bin and
     the hover names the neuron the bin shows."""
@@ -101,7 +67,7 @@ def test_a_7b_sized_neuron_map_renders_hovers_and_keeps_its_marks(browser, tmp_p
     assert z[3, 5_000 // 3] == 1.0 and z[30, 11_007 // 3] == 1.0
     path = write_report(tmp_path / "big.html", [("Where", [figure])], title="7B-sized map")
     assert path.stat().st_size < 12_000_000  # plotly.js (~4.6 MB) + the binned map, not 32 x 11,008 cells
-    page, errors = _open(browser, path)
+    page, errors = open_offline(chromium, path)
     assert page.locator(".js-plotly-plot .scatterlayer .point").count() == len(planted)
     grid = page.locator(".js-plotly-plot .nsewdrag").first.bounding_box()
     # layer 3's row, mid-width (the page is 720 px high, the 32-row map taller)
@@ -109,14 +75,12 @@ def test_a_7b_sized_neuron_map_renders_hovers_and_keeps_its_marks(browser, tmp_p
     page.wait_for_selector(".hoverlayer .hovertext", timeout=5000)
     hover = page.locator(".hoverlayer .hovertext").first.text_content()
     assert "layer 3" in hover and "neuron" in hover and "bin" in hover, hover
-    screens = Path(os.environ.get("MECHEDIT_SCREENSHOTS", tmp_path))
-    screens.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(screens / "report_7b_map_hover.png"), full_page=True)
+    screenshot(page, "report_7b_map_hover.png", tmp_path)
     assert not errors, errors
     page.context.close()
 
 
-def test_edit_effect_figures_render_offline_in_chromium(browser, tmp_path):
+def test_edit_effect_figures_render_offline_in_chromium(chromium, tmp_path):
     """The demo report's edit-effect figures (predicted vs observed, the k sweep, exposure) draw
     every point with no console error."""
     import torch
@@ -138,14 +102,12 @@ def test_edit_effect_figures_render_offline_in_chromium(browser, tmp_path):
     exp = [ExposureResult(torch.tensor(v, dtype=torch.float64), torch.ones(3, dtype=torch.float64), space, "lexicographic")
            for v in ([19.0, 15.5, 3.0], [2.0, 1.0, 3.0])]
     path = write_report(tmp_path / "effects.html", [("Effects", [effect_scatter(pvo), k_sweep_lines(sweep), exposure_strip(*exp)])])
-    page, errors = _open(browser, path)
+    page, errors = open_offline(chromium, path)
     plots = page.locator(".js-plotly-plot")
     assert plots.count() == 3
     assert plots.nth(0).locator(".scatterlayer .point").count() == 5  # every neuron drawn
     assert plots.nth(0).locator(".barlayer .point").count() == 2  # sum of predictions, observed
     assert plots.nth(2).locator(".boxlayer .point").count() == 6  # every secret, before and after
-    screens = Path(os.environ.get("MECHEDIT_SCREENSHOTS", tmp_path))
-    screens.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(screens / "edit_effect_figures.png"), full_page=True)
+    screenshot(page, "edit_effect_figures.png", tmp_path)
     assert not errors, errors
     page.context.close()
