@@ -4,11 +4,44 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from pathlib import Path
+from queue import Empty
 
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.py"))
+
+
+def _sliced(get_msg):
+    """``get_msg`` polled in 1-second slices up to its timeout. With widgets on a page, a kernel's
+    reply can sit on the socket unseen until the poll's timeout ends (jupyter/nbclient#312): one
+    CI run waited 10 minutes on notebook 07's explorer cell. A new poll sees it at once."""
+
+    async def polled(timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return await get_msg(timeout=1.0 if left is None else min(1.0, left))
+            except Empty:
+                if left is not None and left <= 1.0:
+                    raise
+
+    return polled
+
+
+def _client(nbclient, notebook, **options):
+    """An ``nbclient.NotebookClient`` whose shell and iopub reads are ``_sliced``."""
+
+    class Client(nbclient.NotebookClient):
+        async def async_start_new_kernel_client(self):
+            kc = await super().async_start_new_kernel_client()
+            for channel in (kc.shell_channel, kc.iopub_channel):
+                channel.get_msg = _sliced(channel.get_msg)
+            return kc
+
+    return Client(notebook, **options)
 
 
 def _sources(nb) -> list[tuple[str, str]]:
@@ -31,7 +64,7 @@ def test_notebook_is_paired_clean_and_executes(script, tmp_path):
     work = tmp_path / "run"
     work.mkdir()
     shutil.copy(paired, work / paired.name)
-    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(work)}})
+    client = _client(nbclient, notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(work)}})
     client.execute()
     errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
