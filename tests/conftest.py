@@ -126,7 +126,7 @@ def tiny_fact_records(n: int) -> list[dict]:
 # longest files start first so that no long file is left running alone at the end (measured with
 # `--durations`; the rest keep their order).
 _LONGEST_FIRST = (
-    "test_notebooks.py", "test_zoo_models.py", "test_robustness.py", "test_pcgu.py", "test_compare.py",
+    "test_notebooks.py", "test_recipes.py", "test_zoo_models.py", "test_robustness.py", "test_pcgu.py", "test_compare.py",
     "test_cli_sweep.py", "test_bench_smoke.py", "test_causal_tracing.py", "test_cli.py",
 )
 

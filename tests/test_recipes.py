@@ -1,5 +1,6 @@
 """The example recipes in ``recipes/``: every file validates against the schema and stands for valid
-command lines (fast: nothing loads); two of them run end to end on the fact world."""
+command lines (fast: nothing loads); each runs end to end on the fact world and reruns from its
+params.json."""
 
 from __future__ import annotations
 
@@ -37,30 +38,59 @@ def test_every_example_recipe_validates_and_says_what_it_does(path, tmp_path):
     assert [s.command for s in steps][:1] == ["locate"] and not (tmp_path / "run").exists()
 
 
-def _run(capsys, path: Path, runs: Path) -> dict:
-    code = main(["--json", "--quiet", "run", str(path), "--runs", str(runs)])
+def _run(capsys, recipe: Path, runs: Path) -> tuple[Path, dict]:
+    """``(run folder, {step name: step summary})`` of ``mechedit run RECIPE`` (exit 0 asserted)."""
+    code = main(["--json", "--quiet", "run", str(recipe), "--runs", str(runs)])
     out, err = capsys.readouterr()
     assert code == 0, err
     summary = json.loads(out)
     folder = Path(summary["folder"])
     assert json.loads((folder / "summary.json").read_text())["steps"] == summary["steps"]
     assert (folder / "params.json").is_file() and (folder / "circuit.json").is_file()
-    return {s["command"] if s["command"] != "eval" else f"eval-{s['suite']}": s for s in summary["steps"]}
+    return folder, {s["command"] if s["command"] != "eval" else f"eval-{s['suite']}": s for s in summary["steps"]}
+
+
+# what each example recipe must achieve (measured values in the comments); the rest of each run
+# is checked by test_every_example_recipe_runs_and_reruns_from_its_params
+OUTCOMES = {
+    "factworld_knowledge_neurons_zero": lambda steps: (
+        steps["locate"]["n_components"] == steps["edit"]["n_components"] == 8
+        and _row(steps, "efficacy", "exact_true")["before"] == 1.0
+        and _row(steps, "efficacy", "exact_true")["after"] <= 0.5  # measured 0.14
+        and _row(steps, "neighbourhood", "exact_true")["after"] >= 0.9  # measured 1.0
+    ),
+    "factworld_depn_privacy": lambda steps: (
+        steps["eval-privacy"]["metrics"]["mrr"]["after"] < steps["eval-privacy"]["metrics"]["mrr"]["before"]  # 0.99 -> 0.83
+        and steps["eval-privacy"]["metrics"]["exposure"]["after"] < steps["eval-privacy"]["metrics"]["exposure"]["before"]
+    ),
+}
+
+
+def _row(steps: dict, suite: str, metric: str) -> dict:
+    (row,) = [r for r in steps["eval-facts"]["rows"] if (r["suite"], r["metric"]) == (suite, metric)]
+    return row
 
 
 @pytest.mark.slow
-def test_the_knowledge_neurons_recipe_runs_and_forgets(capsys, tmp_path):
-    steps = _run(capsys, RECIPES[[p.stem for p in RECIPES].index("factworld_knowledge_neurons_zero")], tmp_path)
-    assert steps["locate"]["n_components"] == steps["edit"]["n_components"] == 8
-    rows = {(r["suite"], r["metric"]): r for r in steps["eval-facts"]["rows"]}
-    efficacy = rows[("efficacy", "exact_true")]
-    assert efficacy["before"] == 1.0 and efficacy["after"] <= 0.5  # measured 0.14
-    assert rows[("neighbourhood", "exact_true")]["after"] >= 0.9  # measured 1.0
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_example_recipe_runs_and_reruns_from_its_params(capsys, tmp_path, path):
+    """From a fresh checkout: the run finishes with every step, its report and per-item results;
+    its circuit is the committed library's (circuits/<name>.json); rerunning its params.json gives
+    the same summary, number for number."""
+    from mechedit.circuit import Circuit
 
+    folder, steps = _run(capsys, path, tmp_path / "runs")
+    recipe = load_recipe(path)
+    assert list(steps)[:1] == ["locate"] and ("edit" in steps) == (recipe.edit is not None)
+    assert {f"eval-{e.suite}" for e in recipe.evaluate} <= set(steps)
+    assert (folder / "report.html").is_file() and (folder / "results.jsonl").is_file()
+    committed = Circuit.load(Path(__file__).resolve().parents[1] / "circuits" / f"{recipe.name}.json")
+    assert list(Circuit.load(folder / "circuit.json")) == list(committed)
+    if path.stem in OUTCOMES:
+        assert OUTCOMES[path.stem](steps), steps
+    again, _ = _run(capsys, folder / "params.json", tmp_path / "again")
 
-@pytest.mark.slow
-def test_the_depn_recipe_runs_and_lowers_exposure(capsys, tmp_path):
-    steps = _run(capsys, RECIPES[[p.stem for p in RECIPES].index("factworld_depn_privacy")], tmp_path)
-    metrics = steps["eval-privacy"]["metrics"]
-    assert metrics["mrr"]["after"] < metrics["mrr"]["before"]  # measured 0.99 -> 0.83
-    assert metrics["exposure"]["after"] < metrics["exposure"]["before"]
+    def numbers(run: Path) -> list:  # the steps with the run's own folder name taken out of the paths
+        return json.loads((run / "summary.json").read_text().replace(str(run), "RUN"))["steps"]
+
+    assert numbers(again) == numbers(folder)

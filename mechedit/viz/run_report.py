@@ -79,6 +79,27 @@ def _score_of(scores: Any, component: Any) -> float | None:
         return None
 
 
+def _score_bars(scores: Any, selected: list[Any], title: str) -> Any:
+    """Scores over one axis (a per-layer profile, PCGU's partitions): a bar per entry, the
+    selected entries in another colour."""
+    import plotly.graph_objects as go
+
+    from mechedit.viz.figures import _axis_ticks
+
+    (axis,) = scores.axes
+    ticks = _axis_ticks(scores, axis)
+    if axis == "partition" and scores.partitions is not None:
+        offsets = {param: offset for param, offset, _ in scores.partitions.rows}
+        chosen = {offsets[c.param] + c.unit for c in selected if c.param in offsets}
+    else:
+        chosen = {getattr(c, axis, None) for c in selected}
+    colours = ["#e45756" if i in chosen else "#4c78a8" for i in range(len(ticks))]
+    fig = go.Figure(go.Bar(x=ticks, y=scores.values.float().tolist(), marker_color=colours,
+                           hovertemplate=f"{axis} %{{x}}<br>score %{{y:.4g}}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title=axis, yaxis_title="score", height=380, showlegend=False)
+    return fig
+
+
 def _where(folder: Path) -> tuple[str, list[Block]]:
     from mechedit.circuit import Circuit
     from mechedit.scores import Scores
@@ -94,8 +115,12 @@ def _where(folder: Path) -> tuple[str, list[Block]]:
         scores = Scores.load(folder / "circuit.scores.json")
         on_site = [c for c in circuit if c.site == scores.site]
         title = f"{scores.method}: {scores.site} scores, the {len(on_site)} selected outlined"
+        if scores.values.ndim == 1:
+            fig = _score_bars(scores, on_site, f"{scores.method}: {scores.site} scores, the {len(on_site)} selected in red")
+        else:
+            fig = None
         try:
-            fig = heatmap(scores, mark=on_site or None, title=title)
+            fig = fig or heatmap(scores, mark=on_site or None, title=title)
         except ValueError as err:  # components without both plotted coordinates: the plain map
             fig = heatmap(scores, title=f"{scores.method}: {scores.site} scores")
             blocks.append(f"The selected components are not outlined: {err}.")
