@@ -389,6 +389,7 @@ def compare_localizations(
     original: dict[str, float] = {}
     contexts: dict[str, Any] = {}
     measured_of: dict[str, dict[str, float]] = {}
+    original_measures: dict[Any, Any] = {}  # the original's measures, the same for every localisation
     for name, circuit in circuits.items():
         source = first_of[name]
         chosen = _select(tried[source], config.min_retain)
@@ -396,7 +397,7 @@ def compare_localizations(
             bar.set_postfix_str(f"robustness: {name}")
             measured_of[source], before, contexts[name] = _robustness(
                 model, workspace, edits[(source, chosen["lr"])], case=case, retain=retain,
-                config=config.robustness,
+                config=config.robustness, original_measures=original_measures,
             )
             original = original or before
             bar.update()
@@ -424,11 +425,13 @@ def compare_localizations(
 
 
 def _robustness(
-    original: Any, workspace: Any, edit: Any, *, case: FactEditSuites, retain: FactEditSuites, config: Any
+    original: Any, workspace: Any, edit: Any, *, case: FactEditSuites, retain: FactEditSuites, config: Any,
+    original_measures: dict[Any, Any],
 ) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
     """The edited model's robustness measures as flat columns, the original's, and the context."""
     with edit.applied(workspace):
-        report = robustness_report(original, workspace, case, retain, config=config, progress=False)
+        report = robustness_report(original, workspace, case, retain, config=config, progress=False,
+                                   _original_measures=original_measures)
     edited: dict[str, float] = {}
     before: dict[str, float] = {}
     for row in report.rows:
