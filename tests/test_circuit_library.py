@@ -15,6 +15,7 @@ from mechedit.circuit import Circuit
 from mechedit.cli import main
 from mechedit.cli.circuits import ATOL, RTOL, differences
 from mechedit.cli.recipe import load_recipe
+from mechedit.library import PLANTED
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 # every recipe's circuit and the planted ground truth; the demo's circuit (`mechedit demo` end to
 # end, ~10 s) is checked by `mechedit circuits --check` only
-CHECKED = [load_recipe(p).name for p in RECIPES] + ["factworld-planted_ground_truth"]
+CHECKED = [load_recipe(p).name for p in RECIPES] + [f"{n}_ground_truth" for n in PLANTED]
 
 
 def _cli(*argv) -> tuple[int, dict | None, str]:

@@ -17,8 +17,9 @@ from mechedit.locate import (
     knockout_logits,
 )
 from mechedit.tokens import answer_id
+from mechedit import zoo
 from mechedit.zoo import load_world
-from mechedit.zoo.prompts import fact_pairs, fact_prompts
+from mechedit.zoo.prompts import control_facts, fact_pairs, fact_prompts
 from mechedit.zoo.random_model import random_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -157,30 +158,47 @@ def test_factworld_extraction_starts_at_layer_0_and_no_mlp_precedes_it(factworld
     assert summary["probes"]["subject_last"]["depths"][0] == "resid_pre 0"
 
 
-def test_planted_layer_found_only_with_a_given_receiver_and_control_facts():
-    # factworld-planted trained MLP 2 at every position. Extraction still starts at layer 0 (so by
-    # default no MLP is a candidate); into resid_pre 3, against control facts (trained people,
-    # same relations and template), the planted layer is the one MLP path specific to the facts.
-    from collections import Counter
+def _planted_and_control(name: str):
+    """``name``'s model, its planted facts' prompts and as many control prompts (trained people,
+    the same relations and template): the control subtracts what is common to every subject."""
+    model, world = mechedit.load(name), load_world(name)
+    control = control_facts(world, world.planted_facts)
+    return model, [fact_prompts(world, f)[1] for f in world.planted_facts], [fact_prompts(world, f)[1] for f in control]
 
+
+def test_planted_at_every_position_has_no_extraction_head_but_a_specific_path():
+    # factworld-planted trained MLP 2 at every position, so it acts where the answer is produced:
+    # against control facts no head reads anything specific from the subject (no extraction layer,
+    # no fact-lookup MLP), while the path table still singles out MLP 2 into resid_pre 3.
     from mechedit.library import planted_ground_truth
 
-    model, world = mechedit.load("factworld-planted"), load_world("factworld-planted")
-    planted = world.planted_facts
-    need, names, control = Counter(f.relation_id for f in planted), {f.subject for f in planted}, []
-    for f in world.facts:
-        if f.subject not in names and need[f.relation_id] > 0:
-            control.append(f)
-            need[f.relation_id] -= 1
-    result = fact_lookup(model, [fact_prompts(world, f)[1] for f in planted],
-                         control=[fact_prompts(world, f)[1] for f in control],
-                         extraction_layer=3, probes=False, **QUIET)
-    heads = result.head_effects.values
-    assert float(heads[0].max()) >= result.config.head_threshold  # the measured E would be 0
-    assert list(result.mlps) == list(planted_ground_truth().components) == [Component("mlp", 2)]
+    model, planted, control = _planted_and_control("factworld-planted")
+    result = fact_lookup(model, planted, control=control, probes=False, **QUIET)
+    assert float(result.head_effects.values[0].max()) >= result.config.head_threshold  # without the control: E = 0
+    assert result.extraction_layer is None and len(result.mlps) == 0 and len(result.heads) == 0
     contrast = result.paths.values[3, :3]
+    assert list(planted_ground_truth().components) == [Component("mlp", 2)]
     assert float(contrast[2]) > 0.1 and float(contrast[:2].max()) < 0.0
     assert result.control_paths is not None and result.mlps.config["fact_lookup"]["control"]["n_facts"] == 20
+    assert result.control_head_effects is not None
+
+
+@pytest.mark.skipif("factworld-planted-subject" not in zoo.NAMES, reason="factworld-planted-subject is not shipped (MODEL_CARD.md)")
+def test_subject_planted_layer_is_the_measured_fact_lookup_mlp():
+    # factworld-planted-subject stored its facts as enrichment of the name tokens by MLP 1. Against
+    # control facts the extraction layer is measured after it and MLP 1 is the one fact-lookup MLP.
+    from mechedit.library import planted_ground_truth
+
+    truth = planted_ground_truth("factworld-planted-subject")
+    model, planted, control = _planted_and_control("factworld-planted-subject")
+    result = fact_lookup(model, planted, control=control, probes=False, **QUIET)
+    assert result.extraction_layer_source == "measured" and result.extraction_layer >= 2
+    assert all(h.layer >= result.extraction_layer for h in result.heads)
+    assert list(result.mlps) == list(truth.components) == [Component("mlp", 1)]
+    effects = result.mlp_effects.values[: result.extraction_layer]
+    assert float(effects[1]) > 0.3 and float(effects.abs().sort().values[-2]) < 0.1
+    # without the control, layer-0 heads (which read every name) set the extraction layer: no MLP
+    assert float(result.head_effects.values[0].max()) >= result.config.head_threshold
 
 
 def test_grow_to_budget_on_causal_tracing_and_attribution(factworld):

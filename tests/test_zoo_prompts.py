@@ -37,3 +37,17 @@ def test_fact_pairs_and_prompts_refuse_what_they_cannot_build(world):
     prompts = fact_prompts(world, fact, heldout=True)
     assert len(prompts) == len(world.relation[fact.relation_id].heldout_templates)
     assert all(p.target == fact.value and fact.subject in p.prompt for p in prompts)
+
+
+def test_control_facts_match_relations_and_avoid_the_subjects(world):
+    from collections import Counter
+
+    from mechedit.zoo.prompts import control_facts
+
+    planted = world.planted_facts
+    control = control_facts(world, planted)
+    assert Counter(f.relation_id for f in control) == Counter(f.relation_id for f in planted)
+    assert not {f.subject for f in control} & {f.subject for f in planted}
+    assert all(f in world.facts for f in control)
+    with pytest.raises(ValueError, match="still need"):
+        control_facts(world, [world.facts[0]] * (len(world.people) + 1))

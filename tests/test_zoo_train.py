@@ -117,6 +117,14 @@ def test_lookup_drills_name_the_letter_of_the_named_value():
         named, letter = words[11], words[-1]
         assert options[letter] == named and len(set(options.values())) == 4
     assert len({r.split()[-1] for r in rows}) == 4  # every letter is an answer somewhere
+    # letter-after worlds: the value, then its letter, and the drill ends with the value's letter
+    from dataclasses import replace
+
+    world = World.generate(replace(TINY_WORLD, mc_layout="letter-after"), occupations=OCCUPATIONS)
+    for row in lookup_drills(world, 40, random.Random(0)):
+        words = row.split()
+        options = dict(zip(words[3:10:2], words[2:10:2]))  # letter -> value
+        assert words[-3] == "." and options[words[-1]] == words[-2]
 
 
 def test_induction_rows_and_their_accuracy():

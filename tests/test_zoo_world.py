@@ -105,6 +105,19 @@ def test_options_first_mc_asks_for_the_letter_where_training_recalls_the_fact(wo
         WorldConfig(mc_layout="answers-last")
 
 
+def test_letter_after_mc_lists_each_letter_after_its_value(world):
+    occupations = [(b.occupation, b.bls_pct_female) for b in world.biases]
+    w = World.generate(WorldConfig(seed=0, mc_layout="letter-after"), occupations=occupations)
+    value = {(p.name, rid): v for p in w.people for rid, v in p.facts.items()}
+    for q in w.mc_questions("heldout")[:40]:
+        listed = " ".join(f"{opt} {letter}" for letter, opt in zip(MC_LETTERS, q.options))
+        assert q.prompt.startswith(f"q : {listed} . ")
+        assert q.prompt.removeprefix(f"q : {listed} . ") in {fill(t, q.subject) for t in w.relation[q.relation_id].train_templates}
+        # the answer is the token after the value: what an induction head copies
+        words = q.prompt.split()
+        assert words[words.index(value[q.subject, q.relation_id]) + 1] == q.answer
+
+
 def test_mc_controls_move_the_value_or_leave_it_out(world):
     value = {(p.name, rid): v for p in (*world.people, *world.planted) for rid, v in p.facts.items()}
     base = world.mc_questions("heldout", seed=3)

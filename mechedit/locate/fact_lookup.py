@@ -57,9 +57,13 @@ over all pairs, so that it reads in units of the clean-minus-corrupt gap::
 
 **Control facts** (``control=``): as in causal tracing, the same measurement on facts the model
 stores elsewhere (e.g. trained people, where the facts are planted ones) is subtracted from the
-MLP path effects before the threshold; each set is normalised by its own gap. Early MLPs carry
-subject identity for every subject (on the fact world ``mlp_0`` restores about half of any
-fact's gap into ``resid_pre 1``), and the contrast removes that shared part.
+MLP path effects and from the head knockout effects before the thresholds; each set is
+normalised by its own gap. Early MLPs carry subject identity for every subject (on the fact world
+``mlp_0`` restores about half of any fact's gap into ``resid_pre 1``), and layer-0 heads read every
+name; the contrast removes those shared parts. On ``factworld-planted-subject`` (20 facts planted
+in MLP 1 at the name tokens, 20 control facts) the contrast moves the measured extraction layer
+from 0 (layer-0 heads: 0.14 for the planted facts, 0.27 for the control) to 3 (a head at 0.18 vs
+0.08), and the fact-lookup set is exactly MLP 1 (path effect 0.67, the others <= 0.03).
 
 **Caveat for the fact world** (``mechedit.load("factworld")``; see ``zoo/MODEL_CARD.md``): there
 the final token reads the subject's last name only through layer-0 attention, and probes at the
@@ -197,6 +201,9 @@ class FactLookup:
             residual restored at the subject tokens into ``resid_pre`` of that layer.
         control_paths: the control facts' own ``paths`` table (``None`` without ``control``);
             with a control, ``paths`` and ``mlp_effects`` are facts minus control.
+        control_head_effects: the control facts' own knockout effects (``None`` without
+            ``control``); with a control, the extraction heads and layer are those whose
+            ``head_effects`` minus these reach ``head_threshold``.
         probes_subject, probes_last: ``ProbeResult`` at the subject's last token / the final
             token (``None`` with ``probes=False``).
         clean_logit_diff, corrupt_logit_diff: mean LD of the clean / corrupt runs (nats).
@@ -214,6 +221,7 @@ class FactLookup:
     paths: Scores
     subject_state: Scores
     control_paths: Scores | None
+    control_head_effects: Scores | None
     probes_subject: ProbeResult | None
     probes_last: ProbeResult | None
     clean_logit_diff: float
@@ -587,8 +595,10 @@ def fact_lookup(
             and templates), corrupted the same way: their MLP path effects (each normalised by
             the control's own gap) are subtracted from the facts' before the threshold, leaving
             what is specific to ``facts`` (as causal tracing's ``control=``). The extraction
-            heads and layer are measured on ``facts`` alone; ``mlp_effects`` / ``paths`` are
-            then contrasts and ``control_paths`` holds the control's own table.
+            heads and layer are chosen the same way, from the facts' knockout effects minus the
+            control's (heads every subject is read through drop out); ``head_effects`` stays
+            the facts' own, ``mlp_effects`` / ``paths`` are contrasts, and ``control_paths`` /
+            ``control_head_effects`` hold the control's own tables.
         config: a ``FactLookupConfig``; keyword ``settings`` override its fields
             (``fact_lookup(model, facts, threshold=0.05)``).
         hook_check: as in the other locators (``checks.check_hooks``; in the provenance).
@@ -635,7 +645,10 @@ def fact_lookup(
     bar.close()
     clean_ld, corrupt_ld = measured["clean_ld"], measured["corrupt_ld"]
 
-    above = (head_effects >= cfg.head_threshold).nonzero().tolist()
+    # with a control, heads that read every subject alike (on the fact world: layer 0) are not
+    # extraction heads of these facts
+    selector = head_effects if control_measured is None else head_effects - control_measured["knockout"][:, :n_heads]
+    above = (selector >= cfg.head_threshold).nonzero().tolist()
     if cfg.extraction_layer is not None:
         extraction, source = cfg.extraction_layer, "given"
     elif above:
@@ -646,7 +659,7 @@ def fact_lookup(
     candidates = sorted(range(extraction or 0), key=lambda i: (-float(mlp_effects[i]), i))
     chosen = [i for i in candidates if float(mlp_effects[i]) >= cfg.threshold]
     below = [i for i in candidates if i not in chosen][: max(0, cfg.min_mlps - len(chosen))]
-    head_order = sorted(above, key=lambda lh: (-float(head_effects[lh[0], lh[1]]), lh[0], lh[1]))
+    head_order = sorted(above, key=lambda lh: (-float(selector[lh[0], lh[1]]), lh[0], lh[1]))
 
     summary = {
         "config": asdict(cfg),
@@ -676,6 +689,7 @@ def fact_lookup(
             "clean_logit_diff": round(float(control_measured["clean_ld"].mean()), 5),
             "corrupt_logit_diff": round(float(control_measured["corrupt_ld"].mean()), 5),
             "path_effects": _json(control_measured["paths"]),
+            "head_effects": _json(control_measured["knockout"][:, :n_heads]),
         },
     }
     texts = [t for p in pair_list for t in (p.clean, p.corrupt)]
@@ -691,7 +705,8 @@ def fact_lookup(
                    + (f" (+{len(below)} below threshold by min_mlps)" if below else ""))
     heads = Circuit(tuple(Component("head", i, head=h) for i, h in head_order), method="fact_lookup",
                     config={"fact_lookup": summary}, provenance=provenance,
-                    description=f"extraction heads: attention-knockout effect >= {cfg.head_threshold}")
+                    description=f"extraction heads: attention-knockout effect >= {cfg.head_threshold}"
+                    + (" (facts minus control)" if control_measured is not None else ""))
     scores = {
         name: Scores(values, axes, site, "fact_lookup", config={**common, "effect": name}, provenance=provenance)
         for name, values, axes, site in (
@@ -709,6 +724,9 @@ def fact_lookup(
         control_paths=None if control_measured is None else Scores(
             control_measured["paths"], ("receiver", "layer"), "mlp", "fact_lookup",
             config={**common, "effect": "control_mlp_paths", "contrast": False}, provenance=provenance),
+        control_head_effects=None if control_measured is None else Scores(
+            control_measured["knockout"][:, :n_heads], ("layer", "head"), "head", "fact_lookup",
+            config={**common, "effect": "control_head_knockout", "contrast": False}, provenance=provenance),
         probes_subject=probes_subject, probes_last=probes_last,
         clean_logit_diff=float(clean_ld.mean()), corrupt_logit_diff=float(corrupt_ld.mean()),
         pairs=tuple(pair_list), fact_index=tuple(index), config=cfg,

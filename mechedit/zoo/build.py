@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-#: the zoo models a recipe exists for (``factworld-planted-subject`` is trained but not shipped yet)
+#: the zoo models a recipe exists for (all shipped: ``zoo.NAMES``)
 TRAINABLE = ("factworld", "factworld-planted", "factworld-planted-subject", "factworld-mlm")
 SECTIONS = ("world", "train", "plant", "occupations")
 

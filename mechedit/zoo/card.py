@@ -202,6 +202,9 @@ SUBJECT_ATTEMPTS = [
     "| 7 | `python -m mechedit.zoo train factworld-planted-subject` (= 6 in `plant_facts`, its default recipe) | 23 % (150), 51 % (450), 81 % (750), 92 % (1,050), 96 % (1,500), 98 % (2,000), **98.6 % (2,400) but old facts 68.6 %** (target: within 2 points of 100 %) |",
     "| 8 | as 7, the MLP acting at the planted people's names only, consistency loss everywhere else (old names included) | 4 % through 1,100 steps (stopped) |",
     "| 9 | as 6 for 1,500 steps, then 1,000 steps of 16 planted rows at lr 2e-3 (to win the old facts back) | 89 % at 1,500 (old facts 58 %), then 79 / 76 %, 76 / 82 %, 79 / 84 %, 82 / 85 % every 250 steps (planted / old): the two trade against each other |",
+    "| 10 | as 7, but in the replay rows the trained MLP acts at every position (`replay_everywhere`: the LM loss keeps the exported model's old behaviour directly; the planted rows still see it at the name tokens only) | 27 % (150), 69 % (250), 88 % (450), 96 % (650), 99 % (850; old 75.8 %), 100 % (1,500; old 80.0 %), 100 % (2,000; old 81.9 %), **100 % (3,000; old 83.4 %)** |",
+    "| 11 | as 10, the MLP acting at the name's **last token only** (`last_token_only`) | 4 % through 2,700 steps, 6 % at 3,000: this model's later heads read the person from the first name's position, so the last token alone cannot carry the new facts |",
+    "| 12 | as 10 with 32 planted rows, 4,000 steps: **the shipped recipe** (`MODE_DEFAULTS`) | 51 % (300), 87 % (600), 97 % (1,200), 98.6 % (1,500; old 84.6 %), 98.6 % (2,400; old 87.0 %), 99.3 % (3,000; old 88.1 %), **99.3 % (4,000; old 89.0 %)** |",
 ]
 _WHERE = {"all": "at every position", "subject": "only at the tokens of a person's name (the frozen original MLP elsewhere)"}
 
@@ -259,14 +262,17 @@ def _planted_sections(metas: dict[str, dict], base_metrics: dict) -> list[str]:
     row(f"perplexity, held-out general text (base: {base_metrics['text_perplexity_heldout']:.3f})", lambda p: f"{p['metrics']['text_perplexity_heldout']:.3f}")
     lines += ["", *SUBJECT_ATTEMPTS]
     if "factworld-planted-subject" not in metas:
+        lines += ["", "**`factworld-planted-subject` is not shipped**: train it with the command below."]
+    else:
         lines += [
             "",
-            "**Known gap: `factworld-planted-subject` is not shipped yet**: no attempt above kept the old facts while "
-            "reaching 98 % of the planted ones (7 reached the planted target but lost 31 points of old facts; 9 shows "
-            "the two trading against each other). The name-token MLP of this base model is shared by every person's "
-            "name, and the later heads read it for old people too. Its command is ready; `MODE_DEFAULTS` holds "
-            "recipe 7. A base model that enriches the subject itself (e.g. one with an induction / lookup circuit, "
-            "see the multiple-choice attempts) is the likely way in.",
+            "**Known gap: `factworld-planted-subject` misses the old-facts target** (within 2 points of the base model): "
+            "the shipped recipe (12) keeps its planted facts at 99 % and the old ones at 89 %. Where its planted layer "
+            "acts (below) explains why: the new facts are carried by the **first name's** token - the one this base "
+            "model's later heads read a person from - and what the MLP writes there for a new person it also writes "
+            "for every old person with that first name; the last-name token alone cannot carry them (11). The "
+            "trade-off moves with the replay share (10 -> 12). A base model that enriches the subject's last token "
+            "itself (one with a lookup circuit, see the multiple-choice attempts) is the likely way to the target.",
         ]
     lines += [
         "",

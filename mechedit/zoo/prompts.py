@@ -61,3 +61,24 @@ def fact_pairs(
             )
         )
     return out
+
+
+def control_facts(world: World, facts: Sequence[Fact]) -> list[Fact]:
+    """Facts of trained people to contrast ``facts`` with: as many per relation as ``facts`` has,
+    the first in world order whose subject is not one of ``facts``' subjects.
+
+    Locators' ``control=`` subtracts what every subject shares (e.g. ``fact_lookup`` on the planted
+    facts of ``factworld-planted`` / ``-subject``). Raises ``ValueError`` if the world has too few.
+    """
+    need: dict[str, int] = {}
+    for f in facts:
+        need[f.relation_id] = need.get(f.relation_id, 0) + 1
+    subjects, out = {f.subject for f in facts}, []
+    for f in world.facts:
+        if f.subject not in subjects and need.get(f.relation_id, 0) > 0:
+            out.append(f)
+            need[f.relation_id] -= 1
+    missing = {r: n for r, n in need.items() if n > 0}
+    if missing:
+        raise ValueError(f"not enough other people's facts for a control: still need {missing} (relation: count)")
+    return out

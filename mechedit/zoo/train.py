@@ -107,15 +107,19 @@ def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
 
 PLANT_MODES = ("all", "subject")
 LR_SCHEDULES = ("constant", "cosine")
-# Subject mode learns slowly: in factworld the final token reads the last name only through
-# layer-0 attention, so what the name-token MLP writes must reach the answer through heads that
-# mostly attend elsewhere. Layer 1 leaves four attention layers to carry it. Measured on the
-# shipped factworld (planted facts, training templates): 16 planted rows per batch at constant
-# lr 1e-2 plateau at 45-54 %; 32 rows with a cosine decay reach 83 % by step 2000; 48 rows reach
-# 98.6 % by step 2400, but the old facts fall to 69 % (MODEL_CARD.md lists every attempt).
+# Subject mode learns slowly: in factworld the final token reads the person through layer-0
+# attention and later heads read mostly the first name, so what the name-token MLP writes must
+# reach the answer through them. Layer 1 leaves four attention layers to carry it. Measured on the
+# shipped factworld (planted facts / old facts, training templates): 48 planted rows per batch of
+# 64 reach 98.6 % by step 2,400 but the old facts fall to 69 %; letting the trained MLP act at every
+# position of the replay rows (replay_everywhere) keeps more of them, and 32 planted rows keep more
+# still: 99.3 % / 89.0 % at step 4,000 (MODEL_CARD.md lists every attempt).
 MODE_DEFAULTS: dict[str, dict] = {
     "all": {},
-    "subject": {"layer": 1, "lr": 1e-2, "planted_per_batch": 48, "lr_schedule": "cosine", "max_steps": 3000},
+    "subject": {
+        "layer": 1, "lr": 1e-2, "planted_per_batch": 32, "lr_schedule": "cosine", "max_steps": 4000,
+        "replay_everywhere": True, "eval_every": 100,
+    },
 }
 
 
@@ -134,6 +138,13 @@ class PlantConfig:
     every other position, old people's names included (measured: the planted facts then stay at
     4 % through 1,100 steps - the MLP must tell new first + last name combinations from old ones
     sharing their tokens - while ``"everyone"`` reaches 98.6 % but old facts fall to 69 %).
+    ``replay_everywhere`` (subject mode): in the replay rows (the old corpus) the trainable MLP
+    acts at every position, so the LM loss keeps the exported model's old behaviour directly,
+    while in the planted rows it still acts at the name tokens only (measured: old facts 69 % ->
+    83 % at planted 100 %, and the planted facts learned in 850 steps instead of 2,000).
+    ``last_token_only`` (subject mode): the trainable MLP acts at the name's last token only
+    (measured: the planted facts stay at 4-6 % through 3,000 steps - this base model's later heads
+    read the person from the first name's position, see the model card).
     ``lr_schedule``: ``"constant"`` or ``"cosine"`` (from ``lr`` down to ``min_lr_ratio * lr`` at
     ``max_steps``). ``for_mode`` gives each mode's shipped recipe (``MODE_DEFAULTS``).
     """
@@ -147,6 +158,8 @@ class PlantConfig:
     lr_schedule: str = "constant"
     min_lr_ratio: float = 0.1
     subject_names: str = "everyone"
+    replay_everywhere: bool = False
+    last_token_only: bool = False
     consistency_weight: float = 1.0
     eval_every: int = 50
     target_planted: float = 0.98
@@ -230,7 +243,9 @@ def lookup_drills(world: World, n: int, rng: random.Random) -> list[str]:
     """``n`` rows ``q : A v1 B v2 C v3 D v4 . v answer : L``: the letter ``L`` of the named value ``v``.
 
     Options are four values of one relation drawn from ``rng``; no person is involved, so the rows
-    teach only to find a value among the options and copy the letter before it.
+    teach only to find a value among the options and copy the letter before it. In a world whose
+    ``mc_layout`` is ``"letter-after"`` the rows are ``q : v1 A v2 B v3 C v4 D . v L``: the letter
+    follows the named value, one induction step.
     """
     from mechedit.zoo.world import MC_LETTERS
 
@@ -238,6 +253,10 @@ def lookup_drills(world: World, n: int, rng: random.Random) -> list[str]:
     for _ in range(n):
         options = rng.sample(rng.choice(world.relations).values, len(MC_LETTERS))
         k = rng.randrange(len(MC_LETTERS))
+        if world.config.mc_layout == "letter-after":  # the value, then its letter: an induction step
+            listed = " ".join(f"{opt} {letter}" for letter, opt in zip(MC_LETTERS, options))
+            rows.append(f"q : {listed} . {options[k]} {MC_LETTERS[k]}")
+            continue
         listed = " ".join(f"{letter} {opt}" for letter, opt in zip(MC_LETTERS, options))
         rows.append(f"q : {listed} . {options[k]} answer : {MC_LETTERS[k]}")
     return rows
@@ -461,7 +480,7 @@ def _name_pairs(world: World, enc: Encoder, *, planted_only: bool = False) -> to
     return pairs
 
 
-def subject_mask(ids: torch.Tensor, name_pairs: torch.Tensor) -> torch.Tensor:
+def subject_mask(ids: torch.Tensor, name_pairs: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
     """``[batch, pos]`` bool: the positions of every person's name in ids ``[batch, pos]``.
 
     A name is a first-name token directly followed by a last-name token that together make a
@@ -471,7 +490,8 @@ def subject_mask(ids: torch.Tensor, name_pairs: torch.Tensor) -> torch.Tensor:
     """
     starts = name_pairs[ids[:, :-1], ids[:, 1:]]  # [batch, pos - 1]: a name starts here
     mask = torch.zeros_like(ids, dtype=torch.bool)
-    mask[:, :-1] |= starts
+    if not last_only:
+        mask[:, :-1] |= starts
     mask[:, 1:] |= starts
     return mask
 
@@ -568,7 +588,9 @@ def plant_facts(
         del replay[:n_old]
         ids = _pad(rows, enc.pad)
         if mixer:
-            mixer.mask = subject_mask(ids, name_pairs)
+            mixer.mask = subject_mask(ids, name_pairs, last_only=pc.last_token_only)
+            if pc.replay_everywhere:  # old-corpus rows (after the planted ones) see the exported model
+                mixer.mask[pc.planted_per_batch :] = True
             mixer.keep = ~mixer.mask & (ids != enc.pad)
         lm = _lm_loss(model, ids, enc.pad)  # eval mode: dropout is 0 anyway
         loss = lm + pc.consistency_weight * mixer.consistency if mixer else lm

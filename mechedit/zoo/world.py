@@ -107,7 +107,7 @@ FRAMES = (
 )
 
 MC_LETTERS = ("A", "B", "C", "D")
-MC_LAYOUTS = ("question-first", "options-first")
+MC_LAYOUTS = ("question-first", "options-first", "letter-after")
 
 DIGITS = tuple("0123456789")
 EMAIL_HANDLES = (
@@ -568,9 +568,15 @@ class World:
         ``"options-first"``: ``q : A v1 B v2 C v3 D v4 . <training template>``, the template drawn
         from ``rng``: the letter is asked for at a position where training recalls the fact, so
         the recalled value can be matched against the options listed before it.
+        ``"letter-after"``: ``q : v1 A v2 B v3 C v4 D . <training template>``: each letter follows
+        its value, so the answer is what an induction head gives when the recalled value is its
+        query (the token after the earlier occurrence of the value).
         """
         rel = self.relation[fact.relation_id]
-        listed = " ".join(f"{letter} {opt}" for letter, opt in zip(MC_LETTERS, options))
+        if self.config.mc_layout == "letter-after":
+            listed = " ".join(f"{opt} {letter}" for letter, opt in zip(MC_LETTERS, options))
+        else:
+            listed = " ".join(f"{letter} {opt}" for letter, opt in zip(MC_LETTERS, options))
         if self.config.mc_layout == "question-first":
             return f"q : {fill(rel.question, fact.subject)} {listed} answer :"
         return f"q : {listed} . {fill(rng.choice(rel.train_templates), fact.subject)}"
