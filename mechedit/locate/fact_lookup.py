@@ -63,7 +63,7 @@ normalised by its own gap. Early MLPs carry subject identity for every subject (
 name; the contrast removes those shared parts. On ``factworld-planted-subject`` (20 facts planted
 in MLP 1 at the name tokens, 20 control facts) the contrast moves the measured extraction layer
 from 0 (layer-0 heads: 0.14 for the planted facts, 0.27 for the control) to 3 (a head at 0.18 vs
-0.08), and the fact-lookup set is exactly MLP 1 (path effect 0.67, the others <= 0.03).
+0.08), and the fact-lookup set is exactly MLP 1 (path effect 0.67, the others within 0.04 of 0).
 
 **Caveat for the fact world** (``mechedit.load("factworld")``; see ``zoo/MODEL_CARD.md``): there
 the final token reads the subject's last name only through layer-0 attention, and probes at the
