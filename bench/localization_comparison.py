@@ -32,11 +32,11 @@ import torch
 import mechedit
 from mechedit import zoo
 from mechedit.budget import circuit_size, grow_to_budget
-from mechedit.scores import Scores
 from mechedit.edit import FinetuneConfig, LogOneMinusP, RetainCE
 from mechedit.evaluate import ComparisonConfig, compare_localizations, fact_edit_suites
 from mechedit.evaluate.robustness import RobustnessConfig
 from mechedit.locate import attribution_patching, causal_tracing, fact_lookup
+from mechedit.scores import Scores
 from mechedit.zoo.prompts import control_facts, fact_pairs, fact_prompts
 
 

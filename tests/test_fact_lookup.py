@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mechedit
-from mechedit import Component, FactPrompt, PromptPair, circuit_size, grow_to_budget
+from mechedit import Component, FactPrompt, PromptPair, circuit_size, grow_to_budget, zoo
 from mechedit.artifacts import ModelMismatchError
 from mechedit.hf import hf_parameter
 from mechedit.locate import (
@@ -17,7 +17,6 @@ from mechedit.locate import (
     knockout_logits,
 )
 from mechedit.tokens import answer_id
-from mechedit import zoo
 from mechedit.zoo import load_world
 from mechedit.zoo.prompts import control_facts, fact_pairs, fact_prompts
 from mechedit.zoo.random_model import random_checkpoint
