@@ -114,17 +114,15 @@ def _where(folder: Path) -> tuple[str, list[Block]]:
     if (folder / "circuit.scores.json").is_file():
         scores = Scores.load(folder / "circuit.scores.json")
         on_site = [c for c in circuit if c.site == scores.site]
-        title = f"{scores.method}: {scores.site} scores, the {len(on_site)} selected outlined"
-        if scores.values.ndim == 1:
-            fig = _score_bars(scores, on_site, f"{scores.method}: {scores.site} scores, the {len(on_site)} selected in red")
+        title = f"{scores.method}: {scores.site} scores, the {len(on_site)} selected"
+        if scores.values.ndim == 1:  # a per-layer profile or PCGU's partitions: no second axis for a map
+            blocks.append(_score_bars(scores, on_site, f"{title} in red"))
         else:
-            fig = None
-        try:
-            fig = fig or heatmap(scores, mark=on_site or None, title=title)
-        except ValueError as err:  # components without both plotted coordinates: the plain map
-            fig = heatmap(scores, title=f"{scores.method}: {scores.site} scores")
-            blocks.append(f"The selected components are not outlined: {err}.")
-        blocks.append(fig)
+            try:
+                blocks.append(heatmap(scores, mark=on_site or None, title=f"{title} outlined"))
+            except ValueError as err:  # components without both plotted coordinates: the plain map
+                blocks.append(f"The selected components are not outlined: {err}.")
+                blocks.append(heatmap(scores, title=f"{scores.method}: {scores.site} scores"))
     else:
         blocks.append("The locator selected the components itself and wrote no scores (no circuit.scores.json).")
     blocks.append(pd.DataFrame([

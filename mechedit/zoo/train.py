@@ -253,12 +253,9 @@ def lookup_drills(world: World, n: int, rng: random.Random) -> list[str]:
     for _ in range(n):
         options = rng.sample(rng.choice(world.relations).values, len(MC_LETTERS))
         k = rng.randrange(len(MC_LETTERS))
-        if world.config.mc_layout == "letter-after":  # the value, then its letter: an induction step
-            listed = " ".join(f"{opt} {letter}" for letter, opt in zip(MC_LETTERS, options))
-            rows.append(f"q : {listed} . {options[k]} {MC_LETTERS[k]}")
-            continue
-        listed = " ".join(f"{letter} {opt}" for letter, opt in zip(MC_LETTERS, options))
-        rows.append(f"q : {listed} . {options[k]} answer : {MC_LETTERS[k]}")
+        # letter-after: the value, then its letter - one induction step
+        ask = "" if world.config.mc_layout == "letter-after" else " answer :"
+        rows.append(f"q : {world.mc_options(options)} . {options[k]}{ask} {MC_LETTERS[k]}")
     return rows
 
 

@@ -561,6 +561,13 @@ class World:
 
     # -- prompts ------------------------------------------------------------------------------
 
+    def mc_options(self, options: Sequence[str]) -> str:
+        """The four options as the world's ``mc_layout`` lists them: ``A v1 B v2 C v3 D v4``, or
+        ``v1 A v2 B v3 C v4 D`` for ``"letter-after"``."""
+        if self.config.mc_layout == "letter-after":
+            return " ".join(f"{opt} {letter}" for letter, opt in zip(MC_LETTERS, options))
+        return " ".join(f"{letter} {opt}" for letter, opt in zip(MC_LETTERS, options))
+
     def mc_prompt(self, fact: Fact, options: tuple[str, ...] | list[str], rng: random.Random) -> str:
         """The prompt of a four-option question on ``fact`` in the world's ``mc_layout``.
 
@@ -573,10 +580,7 @@ class World:
         query (the token after the earlier occurrence of the value).
         """
         rel = self.relation[fact.relation_id]
-        if self.config.mc_layout == "letter-after":
-            listed = " ".join(f"{opt} {letter}" for letter, opt in zip(MC_LETTERS, options))
-        else:
-            listed = " ".join(f"{letter} {opt}" for letter, opt in zip(MC_LETTERS, options))
+        listed = self.mc_options(options)
         if self.config.mc_layout == "question-first":
             return f"q : {fill(rel.question, fact.subject)} {listed} answer :"
         return f"q : {listed} . {fill(rng.choice(rel.train_templates), fact.subject)}"
