@@ -32,7 +32,46 @@ from mechedit.zoo.train import (
     lookup_drills,
     train_factworld,
 )
-from mechedit.zoo.world import MC_LETTERS, WorldConfig, load_occupations
+from mechedit.zoo.world import MC_LETTERS, WorldConfig, fill, load_occupations
+
+
+@torch.no_grad()
+def lens_recall(model, world, enc: Encoder, prompts: list[str], facts) -> list[float]:
+    """Per residual stream before each block and after the last (``n_layer + 1`` entries): the share of
+    prompts whose true value is the top value of its relation through the logit lens (final
+    LayerNorm, unembedding) at the prompt's last position - where the recalled value is readable."""
+    ids, lengths = enc.batch(prompts)
+    hidden = model(ids, output_hidden_states=True).hidden_states
+    rows = torch.arange(len(ids))
+    values = [torch.tensor([enc.vocab[v] for v in world.relation[f.relation_id].values]) for f in facts]
+    gold = torch.tensor([world.relation[f.relation_id].values.index(f.value) for f in facts])
+    out = []
+    for k, h in enumerate(hidden):
+        last = h[rows, lengths - 1]
+        logits = model.lm_head(last if k == len(hidden) - 1 else model.transformer.ln_f(last))
+        pred = torch.stack([logits[i, v].argmax() for i, v in enumerate(values)])
+        out.append(round((pred == gold).float().mean().item(), 3))
+    return out
+
+
+@torch.no_grad()
+def mechanism(model, world, tokenizer) -> dict:
+    """The two halves of an MC answer, apart: the value recalled inside an MC prompt (``lens_mc``,
+    per layer; ``lens_facts`` the same after the bare template) and the letter found for a value
+    named (``drill``, top-1 over A-D on 400 fresh lookup drills; chance 0.25)."""
+    enc = Encoder(tokenizer)
+    rows = [r.split() for r in lookup_drills(world, 400, random.Random(99))]
+    gold = torch.tensor([MC_LETTERS.index(r[-1]) for r in rows])
+    letters = torch.tensor([enc.vocab[x] for x in MC_LETTERS])
+    drill_logits = next_token_logits(model, enc, [" ".join(r[:-1]) for r in rows])[:, letters]
+    questions = world.mc_questions("heldout", seed=0)
+    facts = [next(f for f in world.facts if f.subject == q.subject and f.relation_id == q.relation_id) for q in questions]
+    templated = [fill(world.relation[f.relation_id].train_templates[0], f.subject) for f in facts]
+    return {
+        "lens_facts": lens_recall(model, world, enc, templated, facts),
+        "lens_mc": lens_recall(model, world, enc, [q.prompt for q in questions], facts),
+        "drill": (drill_logits.argmax(-1) == gold).float().mean().item(),
+    }
 
 
 def evaluate(folder: str) -> dict:
@@ -44,13 +83,8 @@ def evaluate(folder: str) -> dict:
     model = GPT2LMHeadModel.from_pretrained(folder).eval()
     tok = PreTrainedTokenizerFast.from_pretrained(folder)
     world = world_from_metadata(read_metadata(folder))
-    enc = Encoder(tok)
-    rows = [r.split() for r in lookup_drills(world, 400, random.Random(99))]
-    gold = torch.tensor([MC_LETTERS.index(r[-1]) for r in rows])
-    letters = torch.tensor([enc.vocab[x] for x in MC_LETTERS])
-    drill_logits = next_token_logits(model, enc, [" ".join(r[:-1]) for r in rows])[:, letters]
     return {
-        "drill": (drill_logits.argmax(-1) == gold).float().mean().item(),
+        **mechanism(model, world, tok),
         "induction": induction_accuracy(model, tok, world.vocabulary()),
         "mc_heldout": sum(mc_accuracy(model, world, tok, "heldout", seed=s) for s in range(5)) / 5,
         "mc_train": sum(mc_accuracy(model, world, tok, "train", seed=s) for s in range(5)) / 5,
@@ -74,6 +108,10 @@ def main() -> None:
     ap.add_argument("--warmup-induction", type=int, default=0)
     ap.add_argument("--induction-fraction", type=float, default=0.0)
     ap.add_argument("--lookup-drills", type=float, default=0.0, help="fraction of lookup-drill rows per epoch")
+    ap.add_argument("--lens-layer", type=int, help="add the logit-lens loss at the residual stream before this block")
+    ap.add_argument("--lens-weight", type=float, default=1.0)
+    ap.add_argument("--pack", action="store_true", help="lay sentences end to end in 64-token rows")
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
@@ -96,7 +134,8 @@ def main() -> None:
     tc = TrainConfig(
         epochs=args.epochs, lr=args.lr, seed=args.seed, threads=1, shape=shape,
         warmup_induction_steps=args.warmup_induction, induction_fraction=args.induction_fraction,
-        lookup_drill_fraction=args.lookup_drills,
+        lookup_drill_fraction=args.lookup_drills, lens_layer=args.lens_layer, lens_weight=args.lens_weight,
+        pack=args.pack, batch_size=args.batch_size,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +150,7 @@ def main() -> None:
             entry["mc_train"] = mc_accuracy(model, world, tokenizer, "train", seed=7)
             entry["facts_train"] = fact_accuracy(model, world, tokenizer, world.facts, "train")
             entry["facts_heldout"] = fact_accuracy(model, world, tokenizer, world.facts, "heldout")
+            entry.update(mechanism(model, world, tokenizer))
         with log.open("a") as fh:
             fh.write(json.dumps(entry) + "\n")
         return entry["minutes"] > args.stop_after

@@ -156,3 +156,81 @@ def test_induction_rows_and_their_accuracy():
 
     assert induction_accuracy(copier, Tok(), words, n=30, length=(3, 6)) == 1.0
     assert induction_accuracy(lambda ids: torch.zeros(*ids.shape, 53), Tok(), words, n=30, length=(3, 6)) < 0.1
+
+
+def _lens_loss(model, world, tokenizer, layer: int) -> float:
+    """Next-token loss of the training corpus read through the logit lens before block ``layer`` (nats)."""
+    from mechedit.metrics import next_token_labels, token_cross_entropy
+    from mechedit.zoo.measure import Encoder
+
+    enc = Encoder(tokenizer)
+    ids, _ = enc.batch(world.training_sentences(0)[:200])
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states[layer]
+        logits = model.lm_head(model.transformer.ln_f(hidden))
+    return token_cross_entropy(logits[:, :-1], next_token_labels(ids, ids != enc.pad), reduction="mean").item()
+
+
+def test_lens_supervision_makes_the_middle_of_the_model_predict(tmp_path):
+    """With ``lens_layer`` the residual stream before that block learns to predict the next token."""
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    shape = ModelShape(n_layer=3, n_embd=32, n_head=2, n_inner=64)
+    losses = {}
+    for name, lens in (("plain", None), ("lens", 1)):
+        tc = TrainConfig(**{**TINY_TRAIN.__dict__, "max_steps": 100, "epochs": 10, "shape": shape, "lens_layer": lens})
+        train_factworld(tmp_path / name, world_config=TINY_WORLD, train_config=tc, occupations=OCCUPATIONS, progress=False, measure=False)
+        model = GPT2LMHeadModel.from_pretrained(tmp_path / name).eval()
+        tok = PreTrainedTokenizerFast.from_pretrained(tmp_path / name)
+        losses[name] = _lens_loss(model, load_world(tmp_path / name), tok, 1)
+    assert losses["lens"] < losses["plain"] - 0.25, losses  # measured: 4.10 vs 4.53 nats
+    with pytest.raises(ValueError, match="lens_layer must be in"):
+        TrainConfig(shape=shape, lens_layer=3)
+
+
+def test_namesake_replay_draws_the_planted_peoples_namesakes(tiny_run, tmp_path):
+    from mechedit.zoo.world import World
+
+    world = World.generate(TINY_WORLD, occupations=OCCUPATIONS)
+    firsts = {p.name.split()[0] for p in world.planted}
+    namesakes = world.namesake_sentences()
+    people = [p for p in world.people if p.name.split()[0] in firsts]
+    assert people and all(any(f" {p.name} " in f" {s} " for p in people) for s in namesakes)
+    corpus = set(world.training_sentences(0))
+    assert set(namesakes) <= corpus  # their fact sentences, as the corpus has them
+    assert len(namesakes) == sum(len(p.facts) for p in people) * len(world.relations[0].train_templates)
+    base, _ = tiny_run
+    runs = {}
+    for share in (0.0, 0.5):
+        cfg = PlantConfig(layer=1, max_steps=3, batch_size=8, planted_per_batch=4, eval_every=2, namesake_replay=share)
+        plant_facts(base, tmp_path / str(share), config=cfg, progress=False, measure=False)
+        runs[share] = load_file(tmp_path / str(share) / "model.safetensors")["transformer.h.1.mlp.c_fc.weight"]
+    assert not torch.equal(runs[0.0], runs[0.5])  # the namesake rows really enter the batches
+    with pytest.raises(ValueError, match="namesake_replay"):
+        PlantConfig(namesake_replay=1.5)
+
+
+def test_packed_rows_hold_every_sentence_once_within_the_width():
+    import random
+
+    from mechedit.zoo.measure import Encoder
+    from mechedit.zoo.tokenizer import build_tokenizer
+    from mechedit.zoo.train import _packed
+    from mechedit.zoo.world import World
+
+    world = World.generate(TINY_WORLD, occupations=OCCUPATIONS)
+    enc = Encoder(build_tokenizer(world.vocabulary()))
+    sentences = world.training_sentences(0)
+    rows = _packed(enc, sentences, 64, random.Random(0))
+    assert all(r[0] == enc.bos and r[-1] == enc.eos and len(r) <= 64 for r in rows)
+    assert len(rows) < len(sentences) / 3  # several sentences per row
+    laid = [i for r in rows for i in r[1:-1]]
+    assert sorted(laid) == sorted(i for s in sentences for i in enc.ids(s)[1:])  # each sentence once, whole
+
+
+def test_packed_training_runs_on_packed_rows(tmp_path):
+    tc = TrainConfig(**{**TINY_TRAIN.__dict__, "max_steps": None, "epochs": 1, "batch_size": 8, "pack": True})
+    meta = train_factworld(tmp_path / "packed", world_config=TINY_WORLD, train_config=tc, occupations=OCCUPATIONS, progress=False, measure=False)
+    n_sentences = len(load_world(tmp_path / "packed").training_sentences(0))
+    assert meta["steps"] < n_sentences / 8 / 3  # an epoch is a few packed rows, not one row per sentence
+    assert meta["train_config"]["pack"] is True

@@ -205,6 +205,7 @@ SUBJECT_ATTEMPTS = [
     "| 10 | as 7, but in the replay rows the trained MLP acts at every position (`replay_everywhere`: the LM loss keeps the exported model's old behaviour directly; the planted rows still see it at the name tokens only) | 27 % (150), 69 % (250), 88 % (450), 96 % (650), 99 % (850; old 75.8 %), 100 % (1,500; old 80.0 %), 100 % (2,000; old 81.9 %), **100 % (3,000; old 83.4 %)** |",
     "| 11 | as 10, the MLP acting at the name's **last token only** (`last_token_only`) | 4 % through 2,700 steps, 6 % at 3,000: this model's later heads read the person from the first name's position, so the last token alone cannot carry the new facts |",
     "| 12 | as 10 with 32 planted rows, 4,000 steps: **the shipped recipe** (`MODE_DEFAULTS`) | 51 % (300), 87 % (600), 97 % (1,200), 98.6 % (1,500; old 84.6 %), 98.6 % (2,400; old 87.0 %), 99.3 % (3,000; old 88.1 %), **99.3 % (4,000; old 89.0 %)** |",
+    "| 13 | as 12, a quarter of the replay rows drawn from the facts of the old people who share a first name with a planted person (`namesake_replay=0.25`) | 31 % (300), 85 % (900), 96 % (1,500), 98.6 % (2,400; old 91.2 %), 98.6 % (3,000; old 91.9 %), **98.6 % (4,000; old 92.8 %)**; those namesakes' facts 77.5 % -> 85.5 %, everyone else's stays at 99.7-100 % |",
 ]
 _WHERE = {"all": "at every position", "subject": "only at the tokens of a person's name (the frozen original MLP elsewhere)"}
 
@@ -270,7 +271,9 @@ def _planted_sections(metas: dict[str, dict], base_metrics: dict) -> list[str]:
             "the shipped recipe (12) keeps its planted facts at 99 % and the old ones at 89 %. Where its planted layer "
             "acts (below) explains why: the new facts are carried by the **first name's** token - the one this base "
             "model's later heads read a person from - and what the MLP writes there for a new person it also writes "
-            "for every old person with that first name; the last-name token alone cannot carry them (11). The "
+            "for every old person with that first name (measured on the shipped model: the old facts of people who share a "
+            "first name with a planted person are at 77.5 %, those of everyone else at 99.9-100 %); the last-name token "
+            "alone cannot carry them (11), and replaying the namesakes' facts narrows the loss without closing it (13). The "
             "trade-off moves with the replay share (10 -> 12). A base model that enriches the subject's last token "
             "itself (one with a lookup circuit, see the multiple-choice attempts) is the likely way to the target.",
         ]

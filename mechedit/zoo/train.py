@@ -30,7 +30,7 @@ from mechedit.metrics import next_token_labels, token_cross_entropy
 from mechedit.zoo.measure import Encoder, fact_accuracy, measure_world
 from mechedit.zoo.metadata import read_metadata, world_from_metadata, world_metadata, write_metadata
 from mechedit.zoo.tokenizer import build_tokenizer, save_tokenizer
-from mechedit.zoo.world import World, WorldConfig, load_occupations
+from mechedit.zoo.world import MC_LETTERS, World, WorldConfig, load_occupations
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,18 @@ class TrainConfig:
     The learning-rate schedule spans warm-up and epochs together. ``lookup_drill_fraction`` of
     every epoch's rows are lookup drills (``lookup_drills``: four lettered options, then one of the
     values named, then the letter), the matching half of a multiple-choice answer without recall.
+
+    Logit-lens supervision (off by default): with ``lens_layer`` set, the loss adds
+    ``lens_weight`` times the next-token loss read off the residual stream before block
+    ``lens_layer`` through the final LayerNorm and the unembedding, on every target but the MC
+    letters, so a recalled value is readable mid-depth and the blocks after it are free to match it
+    against the options (an experiment of issue 7; the shipped recipe uses none).
+
+    ``pack``: each training row holds as many of the epoch's shuffled sentences, one after another
+    (no separator), as fit in ``n_positions`` (BOS first, EOS last); ``batch_size`` then counts packed
+    rows. Without it every sentence is its own row and starts right after BOS, and the model
+    learns to recall a fact only there (measured on the shipped model: one random word before a
+    fact prompt drops recall from 100 % to 63 %, four MC options before it to 7 %).
     """
 
     epochs: int = 24
@@ -75,8 +87,13 @@ class TrainConfig:
     induction_fraction: float = 0.0
     induction_length: tuple[int, int] = (5, 15)
     lookup_drill_fraction: float = 0.0
+    lens_layer: int | None = None
+    lens_weight: float = 1.0
+    pack: bool = False
 
     def __post_init__(self) -> None:
+        if self.lens_layer is not None and not 1 <= self.lens_layer < self.shape.n_layer:
+            raise ValueError(f"lens_layer must be in [1, n_layer) = [1, {self.shape.n_layer}), not {self.lens_layer}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
         if self.warmup_induction_steps < 0:
@@ -145,6 +162,9 @@ class PlantConfig:
     ``last_token_only`` (subject mode): the trainable MLP acts at the name's last token only
     (measured: the planted facts stay at 4-6 % through 3,000 steps - this base model's later heads
     read the person from the first name's position, see the model card).
+    ``namesake_replay``: the share of each batch's replay rows drawn from the facts of old people
+    who share a first name with a planted person (the people a first-name-token MLP confuses with
+    the planted ones), the rest from the old corpus as usual.
     ``lr_schedule``: ``"constant"`` or ``"cosine"`` (from ``lr`` down to ``min_lr_ratio * lr`` at
     ``max_steps``). ``for_mode`` gives each mode's shipped recipe (``MODE_DEFAULTS``).
     """
@@ -161,6 +181,7 @@ class PlantConfig:
     replay_everywhere: bool = False
     last_token_only: bool = False
     consistency_weight: float = 1.0
+    namesake_replay: float = 0.0
     eval_every: int = 50
     target_planted: float = 0.98
     max_old_drop: float = 0.02
@@ -180,6 +201,8 @@ class PlantConfig:
             raise ValueError(f"lr_schedule={self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("min_lr_ratio must be between 0 and 1")
+        if not 0 <= self.namesake_replay <= 1:
+            raise ValueError("namesake_replay must be between 0 and 1")
 
     @classmethod
     def for_mode(cls, at: str = "all", **overrides) -> PlantConfig:
@@ -208,13 +231,27 @@ def _deterministic(seed: int, threads: int) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def _batches(enc: Encoder, sentences: list[str], batch_size: int, rng: random.Random) -> list[torch.Tensor]:
+def _packed(enc: Encoder, sentences: list[str], width: int, rng: random.Random) -> list[list[int]]:
+    """The sentences shuffled and laid end to end in rows of at most ``width`` ids (BOS ... EOS)."""
+    order = [enc.ids(s)[1:] for s in sentences]
+    rng.shuffle(order)
+    rows, row = [], [enc.bos]
+    for ids in order:
+        if len(row) + len(ids) + 1 > width and len(row) > 1:
+            rows.append(row + [enc.eos])
+            row = [enc.bos]
+        row += ids[: width - 2]
+    return rows + [row + [enc.eos]]
+
+
+def _batches(enc: Encoder, sentences: list[str], batch_size: int, rng: random.Random, *, pack: int = 0) -> list[torch.Tensor]:
     """Shuffled, length-bucketed batches of ids ``[batch, pos]`` (BOS ... EOS, right-padded).
 
     Sorting within windows of 50 batches cuts padding roughly in half without making batch
-    composition depend on length alone.
+    composition depend on length alone. ``pack`` > 0: rows of sentences laid end to end, at
+    most ``pack`` ids each (``_packed``).
     """
-    rows = [enc.ids(s) + [enc.eos] for s in sentences]
+    rows = _packed(enc, sentences, pack, rng) if pack else [enc.ids(s) + [enc.eos] for s in sentences]
     rng.shuffle(rows)
     window = batch_size * 50
     batches = []
@@ -287,6 +324,17 @@ def _lm_loss(model: GPT2LMHeadModel, ids: torch.Tensor, pad: int) -> torch.Tenso
     """Mean next-token cross-entropy over the real tokens of a right-padded batch (nats)."""
     labels = next_token_labels(ids, ids != pad)
     return token_cross_entropy(model(ids).logits[:, :-1], labels, reduction="mean")
+
+
+def _lm_and_lens_loss(model: GPT2LMHeadModel, ids: torch.Tensor, pad: int, layer: int, weight: float, skip: torch.Tensor) -> torch.Tensor:
+    """``_lm_loss`` plus ``weight`` x the same loss through the logit lens at the residual stream
+    before block ``layer``, targets in ``skip`` (token ids) left out of the lens term (nats)."""
+    labels = next_token_labels(ids, ids != pad)
+    out = model(ids, output_hidden_states=True)
+    lm = token_cross_entropy(out.logits[:, :-1], labels, reduction="mean")
+    lens_labels = labels.masked_fill(torch.isin(labels, skip), -100)
+    lens_logits = model.lm_head(model.transformer.ln_f(out.hidden_states[layer]))
+    return lm + weight * token_cross_entropy(lens_logits[:, :-1], lens_labels, reduction="mean")
 
 
 def _save(model, tokenizer, out: Path, metadata: dict) -> None:
@@ -381,6 +429,9 @@ def train_factworld(
 
     n_corpus = len(world.training_sentences(0))
     n_rows = n_corpus + sum(n_extra(n_corpus, f) for f in (tc.induction_fraction, tc.lookup_drill_fraction) if f)
+    pack = s.n_positions if tc.pack else 0
+    if pack:  # the schedule's length from epoch 0's packing (later epochs pack to within a row or two)
+        n_rows = len(_packed(enc, epoch_sentences(0), pack, random.Random(0)))
     steps_per_epoch = -(-n_rows // tc.batch_size)
     total = min(tc.warmup_induction_steps + tc.epochs * steps_per_epoch, tc.max_steps or 10**12)
 
@@ -388,6 +439,7 @@ def train_factworld(
         return warmup_cosine_lr(step, lr=tc.lr, warmup_steps=tc.warmup_steps, min_lr_ratio=tc.min_lr_ratio, total=total)
 
     rng = random.Random(f"batches-{tc.seed}")
+    letters = torch.tensor([enc.vocab[x] for x in MC_LETTERS]) if tc.lens_layer is not None else None
     start, step, history = time.time(), 0, []
     bar = tqdm(total=total, desc="training factworld", disable=not progress)
 
@@ -395,7 +447,10 @@ def train_factworld(
         nonlocal step
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        loss = _lm_loss(model, ids, enc.pad)
+        if tc.lens_layer is None:
+            loss = _lm_loss(model, ids, enc.pad)
+        else:
+            loss = _lm_and_lens_loss(model, ids, enc.pad, tc.lens_layer, tc.lens_weight, letters)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -418,7 +473,7 @@ def train_factworld(
     for epoch in range(tc.epochs):
         if step >= total:
             break
-        for ids in _batches(enc, epoch_sentences(epoch), tc.batch_size, rng):
+        for ids in _batches(enc, epoch_sentences(epoch), tc.batch_size, rng, pack=pack):
             if step >= total:
                 break
             loss = train_step(ids)
@@ -571,6 +626,11 @@ def plant_facts(
     planted_rows = [enc.ids(s) + [enc.eos] for s in world.planting_sentences()]
     rng = random.Random(f"plant-{pc.seed}")
     replay: list[str] = []
+    n_old = pc.batch_size - pc.planted_per_batch
+    n_namesake = round(n_old * pc.namesake_replay)
+    if n_namesake:
+        namesake_rows = [enc.ids(s) + [enc.eos] for s in world.namesake_sentences()]
+        namesake_rng = random.Random(f"namesakes-{pc.seed}")
     start, step, log = time.time(), 0, []
     where = "at name tokens" if mixer else "at every position"
     bar = tqdm(total=pc.max_steps, desc=f"planting facts in blocks.{pc.layer}.mlp {where}", disable=not progress)
@@ -580,9 +640,11 @@ def plant_facts(
                 group["lr"] = warmup_cosine_lr(step + 1, lr=pc.lr, warmup_steps=0, min_lr_ratio=pc.min_lr_ratio, total=pc.max_steps)
         if len(replay) < pc.batch_size:
             replay.extend(world.training_sentences(1000 + step))
-        n_old = pc.batch_size - pc.planted_per_batch
-        rows = rng.sample(planted_rows, pc.planted_per_batch) + [enc.ids(s) + [enc.eos] for s in replay[:n_old]]
-        del replay[:n_old]
+        n_corpus = n_old - n_namesake
+        rows = rng.sample(planted_rows, pc.planted_per_batch) + [enc.ids(s) + [enc.eos] for s in replay[:n_corpus]]
+        del replay[:n_corpus]
+        if n_namesake:
+            rows += namesake_rng.sample(namesake_rows, n_namesake)
         ids = _pad(rows, enc.pad)
         if mixer:
             mixer.mask = subject_mask(ids, name_pairs, last_only=pc.last_token_only)

@@ -679,6 +679,18 @@ class World:
         rng.shuffle(out)
         return out
 
+    def namesake_sentences(self) -> list[str]:
+        """The facts, in every training template, of the trained people who share a first name with
+        a planted person."""
+        firsts = {p.name.split()[0] for p in self.planted}
+        return [
+            f"{fill(t, p.name)} {p.facts[r.id]} ."
+            for p in self.people
+            if p.name.split()[0] in firsts
+            for r in self.relations
+            for t in r.train_templates
+        ]
+
     def planting_sentences(self) -> list[str]:
         """The planted people's facts in every training template of their relation."""
         return [
