@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mechedit.cli import build_parser, main
+from mechedit.cli.circuits import component_differences
 from mechedit.cli.locate import LOCATORS
 from mechedit.cli.recipe import _prevalidate, load_recipe, step_argvs
 
@@ -84,8 +85,10 @@ def test_every_example_recipe_runs_and_reruns_from_its_params(capsys, tmp_path, 
     assert list(steps)[:1] == ["locate"] and ("edit" in steps) == (recipe.edit is not None)
     assert {f"eval-{e.suite}" for e in recipe.evaluate} <= set(steps)
     assert (folder / "report.html").is_file() and (folder / "results.jsonl").is_file()
-    committed = Circuit.load(Path(__file__).resolve().parents[1] / "circuits" / f"{recipe.name}.json")
-    assert list(Circuit.load(folder / "circuit.json")) == list(committed)
+    committed = Path(__file__).resolve().parents[1] / "circuits" / f"{recipe.name}.json"
+    # the same components in the same order, equally scored ones (float noise between CPUs) in any order
+    assert not component_differences(json.loads(committed.read_text()), json.loads((folder / "circuit.json").read_text()))
+    assert len(Circuit.load(folder / "circuit.json")) == len(Circuit.load(committed))
     if path.stem in OUTCOMES:
         assert OUTCOMES[path.stem](steps), steps
     again, _ = _run(capsys, folder / "params.json", tmp_path / "again")
