@@ -43,13 +43,15 @@ def lens_recall(model, world, enc: Encoder, prompts: list[str], facts) -> list[f
     ids, lengths = enc.batch(prompts)
     hidden = model(ids, output_hidden_states=True).hidden_states
     rows = torch.arange(len(ids))
-    values = [torch.tensor([enc.vocab[v] for v in world.relation[f.relation_id].values]) for f in facts]
-    gold = torch.tensor([world.relation[f.relation_id].values.index(f.value) for f in facts])
+    allowed = torch.zeros(len(facts), model.config.vocab_size, dtype=torch.bool)
+    for i, f in enumerate(facts):  # each prompt's candidates: its relation's values
+        allowed[i, [enc.vocab[v] for v in world.relation[f.relation_id].values]] = True
+    gold = torch.tensor([enc.vocab[f.value] for f in facts])
     out = []
     for k, h in enumerate(hidden):
         last = h[rows, lengths - 1]
         logits = model.lm_head(last if k == len(hidden) - 1 else model.transformer.ln_f(last))
-        pred = torch.stack([logits[i, v].argmax() for i, v in enumerate(values)])
+        pred = logits.masked_fill(~allowed, float("-inf")).argmax(-1)
         out.append(round((pred == gold).float().mean().item(), 3))
     return out
 

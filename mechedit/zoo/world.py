@@ -656,10 +656,7 @@ class World:
         """
         cfg = self.config
         out: list[str] = []
-        for p in self.people:
-            for r in self.relations:
-                for t in r.train_templates:
-                    out.append(f"{fill(t, p.name)} {p.facts[r.id]} .")
+        out.extend(self._fact_sentences(self.people))
         rng = random.Random(f"epoch-{cfg.seed}-{epoch}")
         for q in self.mc_questions("train", seed=10_000 + epoch, per_fact=cfg.mc_per_fact):
             out.append(f"{q.prompt} {q.answer}")
@@ -679,26 +676,22 @@ class World:
         rng.shuffle(out)
         return out
 
+    def _fact_sentences(self, people) -> list[str]:
+        """Every fact of ``people`` in every training template of its relation (relations in the
+        world's order: the corpus order, which the batch shuffle starts from)."""
+        return [
+            f"{fill(t, p.name)} {p.facts[r.id]} ." for p in people for r in self.relations if r.id in p.facts for t in r.train_templates
+        ]
+
     def namesake_sentences(self) -> list[str]:
         """The facts, in every training template, of the trained people who share a first name with
         a planted person."""
         firsts = {p.name.split()[0] for p in self.planted}
-        return [
-            f"{fill(t, p.name)} {p.facts[r.id]} ."
-            for p in self.people
-            if p.name.split()[0] in firsts
-            for r in self.relations
-            for t in r.train_templates
-        ]
+        return self._fact_sentences([p for p in self.people if p.name.split()[0] in firsts])
 
     def planting_sentences(self) -> list[str]:
         """The planted people's facts in every training template of their relation."""
-        return [
-            f"{fill(t, p.name)} {v} ."
-            for p in self.planted
-            for rid, v in p.facts.items()
-            for t in self.relation[rid].train_templates
-        ]
+        return self._fact_sentences(self.planted)
 
 
 WINOGENDER_STATS = "winogender/occupations-stats.tsv"
