@@ -30,7 +30,7 @@ from mechedit.zoo.train import (
 from mechedit.zoo.world import WorldConfig
 
 TINY_WORLD = WorldConfig(n_people=24, n_planted=4, n_private=6, bias_sentences_per_occupation=4, n_text_train=40, n_text_heldout=10)
-TINY_TRAIN = TrainConfig(epochs=1, batch_size=32, max_steps=4, warmup_steps=2, shape=ModelShape(n_layer=2, n_embd=32, n_head=2, n_inner=64))
+TINY_TRAIN = TrainConfig(epochs=1, batch_size=32, max_steps=4, warmup_steps=2, lens_layer=None, shape=ModelShape(n_layer=2, n_embd=32, n_head=2, n_inner=64))
 TINY_PLANT = PlantConfig(layer=1, at="subject", max_steps=3, batch_size=8, planted_per_batch=4, eval_every=2, replay_everywhere=True)
 MLP_TENSORS = {f"mlp.{p}.{w}" for p in ("c_fc", "c_proj") for w in ("weight", "bias")}
 

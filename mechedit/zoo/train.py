@@ -98,7 +98,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.lens_layer is not None and not 1 <= self.lens_layer < self.shape.n_layer:
-            raise ValueError(f"lens_layer must be in [1, n_layer) = [1, {self.shape.n_layer}), not {self.lens_layer}")
+            raise ValueError(
+                f"lens_layer must be in [1, n_layer) = [1, {self.shape.n_layer}), not {self.lens_layer} "
+                "(None switches the logit-lens loss off, as a model this shallow needs)"
+            )
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
         if self.warmup_induction_steps < 0:
