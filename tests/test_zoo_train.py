@@ -105,11 +105,10 @@ def test_induction_options_add_a_warmup_phase_and_rows(tmp_path):
 
 def test_lookup_drills_name_the_letter_of_the_named_value():
     import random
+    from dataclasses import replace
 
     from mechedit.zoo.train import lookup_drills
     from mechedit.zoo.world import World
-
-    from dataclasses import replace
 
     world = World.generate(replace(TINY_WORLD, mc_layout="question-first"), occupations=OCCUPATIONS)
     rows = lookup_drills(world, 40, random.Random(0))
