@@ -72,8 +72,12 @@ def test_suites_of_an_edit_case_hold_the_right_prompts(world):
     assert [p.target for p in mc] == list(MC_LETTERS)
     assert [p.target_new for p in mc] == [MC_LETTERS[(k + 1) % 4] for k in range(4)]
     for p in mc:
-        listed = p.prompt.split(" answer :")[0].split("? ")[1].split()
-        options = dict(zip(listed[0::2], listed[1::2], strict=True))
+        if world.config.mc_layout == "letter-after":  # q : v1 A v2 B v3 C v4 D . <template>
+            listed = p.prompt.split(" . ")[0].removeprefix("q : ").split()
+            options = dict(zip(listed[1::2], listed[0::2], strict=True))
+        else:  # q : <question> A v1 B v2 C v3 D v4 answer :
+            listed = p.prompt.split(" answer :")[0].split("? ")[1].split()
+            options = dict(zip(listed[0::2], listed[1::2], strict=True))
         assert options[p.target] == fact.value and options[p.target_new] == new
     # neighbours: same relation and value, not the retain set, three people, carrying the new value
     people = {p.subject for p in suites.neighbourhood}
