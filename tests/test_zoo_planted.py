@@ -142,12 +142,15 @@ def _contrast_on_a_few_facts(name: str):
 @shipped_subject
 def test_subject_models_planted_mlp_acts_at_the_subjects_tokens_not_at_the_end():
     # subject mode's promise: the planted layer's specific effect is on the name's tokens (the first
-    # name here: the later heads read the person from it), and ~0 where the answer is produced
+    # name here: the later heads read the person from it), and the planted facts get ~nothing from
+    # it where the answer is produced (there it is the frozen original MLP). The *contrast* at the
+    # final token is negative (measured -0.26 on these 7 facts): the control people's facts do use
+    # the original MLP there (0.34), the planted people's do not (0.08).
     grids, layer = _contrast_on_a_few_facts("factworld-planted-subject")
     peak_layer, peak_position = grids.peak("contrast")
     assert peak_layer == layer and peak_position in ("subject_first", "subject_last")
-    row = dict(zip(grids.positions, grids.contrast[layer]))
-    assert row[peak_position] > 0.3 and abs(row["final"]) < 0.1
+    contrast, planted = (dict(zip(grids.positions, g[layer])) for g in (grids.contrast, grids.planted))
+    assert contrast[peak_position] > 0.3 and abs(planted["final"]) < 0.1
 
 
 def test_default_planted_mlp_leads_the_contrast_at_its_layer():
