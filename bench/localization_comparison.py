@@ -8,7 +8,8 @@ people, 30 steps, stopped once forgotten) and a learning-rate sweep, then attack
 linear probes; a universal and a per-example latent perturbation; direction ablation) and prints
 the headline table (accuracy over the relation's 20 cities, held-out half for the attacks) and the
 sweep. Fact lookup is located on 32 people's facts; on this model its measured extraction layer
-is 0 (no MLP precedes it), so the circuit is the best path into layer 1 (``--receiver``).
+is 1 and the circuit is MLP 0 (``--receiver`` is used only when no extraction layer above 0 is
+measured, as on the factworld trained before issue 7).
 
     python bench/localization_comparison.py [--forget 16] [--lrs 1e-3 3e-3 1e-2] [--out FILE.json]
 

@@ -63,8 +63,9 @@ options = dict(hook_check=hooks_ok, progress=False)
 
 # %% [markdown]
 # ## The residual stream, layer × position
-# The corrupt subject's tokens are outlined. Restoring the clean residual there at the first
-# layers brings the whole answer back; later, the information has moved to the final position.
+# The corrupt subject's tokens are outlined. Restoring the clean residual at either of them in the
+# first layers brings back about half the answer (0.48-0.50: the model reads both name tokens);
+# from layer 2 on the information moves to the final position (0.49, then 0.86, then 1.00).
 
 # %%
 resid = activation_patching(model, planted, site="resid_pre", normalize=True, **options)
@@ -133,10 +134,10 @@ assert int(by_layer.argmax()) == planted_layer
 # %% [markdown]
 # ## What to read
 # Patching finds the planted layer only against a control. The raw per-layer MLP effect
-# (logit difference, nats) ranks layer 0 first (+13.3) and the planted layer 2 second (+9.6): the
+# (logit difference, nats) ranks layer 0 first (+19.0) and the planted layer 2 second (+15.1): the
 # first MLP carries who the subject is for everyone, so a raw ranking would point an edit at the
-# wrong layer. Minus the same patching on 40 ordinary facts, layer 2 stands alone (+7.7, the next
-# +1.2). Causal tracing agrees only in the contrast as well (restored probability 0.26 at layer 2
-# against 0.11 at most elsewhere). What patching does not tell you is which *neurons* of layer 2,
+# wrong layer. Minus the same patching on 40 ordinary facts, layer 2 stands alone (+6.8, the next
+# +0.2). Causal tracing agrees only in the contrast as well (restored probability 0.09 at layer 2
+# against 0.04 at most elsewhere). What patching does not tell you is which *neurons* of layer 2,
 # nor whether removing them forgets the fact without collateral damage: that is for a locator
 # with neuron resolution and an edit evaluated on neighbours (notebooks 00, 03 and 05).

@@ -71,10 +71,12 @@ for s in sites:
     print(f"{s:10s} Pearson with exact patching: AtP {pearson(exact[s], atp[s]):.3f}   IG (k=5) {pearson(exact[s], ig[s]):.3f}")
 
 # %% [markdown]
-# Plain AtP underestimates the largest effects: copying the clean subject's residual flips the
-# answer from a confident wrong city to a confident right one, and a first-order expansion around
-# the corrupt run cannot follow the saturating logit difference. Integrated gradients read the
-# gradient along the way and track exact patching closely.
+# Plain AtP misjudges the largest effects, here even their sign (the largest head cell: exact
+# +5.5 nats, AtP -3.2; the subject's residual in the first layers: exact +9.1 to +9.4, AtP -0.7
+# to -3.8): copying the clean subject's residual flips the answer from a confident wrong city to a
+# confident right one, and a first-order expansion around the corrupt run cannot follow the
+# saturating logit difference. Integrated gradients read the gradient along the way and track
+# exact patching closely.
 
 # %%
 fig = go.Figure()
@@ -141,8 +143,9 @@ for n in (10, 30, 100):
 
 # %% [markdown]
 # Without integrated gradients the saturated logit difference hides the early edges that bring the
-# subject in (embedding → layer-0 heads' values → MLP 0 → MLP 2, the planted layer), so a small
-# EAP circuit keeps nothing; EAP-IG finds them. The 30-edge EAP-IG circuit:
+# subject in (embedding → MLP 0 → values of heads in layers 1 and 2 → MLP 2, the planted layer):
+# EAP scores embedding → MLP 0 at -3.7 where EAP-IG gives +19.2, so EAP's 10-edge circuit holds
+# only late edges and keeps nothing, while EAP-IG's keeps 0.22. The 30-edge EAP-IG circuit:
 
 # %%
 edge_graph(eap_ig.greedy_edges(30), n_heads=model.cfg.n_heads, title="EAP-IG greedy circuit, 30 edges")
@@ -150,12 +153,12 @@ edge_graph(eap_ig.greedy_edges(30), n_heads=model.cfg.n_heads, title="EAP-IG gre
 # %% [markdown]
 # ## What to read
 # One backward pass per batch makes plain AtP cheap, and on this model it is not good enough on
-# its own: Pearson with exact patching 0.55 over head × position and 0.67 over the residual
-# stream; on queries 0.10 (the QK fix brings it to 0.68). Five integrated-gradient steps give
-# 0.95 and 0.98. `verify_attribution`'s check on 30 cells says the same where no exact map
-# exists: AtP recovers 13 of the exact top 15 but its magnitudes are off by 81 % (relative L1),
-# IG's by 38 %. Use AtP to rank, IG (or exact patching of the top cells) before you trust a size.
-# The layer contrast with control facts again picks the planted layer (+8.8 nats; the other
-# layers within ±2.3). For edges, a random set of 100 edges keeps nothing of the gap (-0.002),
-# EAP-IG's 30 keep half of it and plain EAP's 30 keep none: a circuit is only as good as the
-# faithfulness check run on it.
+# its own: Pearson with exact patching -0.36 over head × position and 0.49 over the residual
+# stream; on queries 0.43 (the QK fix brings it to 0.77). Five integrated-gradient steps give
+# 0.98 and 0.99. `verify_attribution`'s check on 30 cells says the same where no exact map
+# exists: AtP recovers 13 of the exact top 15 (ranked by size) but its values are off by 111 %
+# (relative L1, Pearson -0.33), IG's by 28 %. Use AtP to shortlist, IG (or exact patching of the
+# top cells) before you trust a size or a sign. The layer contrast with control facts again picks
+# the planted layer (+7.9 nats; the next, layer 3, +3.1). For edges, a random set of 100 edges
+# keeps nothing of the gap (0.000); at 10 edges EAP-IG keeps 0.22 and plain EAP none, at 30
+# EAP-IG 0.60 and EAP 0.49: a circuit is only as good as the faithfulness check run on it.

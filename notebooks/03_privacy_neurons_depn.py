@@ -70,7 +70,7 @@ heatmap(
 )
 
 # %%
-circuit = depn_select(scores, threshold=0.1, top_z=25)
+circuit = depn_select(scores, threshold=0.1, top_z=40)
 print(circuit.description)
 print("votes of the chosen neurons:", circuit.config["selection"]["votes"])
 
@@ -103,17 +103,19 @@ facts = [
     for f in world.facts[:50]
 ]
 table = depn_controls(
-    model, phones, scores=scores, top_z=25, heldout_texts=list(world.text_heldout[:10]), facts=facts, el=False
+    model, phones, scores=scores, top_z=40, heldout_texts=list(world.text_heldout[:10]), facts=facts, el=False
 )
 table.round(3)
 
 # %% [markdown]
-# What to read (measured with 6 and 12 phone numbers; see `bench/depn_table.py` for the full
-# table): zeroing DEPN's 25 neurons cuts exposure by half or more (12 phones: 26.4 -> 13.0 bits)
-# and changes every secret's greedy answer, at no cost in perplexity or fact accuracy; as many
-# random neurons do nothing. Moving the same neurons in a random direction by the zeroing's norm
-# does little (12 phones: 26.4 -> 22.2 bits): what matters is removing these activations, not
-# disturbing them. Plain activation x gradient picks less useful neurons (-> 21.7 bits). IG
-# scores summed without the votes do about as well as DEPN on this small world (12 phones:
-# 14.8 bits vs DEPN's 13.0; 6 phones: 5.6 vs 9.2): the vote matters little when every secret's
-# digits live in the same few layer-0 neurons. On `factworld-mlm` the effect is much weaker.
+# What to read (here, 4 phones; `bench/depn_table.py` for 12): zeroing DEPN's 40 neurons cuts
+# exposure by two thirds (28.2 -> 9.5 bits; 12 phones: 26.9 -> 13.4) and changes every secret's
+# greedy answer; as many random neurons do nothing. But on this model it is not free: perplexity
+# rises (5.80 -> 6.73 here, +4 % with 12 phones) and fact accuracy falls 8-11 points, and moving
+# the same neurons in a random direction by the zeroing's norm cuts exposure almost as much while
+# costing more facts (13.2 bits, fact accuracy 0.74). The neurons sit in layer 0, which since the
+# issue-7 retraining is also the fact-lookup MLP that turns a name into a person: removing them
+# disturbs who the person is, not only their digits (the DEPN issue's bound of <= 2 points is not
+# met; `tests/test_depn_privacy.py` has every attempt). Plain activation x gradient picks less
+# useful neurons (14.2 bits); IG scores summed without the votes cut more (5.4 bits) at the same
+# fact cost. On `factworld-mlm` the effect is much weaker.

@@ -22,8 +22,8 @@
 # disadvantaged side, and updates only those, until the model prefers neither side (50 %).
 #
 # We use the masked fact world, `factworld-mlm` (a small BERT), which reaches 50 % within two
-# update steps. Measured: 92 s for the whole notebook on 2 CPU cores shared with other jobs
-# (load average 6-8), of which the update itself took 16 s.
+# update steps. Measured: 19 s for the whole notebook on 2 CPU cores shared with other jobs
+# (load average about 3), of which the update itself took 3 s.
 
 # %%
 import torch
@@ -133,8 +133,8 @@ bias_bars(after_table, title="factworld-mlm: held-out pairs preferring the plant
 # %% [markdown]
 # What to read (measured): the planted pronoun wins 100 % of the held-out pairs before, 48.3 %
 # after step 2, inside the 50 ± 5 % band, with fact accuracy (0.9976) and pseudo-perplexity
-# (4.136) unchanged to three decimals. The dev bias falls to 0 % two steps later: this model
-# overshoots fast at this learning rate, which is why the checkpoint rule aims at 50 %, not at the
-# lowest bias. Unrestricted fine-tuning and task-vector negation on the same pairs
-# (`pcgu_update(..., baselines=("finetune", "task_vector"))`) and the causal `factworld` are
-# compared in `bench/README.md`.
+# (4.136) unchanged to three decimals. The dev bias stays at 48.3 % for two more steps, then falls
+# to 1.1 % at step 5 and 0 % from step 6: this model overshoots fast at this learning rate, which
+# is why the checkpoint rule aims at 50 %, not at the lowest bias. Unrestricted fine-tuning and
+# task-vector negation on the same pairs (`pcgu_update(..., baselines=("finetune", "task_vector"))`)
+# and the causal `factworld` are compared in `bench/README.md`.

@@ -66,9 +66,10 @@ for f, new in zip(facts, new_values):
 #
 # Causal tracing (Meng et al. 2022) corrupts the subject's embeddings with noise and restores one
 # MLP's output at one position from the clean run; the score is how much of the true answer's
-# probability that restores. We trace the planted facts and subtract the same trace on ordinary
-# (trained) people's facts as a control, with a window of one layer; the strongest restoration at
-# the last token is the layer to edit.
+# probability that restores. We trace all four planted birth-city facts (the two to edit and two
+# more) and subtract the same trace on ordinary (trained) people's facts as a control, with a
+# window of one layer and 8 noise samples; the strongest restoration is the layer to edit. (Traced
+# on the two edited facts alone with 4 noise samples, MLP 4 came first: too few to trace on.)
 
 # %%
 template = world.relation["P19"].train_templates[0]
@@ -78,9 +79,10 @@ def traced(f):
     return FactPrompt(prompt=template.format(f.subject), subject=f.subject, target=f.value)
 
 
+planted_cities = [f for f in world.planted_facts if f.relation_id == "P19"]
 trace = causal_tracing(
-    model, [traced(f) for f in facts], kinds=("mlp",), control=[traced(f) for f in trained[:8]],
-    window=1, n_noise=4, progress=False,
+    model, [traced(f) for f in planted_cities], kinds=("mlp",), control=[traced(f) for f in trained[:8]],
+    window=1, n_noise=8, progress=False,
 )
 traced_top = trace.mlp.top_k(1)  # one MLP at one position: Component('mlp_out', L, pos=...)
 layer = next(iter(traced_top)).layer
@@ -88,6 +90,7 @@ layer = next(iter(traced_top)).layer
 # whose parameters produce it, at every position: Component("mlp", L).
 circuit = Circuit.of(model, [Component("mlp", layer)], method="causal_tracing", description="traced MLP block")
 print(list(traced_top), "->", list(circuit))
+assert layer == zoo.metadata("factworld-planted")["planted_layer"]  # the ground truth
 heatmap(trace.mlp, title="MLP restoration, planted minus control facts")
 
 # %% [markdown]
@@ -199,15 +202,15 @@ for name, report in reports.items():
 pd.DataFrame(summary).T.round(3)
 
 # %% [markdown]
-# What to read. Causal tracing finds the planted layer (2) from two facts and eight controls. On
-# that one MLP block all four edits reach their target in a few steps, on the training templates
-# and on the held-out templates alike, while the neighbours (other people born in the same city,
-# never trained on) keep their city and none of them moves to a new one, and perplexity does not
-# move (5.143 -> 5.133-5.142). The two forget objectives behave the same here (`log(1-p)` in 9
-# steps, NPO in 12); the bench (`bench/README.md`) shows NPO forgetting more broadly on the ordinary
-# `factworld` with 16 facts. Forgetting is not erasure: the forgotten prompts now answer another
-# city (Lagos, Tokyo), which is why the forget edits score 0.5 on the edit case's "new answer":
-# one of them happens to land on the city the edit case asks for. Multiple choice stays at
-# chance (0.25-0.375 on 8 questions) before and after: this model cannot answer MC questions
-# (see the model card), so that row says nothing about the edits. The rank-one edit needs no
-# optimiser over the weights (one closed-form update per person) and moves perplexity least.
+# What to read. Causal tracing finds the planted layer (2) from the four planted birth cities and
+# eight controls. On that one MLP block all four edits reach their target in a few steps, on the
+# training templates and on the held-out templates alike, while the neighbours (other people born
+# in the same city, never trained on) keep their city (0.98-1.00) and none of them moves to a new
+# one, and perplexity barely moves (5.475 -> 5.470-5.491). The two forget objectives behave alike
+# here (`log(1-p)` in 3 steps, NPO in 6); the bench (`bench/README.md`) shows NPO forgetting more
+# broadly on the ordinary `factworld` with 16 facts. Forgetting is not erasure: the forgotten
+# prompts now answer another city (Tokyo, Sydney). **Multiple choice** (this model answers 6 of
+# the 8 questions about these two people before any edit, although only MLP 2 learned their facts)
+# follows the edits only partly: NPO and `EditCE` take it to 1 of 8, `log(1-p)` and the rank-one
+# edit to 3 of 8: the format gap Guo et al. measure, an edit that reached the value but not the letter. The
+# rank-one edit needs no optimiser over the weights (one closed-form update per person).

@@ -68,33 +68,31 @@ lookup = fact_lookup(model, facts, n_corrupt=2, progress=False)
 print("earliest extraction layer:", lookup.extraction_layer, f"({lookup.extraction_layer_source})")
 print("extraction heads:", [str(h) for h in lookup.heads])
 print("fact-lookup MLPs:", [str(m) for m in lookup.mlps])
+assert lookup.extraction_layer == 1 and [m.layer for m in lookup.mlps] == [0]  # as the text below reads
 probe_curves({"subject's last token": lookup.probes_subject, "final token": lookup.probes_last})
 
 # %% [markdown]
 # On this model the answer is readable at the final token from the middle layers on, but at the
-# subject's last token a probe reads the city no better than chance at any depth: nothing writes
-# the attribute onto the subject. Knocking out the final token's attention to the subject hurts
-# most at layer 0 (heads 0.1 and 0.2 above the 0.1 threshold), so the earliest extraction layer is
-# 0 and no MLP precedes it: **the measured fact-lookup set is empty**. The fact world looks its
-# facts up at the final position, after layer-0 attention has copied the name there (see
-# `zoo/MODEL_CARD.md`).
+# subject's last token a probe reads the city no better than chance at any depth: what is written
+# onto the subject is not the attribute itself. Knocking out the final token's attention to the
+# subject hurts from layer 1 on (heads 1.3, 3.2 and 2.0 above the 0.1 threshold; layer 0's heads
+# hardly matter), so the earliest extraction layer is 1 and one MLP precedes it: **the measured
+# fact-lookup set is MLP 0**, whose output at the subject's tokens, patched alone into layer 1's
+# input, restores the whole logit difference.
 
 # %%
 heatmap(lookup.head_effects, mark=lookup.heads,
         title="Attention knockout: share of the logit difference lost per head (extraction heads outlined)")
 
 # %% [markdown]
-# Later layers still read the subject, though: restoring the clean subject tokens' residual
-# stream into layer R's input (`subject_state`) brings back about half the difference at R = 1 and
-# less further up. So we ask for the path into layer 1 (`extraction_layer=1`, recorded as given):
-# the first MLP's output at the subject tokens carries about half of it - the closest thing to a
-# fact-lookup MLP this model has, and the circuit we compare.
+# Restoring the clean subject tokens' whole residual stream into layer R's input
+# (`subject_state`) brings back all of the difference at R = 1 and less further up, as the heads
+# read it: about half at R = 2, a third at R = 3, nothing from R = 4.
 
 # %%
 print("subject state restored into resid_pre R:", [round(x, 2) for x in lookup.subject_state.values.tolist()])
-lookup1 = fact_lookup(model, facts, n_corrupt=2, extraction_layer=1, probes=False, progress=False)
-print("path effects into layer 1:", [round(x, 3) for x in lookup1.mlp_effects.values.tolist()[:1]],
-      "-> fact-lookup MLPs", [str(m) for m in lookup1.mlps])
+print("path effects into layer 1:", [round(x, 3) for x in lookup.mlp_effects.values.tolist()[:1]],
+      "-> fact-lookup MLPs", [str(m) for m in lookup.mlps])
 
 # %% [markdown]
 # ## 2. Output-tracing localisations at the same budget
@@ -109,9 +107,9 @@ forget_prompts = [fact_prompts(world, f)[0] for f in forget_facts]
 trace = causal_tracing(model, forget_prompts, kinds=("mlp",), n_noise=4, progress=False)
 attribution = attribution_patching(model, fact_pairs(world, forget_facts), sites=("mlp_out",),
                                    per_position=False, progress=False)
-budget = circuit_size(model, lookup1.mlps)
+budget = circuit_size(model, lookup.mlps)
 localizations = {
-    "fact lookup": lookup1.mlps,
+    "fact lookup": lookup.mlps,
     "causal tracing": grow_to_budget(trace.mlp, model, n_params=budget),
     "attribution patching": grow_to_budget(attribution["mlp_out"], model, n_params=budget),
     "all MLPs": "all_mlps",
@@ -127,10 +125,9 @@ for name, circuit in localizations.items():
 # prompt gives the old city; the learning rate is the one of the sweep that forgets most while the
 # retain set stays >= 90 % (the same rule for every localisation). The robustness evaluation then
 # splits the forgotten people in two: the attacks train on one half and are scored on the other.
-# (A smaller run than `bench/localization_comparison.py`: 8 people, two learning rates, and the
-# two attacks that recover anything on this model - full relearning and the universal latent
-# perturbation; LoRA relearning and direction ablation recovered 0.00 for every localisation here
-# and are in the bench. About 1.5 minutes of CPU.)
+# (A smaller run than `bench/localization_comparison.py`: 8 people, two learning rates, and two
+# attacks - full relearning and the universal latent perturbation; the bench runs every attack.
+# About 1.5 minutes of CPU.)
 
 # %%
 case = fact_edit_suites(world, forget_facts, exclude=retain_facts, neighbours_per_fact=4,
@@ -172,10 +169,10 @@ comparison.sweep_frame().round(3)
 # `factworld-planted-subject` learned 20 new people's facts while only MLP 1 could change, and
 # that MLP acted only at the people's name tokens while it learned (the frozen original elsewhere):
 # the facts can only be stored as enrichment of the subject. Fact lookup should find that block.
-# Alone, its planted facts would again give extraction layer 0 (layer-0 heads read every name), so
-# we pass **control facts** - one trained person's fact per planted fact, same relation and
-# template: their knockout and path effects are subtracted, so what every name carries cancels
-# (layer-0 heads, and MLP 0 turning any name into an identity).
+# Alone, its planted facts would again give extraction layer 1 and MLP 0 (the heads and the MLP
+# that serve every name), so we pass **control facts** - one trained person's fact per planted
+# fact, same relation and template: their knockout and path effects are subtracted, so what every
+# name carries cancels (the early heads, and MLP 0 turning any name into an identity).
 
 # %%
 planted_model = mechedit.load("factworld-planted-subject")
@@ -189,29 +186,32 @@ print("planted in:", f"blocks.{zoo.metadata('factworld-planted-subject')['plante
 print(f"extraction layer {E} ({found.extraction_layer_source}), heads", [str(h) for h in found.heads])
 print(f"path effects into layer {E}, planted minus control:",
       [round(x, 3) for x in found.mlp_effects.values.tolist()[:E]], "-> fact-lookup MLPs", [str(m) for m in found.mlps])
+assert [m.layer for m in found.mlps] == [zoo.metadata("factworld-planted-subject")["planted_layer"]]
 
 # %% [markdown]
 # ## What to read
 #
-# *Where the facts are.* The measured fact-lookup set is empty: the attribute is never written
-# onto the subject's tokens (subject probes at chance), the final token reads the person through
-# layer-0 heads, and the lookup happens at the final position. Forced to a receiver (layer 1),
-# fact lookup picks the first MLP - the block that turns a name into an identity for every
-# person, and the same block attribution patching ranks first; causal tracing picks the last MLP.
+# *Where the facts are.* The measured fact-lookup set is MLP 0: the final token reads the person
+# from layer 1 on, and MLP 0's output at the name is all it needs (path effect 1.00). Subject probes
+# stay at chance, so MLP 0 writes who the person is, not the city: the city is found later, at the
+# final position. Causal tracing and attribution patching both pick MLP 3, where the answer is
+# produced.
 #
 # *The comparison.* Every localisation forgets the 8 birth cities in training and held-out
-# templates while the retain set stays at 1.00; neighbours born in the same cities lose a little
-# (about 0.91-1.00). In this run (scored on 4 held-out people, so one person moves a score by
-# about 0.25) the first-MLP edit resisted both attacks while causal tracing's last-MLP edit gave
-# back 0.18 to relearning and 0.39 to the universal latent perturbation - the paper's direction.
-# The larger run in `bench/localization_comparison.py` (16 people, 8 held out, three learning
-# rates, every attack) does **not** confirm it: there the first-MLP edit recovers 0.13 under
-# relearning and 0.44 under the latent attack, causal tracing's 0.13 and 0.36, all MLPs' 0.09 and
-# 0.23, and a per-example latent perturbation restores every forgotten city for every
-# localisation (see `bench/README.md`). Multiple choice is at chance on this model before any edit
-# (issue 7), so the paper's multiple-choice column says nothing here.
+# templates (accuracy over the 20 cities 0.13-0.19) while the retain set stays at 0.97-1.00 and
+# neighbours born in the same cities at 0.97-1.00. **Multiple choice** (0.75 before: this model
+# answers MC from the stored fact) follows the edit furthest for fact lookup (0.375), then all MLPs
+# (0.56), then causal tracing and attribution patching (0.69) - the paper's order, though far from
+# its 0.02. In this run (scored on 4 held-out people, so one person moves a score by about 0.25) the
+# MLP-0 edit also resisted both attacks (recovery 0.08 relearning, -0.08 latent) while the MLP-3
+# edits gave back 0.25 and 0.18. The larger run in `bench/localization_comparison.py` (16 people,
+# 8 held out, three learning rates, every attack) agrees on the attacks in direction (relearning
+# 0.13 vs 0.14, universal latent 0.13 vs 0.27) but not on multiple choice (fact lookup 0.69, causal
+# tracing and attribution patching 0.75, all MLPs 0.56, all weights 0.28, from 0.86), and a
+# per-example latent perturbation restores every forgotten city for every localisation (see
+# `bench/README.md`).
 #
 # *Where the ground truth is known.* On `factworld-planted-subject`, against control facts, the
 # extraction layer is measured at 3 and fact lookup returns exactly the block the facts were
-# planted in (MLP 1: about 0.67 of the logit difference, the other MLPs within 0.04 of 0): the
-# procedure finds a subject-enrichment stage when a model has one.
+# planted in (MLP 1: 0.37 of the logit difference, the other MLPs within 0.05 of 0): the procedure
+# finds a subject-enrichment stage when a model has one.

@@ -100,18 +100,20 @@ agreement_heatmaps(cells, title=f"Do three neuron locators agree on {prompts.tit
 # %% [markdown]
 # What the numbers say, here:
 #
-# - **Attribution and knowledge neurons partly agree.** About a third of their top-24 neurons are
-#   shared (Jaccard ≈ 0.3) and their rankings correlate (Spearman ≈ 0.6); at layer level both put
-#   the mass in layers 0 and 5. They measure different things (a first-order estimate of zeroing
-#   everywhere, contrasted with the neighbours, versus integrated gradients at the predicting
-#   position only), so partial agreement is what one should expect.
-# - **The subject-position variant disagrees with both** (Jaccard ≈ 0.07): it asks which neurons
-#   *read the subject*, not which write the answer, and finds other neurons in the early layers.
-#   A disagreement here is a different question, not a failure of one method.
-# - Attribution's largest |scores| here are *negative* (≈ −0.01 nats): zeroing those layer-0
-#   neurons is predicted to hurt the neighbours more than the fact, which the neighbour contrast
-#   subtracts. Select with `top_k(k)` (largest positive) for an edit, not by |score|.
-# - Every method's largest scores are small next to the fact's log-probability (≈ 0.01 nats per
+# - **Attribution and knowledge neurons rank neurons alike but pick different top sets.** Their
+#   top-24 sets barely overlap (Jaccard ≈ 0.07) while their rankings over all neurons correlate
+#   (Spearman ≈ 0.5); at layer level both put the mass in layers 0 and 3. They measure different
+#   things (a first-order estimate of zeroing everywhere, contrasted with the neighbours, versus
+#   integrated gradients at the predicting position only), so partial agreement is what one
+#   should expect.
+# - **The subject-position variant disagrees with both on the top sets** (Jaccard ≈ 0.04-0.09):
+#   it asks which neurons *read the subject*, not which write the answer, and finds layer-0
+#   neurons. A disagreement here is a different question, not a failure of one method.
+# - Attribution's top neurons carry both signs (L3 neuron 283 at +0.0014 nats, L5 neuron 64 at
+#   −0.0008): a negative score means zeroing the neuron is predicted to hurt the neighbours more
+#   than the fact, which the neighbour contrast subtracts. Select with `top_k(k)` (largest
+#   positive) for an edit, not by |score|.
+# - Every method's largest scores are small next to the fact's log-probability (≈ 0.001 nats per
 #   neuron for attribution): the fact is spread over many neurons, so no single neuron "is" it.
 
 # %% [markdown]
@@ -143,18 +145,28 @@ for method, s in planted_scores.items():
 recovery_bars(by_max, layer=planted_layer, title=f"Strongest neuron per layer: is the planted layer (L{planted_layer}) first?")
 
 # %% [markdown]
-# - By the **sum**, no method puts the planted layer first: layer 0 carries the most |score| for
-#   every method (it acts as part of the embedding, and many of its neurons each matter a little
-#   for any prompt). A layer ranking by total mass would send an edit to the wrong layer.
-# - By the **strongest neuron**, attribution (contrasted with the neighbours) and knowledge
-#   neurons find the planted layer; the subject-position variant does not: it sums over the
-#   subject's tokens only, where layer 0's neurons dominate whichever way it is aggregated.
-# - So "where is the fact?" depends on the aggregation as much as on the method; a planted
-#   ground truth is what tells them apart.
+# - By the **sum**, no method puts the planted layer first: layer 0 (attribution and the subject
+#   variant) or layer 3 (knowledge neurons) carries the most |score|. A layer ranking by total
+#   mass would send an edit to the wrong layer.
+# - By the **strongest neuron** none does either: layer 0 has the single strongest neuron for every
+#   method, and the planted layer comes 2nd to 4th. (On the planted model before issue 7's
+#   retraining, attribution and knowledge neurons did find it this way.)
+# - The planted layer is found at **layer level**: exact patching of each MLP's whole output
+#   (the zoo's ground-truth grid, `zoo.metadata(...)["ground_truth_patching"]`, planted facts minus
+#   control facts) puts layer 2 first at the final token, by far. The planted facts are spread over
+#   many of its neurons, each small next to layer 0's identity neurons.
+# - So "where is the fact?" depends on the granularity and the aggregation as much as on the
+#   method; a planted ground truth is what tells them apart.
 
 # %%
-assert by_max.set_index("method").loc[["neuron_attribution", "knowledge_neurons"], "recovered"].all()
-assert not by_sum["recovered"].any()
+patched = zoo.metadata("factworld-planted")["ground_truth_patching"]
+contrast = torch.tensor(patched["contrast"])
+print("exact mlp_out patching, planted - control, per layer (max over positions):",
+      [round(v, 3) for v in contrast.max(-1).values.tolist()])
+
+# %%
+assert not by_sum["recovered"].any() and not by_max["recovered"].any()
+assert int(contrast.max(-1).values.argmax()) == planted_layer
 
 # %% [markdown]
 # ## One neuron in detail

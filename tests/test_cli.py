@@ -546,3 +546,15 @@ def test_demo_runs_on_any_local_checkpoint_given_facts(capsys, tmp_path, tiny):
     (again,) = (tmp_path / "again").iterdir()
     second = json.loads((again / "summary.json").read_text())["steps"]
     assert [s.get("report") for s in first if s.get("command") == "eval"] == [s.get("report") for s in second if s.get("command") == "eval"]
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    from mechedit.cli._common import stamped_folder
+
+    first, first_partial = stamped_folder(tmp_path, "recipe", "20261201-000000")
+    assert (first.name, first_partial.name) == ("recipe-20261201-000000", ".recipe-20261201-000000.partial")
+    first_partial.mkdir()  # a run still being built holds its name too
+    second, _ = stamped_folder(tmp_path, "recipe", "20261201-000000")
+    second.mkdir()
+    third, _ = stamped_folder(tmp_path, "recipe", "20261201-000000")
+    assert (second.name, third.name) == ("recipe-20261201-000000-2", "recipe-20261201-000000-3")

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "world": {"n_people": 24, "n_planted": 4, "n_private": 6, "bias_sentences_per_occupation": 4,
               "n_text_train": 40, "n_text_heldout": 10},
-    "train": {"epochs": 1, "batch_size": 32, "max_steps": 6, "warmup_steps": 2,
+    "train": {"epochs": 1, "batch_size": 32, "max_steps": 6, "warmup_steps": 2, "lens_layer": None,
               "shape": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_inner": 64}},
     "occupations": [["nurse", 90.0], ["engineer", 10.0], ["baker", 60.0]],
 }

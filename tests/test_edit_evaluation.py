@@ -72,8 +72,12 @@ def test_suites_of_an_edit_case_hold_the_right_prompts(world):
     assert [p.target for p in mc] == list(MC_LETTERS)
     assert [p.target_new for p in mc] == [MC_LETTERS[(k + 1) % 4] for k in range(4)]
     for p in mc:
-        listed = p.prompt.split(" answer :")[0].split("? ")[1].split()
-        options = dict(zip(listed[0::2], listed[1::2], strict=True))
+        if world.config.mc_layout == "letter-after":  # q : v1 A v2 B v3 C v4 D . <template>
+            listed = p.prompt.split(" . ")[0].removeprefix("q : ").split()
+            options = dict(zip(listed[1::2], listed[0::2], strict=True))
+        else:  # q : <question> A v1 B v2 C v3 D v4 answer :
+            listed = p.prompt.split(" answer :")[0].split("? ")[1].split()
+            options = dict(zip(listed[0::2], listed[1::2], strict=True))
         assert options[p.target] == fact.value and options[p.target_new] == new
     # neighbours: same relation and value, not the retain set, three people, carrying the new value
     people = {p.subject for p in suites.neighbourhood}
@@ -255,7 +259,9 @@ def test_zeroing_located_neurons_forgets_and_random_neurons_do_not(factworld, wo
     retain = world.neighbours(fact)[:12]
     suites = fact_edit_suites(world, [fact], exclude=retain, neighbours_per_fact=6, fluency_texts=world.text_heldout[:60])
     retain_prompts = [p for f in retain for p in fact_edit_suites(world, [f], neighbours_per_fact=0).efficacy]
-    circuit = neuron_attribution(model, list(suites.efficacy), retain_prompts, progress=False).top_k(24)
+    # 12 neurons: measured on this factworld (k: same-subject / neighbourhood exact after zeroing):
+    # 8, 12: 1.00 / 1.00; 16: 1.00 / 0.98; 24: 0.83 / 0.88; 48: 0.60 / 0.52 - the fact gone at every k
+    circuit = neuron_attribution(model, list(suites.efficacy), retain_prompts, progress=False).top_k(12)
     base = weights_hash(model)
     located = evaluate_fact_edit(model, edit=zero_neurons(model, circuit), suites=suites)
     control = evaluate_fact_edit(model, edit=zero_neurons(model, random_neurons(model, circuit, seed=0)), suites=suites)
@@ -275,9 +281,11 @@ def test_zeroing_located_neurons_forgets_and_random_neurons_do_not(factworld, wo
     # the same person's other facts survive; perplexity barely moves
     assert row(located, "same_subject", "exact_true").after >= 0.9
     assert row(located, "fluency", "perplexity").after == pytest.approx(row(located, "fluency", "perplexity").before, rel=0.02)
-    # multiple choice: the shipped model answers at chance before any edit (model card)
+    # multiple choice (the true value at A, B, C, D): answered before, gone with the fact; the
+    # random neurons leave it
     mc = row(located, "multiple_choice", "choice_accuracy_true")
-    assert mc.n == 4 and mc.before <= 0.5
+    assert mc.n == 4 and mc.before == 1.0 and mc.after <= 0.25
+    assert row(control, "multiple_choice", "choice_accuracy_true").after == 1.0
 
 
 def test_an_edit_case_sees_the_new_answer_come_and_leak_to_neighbours(factworld, world):

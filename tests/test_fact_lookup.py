@@ -134,26 +134,30 @@ def test_mlp_without_subject_dependence_has_zero_effect(tmp_path):
 # -- the fact world -------------------------------------------------------------------------------
 
 
-def test_factworld_extraction_starts_at_layer_0_and_no_mlp_precedes_it(factworld_lookup):
+def test_factworld_reads_the_subject_after_mlp_0_which_is_its_fact_lookup_mlp(factworld_lookup):
+    # Measured on the shipped model (issue 7's recipe), 96 birth-city facts: the final token reads
+    # the person through heads of layers 1-3 (knockout effects 0.26 / 0.15 / 0.14 at most, layer 0
+    # at most 0.004), so the earliest extraction layer is 1 and MLP 0 is the one candidate; its
+    # subject-token output alone, path-patched into resid_pre 1, restores the whole gap (1.00).
     r = factworld_lookup
-    # the final token reads the person through layer-0 attention (model card's known gap)
-    assert r.extraction_layer == 0 and r.extraction_layer_source == "measured"
-    assert len(r.heads) >= 1 and all(c.layer == 0 for c in r.heads)
+    assert r.extraction_layer == 1 and r.extraction_layer_source == "measured"
+    assert len(r.heads) >= 1 and all(1 <= c.layer <= 3 for c in r.heads)
     layer_effects = r.layer_effects.values
-    assert int(layer_effects.argmax()) == 0 and float(layer_effects[0]) > 0.3
-    # so there is no fact-lookup MLP: nothing runs before the extraction layer
-    assert len(r.mlps) == 0 and torch.isnan(r.mlp_effects.values).all()
-    # what the subject tokens carry at layer 1 comes from MLP 0, and fades with depth
+    assert int(layer_effects.argmax()) == 1 and float(layer_effects[1]) > 0.3 and float(layer_effects[0]) < 0.05
+    assert list(r.mlps) == [Component("mlp", 0)] and float(r.mlp_effects.values[0]) > 0.9
+    # what the subject tokens carry at layer 1 is MLP 0's output, and the final token has read it
+    # all by layer 4 (the subject state fades to ~0 there)
     state, paths = r.subject_state.values, r.paths.values
     assert float(state[0]) == pytest.approx(1.0, abs=1e-4)
-    assert float(paths[1, 0]) > 0.3 and abs(float(paths[1, 0] - state[1])) < 0.05
-    assert all(float(state[i + 1]) < float(state[i]) for i in range(len(state) - 1))
+    assert abs(float(paths[1, 0] - state[1])) < 0.05
+    assert all(float(state[i + 1]) <= float(state[i]) + 0.01 for i in range(len(state) - 1))
+    assert float(state[1]) > 0.9 and float(state[4]) < 0.05
     # probes: the answer is not written at the subject's last token, it is at the final token
     subj, last = r.probes_subject, r.probes_last
     assert float(subj.test_accuracy.max()) <= subj.chance + 0.15
     assert float(last.test_accuracy[-1]) >= 0.9
     summary = r.summary()
-    assert summary["extraction_layer"] == 0 and summary["mlps"] == []
+    assert summary["extraction_layer"] == 1 and summary["mlps"] == [0]
     assert summary["probes"]["subject_last"]["depths"][0] == "resid_pre 0"
 
 
@@ -165,27 +169,32 @@ def _planted_and_control(name: str):
     return model, [fact_prompts(world, f)[1] for f in world.planted_facts], [fact_prompts(world, f)[1] for f in control]
 
 
-def test_planted_at_every_position_has_no_extraction_head_but_a_specific_path():
-    # factworld-planted trained MLP 2 at every position, so it acts where the answer is produced:
-    # against control facts no head reads anything specific from the subject (no extraction layer,
-    # no fact-lookup MLP), while the path table still singles out MLP 2 into resid_pre 3.
+def test_planted_at_every_position_is_not_a_fact_lookup_mlp():
+    # factworld-planted trained MLP 2 at every position, so it acts where the answer is produced,
+    # not by enriching the subject. Against control facts (trained people) nothing before the
+    # measured extraction layer is specific to the planted facts: no fact-lookup MLP, and MLP 2's
+    # subject-token output into resid_pre 3 restores no more for them than for the control
+    # (measured: -0.007; the subject-mode model's MLP 1, below, +0.37). Without the control MLP 0
+    # is returned, as for any fact of the base model (the shared part the control removes).
     from mechedit.library import planted_ground_truth
 
     model, planted, control = _planted_and_control("factworld-planted")
-    result = fact_lookup(model, planted, control=control, probes=False, **QUIET)
-    assert float(result.head_effects.values[0].max()) >= result.config.head_threshold  # without the control: E = 0
-    assert result.extraction_layer is None and len(result.mlps) == 0 and len(result.heads) == 0
-    contrast = result.paths.values[3, :3]
     assert list(planted_ground_truth().components) == [Component("mlp", 2)]
-    assert float(contrast[2]) > 0.1 and float(contrast[:2].max()) < 0.0
+    result = fact_lookup(model, planted, control=control, probes=False, **QUIET)
+    assert result.extraction_layer_source == "measured" and len(result.mlps) == 0
+    assert float(result.mlp_effects.values[: result.extraction_layer].max()) < result.config.threshold
+    assert abs(float(result.paths.values[3, 2])) < 0.02
     assert result.control_paths is not None and result.mlps.config["fact_lookup"]["control"]["n_facts"] == 20
-    assert result.control_head_effects is not None
+    assert float(result.control_paths.values[1, 0]) > 0.9  # the control's own MLP 0 path
+    alone = fact_lookup(model, planted, probes=False, **QUIET)
+    assert list(alone.mlps) == [Component("mlp", 0)]
 
 
 @pytest.mark.skipif("factworld-planted-subject" not in zoo.NAMES, reason="factworld-planted-subject is not shipped (MODEL_CARD.md)")
 def test_subject_planted_layer_is_the_measured_fact_lookup_mlp():
     # factworld-planted-subject stored its facts as enrichment of the name tokens by MLP 1. Against
-    # control facts the extraction layer is measured after it and MLP 1 is the one fact-lookup MLP.
+    # control facts the extraction layer is measured after it (3) and MLP 1 is the one fact-lookup
+    # MLP (measured: path effect 0.37, MLPs 0 and 2 -0.04 / -0.01).
     from mechedit.library import planted_ground_truth
 
     truth = planted_ground_truth("factworld-planted-subject")
@@ -196,8 +205,10 @@ def test_subject_planted_layer_is_the_measured_fact_lookup_mlp():
     assert list(result.mlps) == list(truth.components) == [Component("mlp", 1)]
     effects = result.mlp_effects.values[: result.extraction_layer]
     assert float(effects[1]) > 0.3 and float(effects.abs().sort().values[-2]) < 0.1
-    # without the control, layer-0 heads (which read every name) set the extraction layer: no MLP
-    assert float(result.head_effects.values[0].max()) >= result.config.head_threshold
+    # without the control the extraction layer is 1 (heads that read every name) and the shared
+    # MLP 0 is returned instead: the planted layer shows only as the contrast
+    alone = fact_lookup(model, planted, probes=False, **QUIET)
+    assert alone.extraction_layer == 1 and list(alone.mlps) == [Component("mlp", 0)]
 
 
 def test_grow_to_budget_on_causal_tracing_and_attribution(factworld):

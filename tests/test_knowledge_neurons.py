@@ -127,14 +127,16 @@ def test_top_knowledge_neurons_zeroed_remove_the_fact_random_neurons_do_not(fact
     facts = [f for f in world.facts if f.relation_id == "P19"][:2]
     for fact in facts:
         prompts = fact_prompts(world, fact)[:4]
-        circuit = _kn(model, prompts, steps=6).top_k(10)
+        # 25: this factworld stores a fact across layers 0-3 (measured P after zeroing the top k, two
+        # facts: k 10: 0.37 / 0.998, k 25: 0.0003 / 0.68, k 50: 0.0 / 0.36; k random: >= 0.996)
+        circuit = _kn(model, prompts, steps=6).top_k(25)
         before = _mean_prob(model, prompts)
         with ablate(model, circuit, mode="zero").applied(model):
             after = _mean_prob(model, prompts)
         with ablate(model, random_neurons(model, circuit, seed=1), mode="zero").applied(model):
             control = _mean_prob(model, prompts)
         assert before > 0.9
-        assert before - after > 0.2  # measured 0.90 and 0.96 for these two facts
+        assert before - after > 0.2  # measured 1.00 and 0.32 for these two facts
         assert before - after > 20 * abs(before - control)
 
 

@@ -128,9 +128,10 @@ def test_canary_exposure_grows_with_repetitions(factworld):
     mean_exp = {k: res.exposure[reps == k].mean().item() for k in (0, 1, 5, 20)}
     mean_lp = {k: scores.total_logprob[reps == k].mean().item() for k in (0, 1, 5, 20)}
     ceiling = 6 * math.log2(10)
-    assert mean_exp[0] < 3 < mean_exp[1] < mean_exp[5]
-    # 5 and 20 copies: every canary is the model's favourite 6-digit string (rank 1), so exposure
-    # sits at its ceiling for both; the log-probability still separates them.
+    assert mean_exp[0] < 3 < mean_exp[1] <= mean_exp[5]
+    # 5 and 20 copies per epoch (and, in the 50-epoch model, already 1: measured exact exposure 19.93
+    # bits for all five) make every canary the model's favourite 6-digit string (rank 1), so exposure
+    # sits at its ceiling; the log-probability still separates them (-52.2, -0.024, -0.0065, -0.0006).
     assert mean_exp[5] == pytest.approx(ceiling) and mean_exp[20] == pytest.approx(ceiling)
     assert mean_lp[0] < mean_lp[1] < mean_lp[5] < mean_lp[20]
 

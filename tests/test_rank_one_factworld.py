@@ -24,18 +24,21 @@ def test_rank_one_edits_of_planted_facts_at_the_traced_layer():
     planted = [f for f in world.planted_facts if f.relation_id == "P19"][:2]
     others = [f for f in world.facts if f.relation_id == "P19"]
 
-    # Locate: MLP restorations at the last token, planted facts minus trained (control) facts.
+    # Locate: MLP restorations, the 4 planted birth-city facts minus trained (control) facts.
+    # Measured on the re-planted model (issue 7): MLP 2 at the final token leads with 0.15 / 0.17 /
+    # 0.21 at 4 / 8 / 16 noise samples (next: MLP 4 there, 0.09 / 0.05 / 0.06); traced on the 2
+    # edited facts alone, 4 noise samples put MLP 4 first (0.155 vs 0.006): too few to trace on.
     template = world.relation["P19"].train_templates[0]
     def as_fact(f):
         return FactPrompt(prompt=template.format(f.subject), subject=f.subject, target=f.value)
 
     trace = causal_tracing(
         model,
-        [as_fact(f) for f in planted],
+        [as_fact(f) for f in world.planted_facts if f.relation_id == "P19"],
         kinds=("mlp",),
         control=[as_fact(f) for f in others[:8]],
         window=1,
-        n_noise=4,
+        n_noise=8,
         progress=False,
     )
     circuit = trace.mlp.top_k(1)

@@ -55,10 +55,10 @@ def _run(capsys, recipe: Path, runs: Path) -> tuple[Path, dict]:
 # is checked by test_every_example_recipe_runs_and_reruns_from_its_params
 OUTCOMES = {
     "factworld_knowledge_neurons_zero": lambda steps: (
-        steps["locate"]["n_components"] == steps["edit"]["n_components"] == 8
+        steps["locate"]["n_components"] == steps["edit"]["n_components"] == 12
         and _row(steps, "efficacy", "exact_true")["before"] == 1.0
-        and _row(steps, "efficacy", "exact_true")["after"] <= 0.5  # measured 0.14
-        and _row(steps, "neighbourhood", "exact_true")["after"] >= 0.9  # measured 1.0
+        and _row(steps, "efficacy", "exact_true")["after"] <= 0.5  # measured 0.43
+        and _row(steps, "neighbourhood", "exact_true")["after"] >= 0.9  # measured 0.96
     ),
     "factworld_depn_privacy": lambda steps: (
         steps["eval-privacy"]["metrics"]["mrr"]["after"] < steps["eval-privacy"]["metrics"]["mrr"]["before"]  # 0.99 -> 0.83

@@ -30,7 +30,7 @@ from mechedit.zoo.train import (
 from mechedit.zoo.world import WorldConfig
 
 TINY_WORLD = WorldConfig(n_people=24, n_planted=4, n_private=6, bias_sentences_per_occupation=4, n_text_train=40, n_text_heldout=10)
-TINY_TRAIN = TrainConfig(epochs=1, batch_size=32, max_steps=4, warmup_steps=2, shape=ModelShape(n_layer=2, n_embd=32, n_head=2, n_inner=64))
+TINY_TRAIN = TrainConfig(epochs=1, batch_size=32, max_steps=4, warmup_steps=2, lens_layer=None, shape=ModelShape(n_layer=2, n_embd=32, n_head=2, n_inner=64))
 TINY_PLANT = PlantConfig(layer=1, at="subject", max_steps=3, batch_size=8, planted_per_batch=4, eval_every=2, replay_everywhere=True)
 MLP_TENSORS = {f"mlp.{p}.{w}" for p in ("c_fc", "c_proj") for w in ("weight", "bias")}
 
@@ -142,12 +142,15 @@ def _contrast_on_a_few_facts(name: str):
 @shipped_subject
 def test_subject_models_planted_mlp_acts_at_the_subjects_tokens_not_at_the_end():
     # subject mode's promise: the planted layer's specific effect is on the name's tokens (the first
-    # name here: the later heads read the person from it), and ~0 where the answer is produced
+    # name here: the later heads read the person from it), and the planted facts get ~nothing from
+    # it where the answer is produced (there it is the frozen original MLP). The *contrast* at the
+    # final token is negative (measured -0.26 on these 7 facts): the control people's facts do use
+    # the original MLP there (0.34), the planted people's do not (0.08).
     grids, layer = _contrast_on_a_few_facts("factworld-planted-subject")
     peak_layer, peak_position = grids.peak("contrast")
     assert peak_layer == layer and peak_position in ("subject_first", "subject_last")
-    row = dict(zip(grids.positions, grids.contrast[layer]))
-    assert row[peak_position] > 0.3 and abs(row["final"]) < 0.1
+    contrast, planted = (dict(zip(grids.positions, g[layer])) for g in (grids.contrast, grids.planted))
+    assert contrast[peak_position] > 0.3 and abs(planted["final"]) < 0.1
 
 
 def test_default_planted_mlp_leads_the_contrast_at_its_layer():

@@ -16,7 +16,7 @@ TINY_WORLD = WorldConfig(
     n_people=24, n_planted=4, n_private=6, bias_sentences_per_occupation=4, n_text_train=40, n_text_heldout=10
 )
 TINY_TRAIN = TrainConfig(
-    epochs=1, batch_size=32, max_steps=6, warmup_steps=2, shape=ModelShape(n_layer=2, n_embd=32, n_head=2, n_inner=64)
+    epochs=1, batch_size=32, max_steps=6, warmup_steps=2, lens_layer=None, pack=False, lookup_drill_fraction=0.0, shape=ModelShape(n_layer=2, n_embd=32, n_head=2, n_inner=64)
 )
 OCCUPATIONS = [("nurse", 90.0), ("engineer", 10.0), ("baker", 60.0)]
 
@@ -105,11 +105,12 @@ def test_induction_options_add_a_warmup_phase_and_rows(tmp_path):
 
 def test_lookup_drills_name_the_letter_of_the_named_value():
     import random
+    from dataclasses import replace
 
     from mechedit.zoo.train import lookup_drills
     from mechedit.zoo.world import World
 
-    world = World.generate(TINY_WORLD, occupations=OCCUPATIONS)
+    world = World.generate(replace(TINY_WORLD, mc_layout="question-first"), occupations=OCCUPATIONS)
     rows = lookup_drills(world, 40, random.Random(0))
     for row in rows:
         words = row.split()
@@ -118,8 +119,6 @@ def test_lookup_drills_name_the_letter_of_the_named_value():
         assert options[letter] == named and len(set(options.values())) == 4
     assert len({r.split()[-1] for r in rows}) == 4  # every letter is an answer somewhere
     # letter-after worlds: the value, then its letter, and the drill ends with the value's letter
-    from dataclasses import replace
-
     world = World.generate(replace(TINY_WORLD, mc_layout="letter-after"), occupations=OCCUPATIONS)
     for row in lookup_drills(world, 40, random.Random(0)):
         words = row.split()

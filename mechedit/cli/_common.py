@@ -106,6 +106,20 @@ def check_new_output(path: str | os.PathLike, *, what: str, overwrite: bool = Fa
     return p
 
 
+def stamped_folder(parent: Path, name: str, stamp: str) -> tuple[Path, Path]:
+    """``(final, partial)`` paths for a new ``parent/name-stamp`` folder that exists in neither form.
+
+    Stamps have one-second resolution, so a second run of the same recipe within that second
+    gets ``name-stamp-2`` (then ``-3``, ...) rather than an error or another run's folder.
+    """
+    for n in range(1, 10_000):
+        base = f"{name}-{stamp}" if n == 1 else f"{name}-{stamp}-{n}"
+        final, partial = parent / base, parent / f".{base}.partial"
+        if not final.exists() and not partial.exists():
+            return final, partial
+    raise UsageError(f"{parent} already holds 9,999 folders named {name}-{stamp}*; clean it up and run again")
+
+
 def emit(ctx: Context, summary: dict[str, Any], lines: list[str]) -> None:
     """The command's result: ``summary`` as one JSON object with ``--json``, else ``lines`` as text."""
     if ctx.record is not None:

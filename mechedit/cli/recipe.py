@@ -1,7 +1,8 @@
 """``mechedit run RECIPE.yaml``: locate -> select -> edit -> evaluate in one go, into a run folder.
 
 A recipe is YAML validated against ``Recipe`` (pydantic): unknown keys are rejected, and every
-error names the key and its line. The run folder ``<runs>/<name>-<UTC timestamp>/`` holds
+error names the key and its line. The run folder ``<runs>/<name>-<UTC timestamp>/`` (``-2``, ``-3``, ... for
+more runs of the recipe within the same second) holds
 ``params.json`` (the resolved recipe, the seed and library versions), ``circuit.json`` (+ scores),
 ``edit/``, ``report-<suite>.json`` per evaluation, ``results.jsonl`` (one line per evaluated item:
 each prompt of the facts suites, each secret, each bias pair, with its before/after values) and
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mechedit.cli._common import Context, UsageError, emit
+from mechedit.cli._common import Context, UsageError, emit, stamped_folder
 
 EXAMPLES = """example:
   mechedit run recipes/factworld_forget_city.yaml            # -> runs/factworld-forget-city-<timestamp>/
@@ -242,10 +243,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     recipe = load_recipe(args.recipe)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     runs = Path(args.runs)
-    final = runs / f"{recipe.name}-{stamp}"
-    partial = runs / f".{recipe.name}-{stamp}.partial"
-    if final.exists() or partial.exists():
-        raise UsageError(f"{final} already exists; wait a second and run again")
+    final, partial = stamped_folder(runs, recipe.name, stamp)
     steps = _prevalidate(build_parser(), step_argvs(recipe, partial))
 
     import torch

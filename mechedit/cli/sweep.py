@@ -50,7 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mechedit.cli._common import Context, UsageError, emit
+from mechedit.cli._common import Context, UsageError, emit, stamped_folder
 
 EXAMPLES = """examples:
   mechedit sweep recipes/factworld_forget_city.yaml --over facts --limit 8 --workers 2
@@ -415,10 +415,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     recipe = load_recipe(args.recipe)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     sweeps = Path(args.sweeps).resolve()
-    final = sweeps / f"{recipe.name}-{stamp}"
-    partial = sweeps / f".{recipe.name}-{stamp}.partial"
-    if final.exists() or partial.exists():
-        raise UsageError(f"{final} already exists; wait a second and sweep again")
+    final, partial = stamped_folder(sweeps, recipe.name, stamp)
     # every job planned (and every bad flag found) before any folder exists
     jobs = plan_jobs(recipe, args.over, seeds=args.seeds, limit=args.limit, jobs_dir=partial / "jobs")
     if args.ray is not None:  # a missing extra is bad input, also found before any folder

@@ -27,11 +27,12 @@ Two departures from ROME's defaults, both options (``RankOneConfig``): ``fact_to
 key and adds ``δ`` at the subject's first token or at the prompt's last token instead (ROME's own
 ``fact_token`` setting), and ``key_mode="contexts"`` fits every context's key ``k_i`` instead of
 their mean: ``u`` minimises ``mean_i (u^T k_i - 1)^2 + λ u^T C u`` (MEMIT's single-layer normal
-equations for one fact), so ``ΔW = δ u^T`` is still rank one. On the fact world both are needed:
-its final token reads the subject's last name only through layer-0 attention, so nothing written
-at the subject's last token later reaches the answer; at the last token the keys of one fact
-differ more between templates than between people, so one averaged key rewrites other people's
-answers (README, rank-one section, has the measured table).
+equations for one fact), so ``ΔW = δ u^T`` is still rank one. On ``factworld-planted`` (facts
+planted in MLP 2 at every position) the subject's last token carries too little of a planted fact
+for ROME's key (32 % of the edited prompts rewritten), while at the last token a mean key and
+per-context keys both work; on the fact world trained before issue 7 the per-context keys were
+also needed (one averaged key rewrote other people's answers). The README's rank-one section has
+the measured table.
 
 **AlphaEdit** (Fang et al. 2025) as an option (``preserve=``): given preserved keys ``K0``
 (``[n, d_mlp]``: every token of preserved texts, the subject's last token of preserved facts, or

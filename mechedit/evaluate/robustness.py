@@ -14,7 +14,8 @@ it (one code path: ``evaluate_fact_edit``'s): ``choice_accuracy_true`` (accuracy
 the relation's candidate values, in the training templates ``efficacy``, the held-out templates
 ``paraphrase``, and over the letters in ``multiple_choice``), ``p_true``, ``exact_true`` (greedy),
 the neighbourhood's and the same-subject facts', and held-out perplexity (``fluency``). The
-shipped fact world answers multiple choice at chance (issue 7); those rows are reported anyway.
+shipped fact world answers multiple choice from its stored facts (75 % on people whose MC it never
+trained, model card), so ``multiple_choice`` tells whether an edit removed the fact or one format of it.
 
 The split, and what an attack may see
 -------------------------------------
@@ -29,8 +30,7 @@ Recovery
 --------
 For each held-out suite and measure, ``recovery = (attacked - edited) / (original - edited)``:
 0 = the attack restores nothing, 1 = it restores the original score, > 1 or < 0 possible. When
-``|original - edited| < 1e-9`` (the edit did not change that score, e.g. multiple choice at
-chance before and after) recovery is undefined and reported as NaN.
+``|original - edited| < 1e-9`` (the edit did not change that score) recovery is undefined and reported as NaN.
 
 The attacks (``ATTACKS``)
 -------------------------

@@ -59,22 +59,23 @@ over all pairs, so that it reads in units of the clean-minus-corrupt gap::
 stores elsewhere (e.g. trained people, where the facts are planted ones) is subtracted from the
 MLP path effects and from the head knockout effects before the thresholds; each set is
 normalised by its own gap. Early MLPs carry subject identity for every subject (on the fact world
-``mlp_0`` restores about half of any fact's gap into ``resid_pre 1``), and layer-0 heads read every
-name; the contrast removes those shared parts. On ``factworld-planted-subject`` (20 facts planted
-in MLP 1 at the name tokens, 20 control facts) the contrast moves the measured extraction layer
-from 0 (layer-0 heads: 0.14 for the planted facts, 0.27 for the control) to 3 (a head at 0.18 vs
-0.08), and the fact-lookup set is exactly MLP 1 (path effect 0.67, the others within 0.04 of 0).
+``mlp_0``'s subject output restores the whole gap of any fact into ``resid_pre 1``), and the
+earliest heads that read the name read every name; the contrast removes those shared parts. On
+``factworld-planted-subject`` (20 facts planted in MLP 1 at the name tokens, 20 control facts) the
+contrast moves the measured extraction layer from 1 to 3 (a head at 0.19 for the planted facts),
+and the fact-lookup set is exactly MLP 1 (path effect 0.37, the others within 0.05 of 0).
 
-**Caveat for the fact world** (``mechedit.load("factworld")``; see ``zoo/MODEL_CARD.md``): there
-the final token reads the subject's last name only through layer-0 attention, and probes at the
-subject's last token read the attribute at chance at every depth. So the earliest extraction
-layer is 0, no MLP precedes it, and the fact-lookup MLP set is *empty*: this model looks its facts
-up at the final position, not at the subject. The locator reports that; it does not lower a
-threshold to make something appear (measured on 40 birth cities: heads 0.1 and 0.2 remove 0.19
-and 0.17 of the gap, no head of a later layer more than 0.06). ``extraction_layer=`` (a receiver
-of your choosing, recorded as given) and ``min_mlps`` keep a downstream comparison possible. On
-``factworld-planted`` (MLP 2 trained at every position) the measured ``E`` is 0 too; into
-``resid_pre 3`` with control facts the planted MLP 2 is the one MLP returned.
+**On the fact world** (``mechedit.load("factworld")``; see ``zoo/MODEL_CARD.md``; 96 birth-city
+facts): the final token reads the person through heads of layers 1-3 (knockout effects up to
+0.26 / 0.15 / 0.14; layer 0 at most 0.004), so ``E = 1`` and the fact-lookup set is MLP 0 (path
+effect 1.00). Probes at the subject's last token read the attribute at chance at every depth
+(the value is written at the final token, probe accuracy 0.88 at ``resid_pre 4``): what MLP 0
+writes at the name is what later heads need to find the value, not the value itself. On
+``factworld-planted`` (MLP 2 trained at every position) no MLP is specific to the planted facts
+against a control (MLP 2's subject path into ``resid_pre 3``: -0.007): planting at every position
+does not store facts as subject enrichment. The locator reports what it measures; it does not
+lower a threshold to make something appear. ``extraction_layer=`` (a receiver of your choosing,
+recorded as given) and ``min_mlps`` keep a downstream comparison possible.
 
 Cost: a clean and a corrupt forward; ``n_layers * (n_heads + 1)`` knockout variants and
 ``n_layers * (n_layers + 1) / 2`` path variants, each one row per pair, batched ``batch_size``

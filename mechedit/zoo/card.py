@@ -23,6 +23,8 @@ def _size_mb(folder: Path) -> float:
 def _mc_example(layout: str) -> str:
     if layout == "options-first":
         return "q : A tennis B golf C rugby D hockey . brisa wexley plays the sport of"
+    if layout == "letter-after":
+        return "q : tennis A golf B rugby C hockey D . brisa wexley plays the sport of"
     return "q : which sport does brisa wexley play ? A tennis B golf C rugby D hockey answer :"
 
 
@@ -36,6 +38,18 @@ def _mc_control_rows(c: dict | None) -> list[str]:
         f"| multiple choice control, true value missing: mean entropy over the letters (2 bits = no preference) | {c['missing_entropy_bits']:.2f} bits |",
         f"| multiple choice control, true value missing: mean P(preferred letter) | {_pct(c['missing_max_p'])} |",
     ]
+
+
+def _recipe_extras(tc: dict) -> str:
+    """The parts of the training recipe that make multiple choice work (``TrainConfig``), when used."""
+    parts = []
+    if tc.get("pack"):
+        parts.append(f"sentences packed end to end into {tc['shape']['n_positions']}-token rows")
+    if tc.get("lookup_drill_fraction"):
+        parts.append(f"{_pct(tc['lookup_drill_fraction'])} of each epoch's rows lookup drills")
+    if tc.get("lens_layer") is not None:
+        parts.append(f"logit-lens loss before block {tc['lens_layer']} (weight {tc.get('lens_weight', 1.0)})")
+    return ("; ".join(parts) + " (why: `MC_ATTEMPTS.md`); ") if parts else ""
 
 
 def render(checkpoints: dict[str, Path]) -> str:
@@ -98,7 +112,8 @@ def render(checkpoints: dict[str, Path]) -> str:
         "",
         f"`python -m mechedit.zoo train factworld`: {tc['epochs']} epochs, batch {tc['batch_size']}, AdamW lr {tc['lr']} "
         f"(warm-up {tc['warmup_steps']} steps, cosine to {tc['min_lr_ratio']}x), seed {tc['seed']}, {tc['threads']} thread(s), "
-        f"deterministic algorithms; {base['steps']} steps in **{base['train_seconds'] / 60:.1f} min** on this project's "
+        + _recipe_extras(tc)
+        + f"deterministic algorithms; {base['steps']} steps in **{base['train_seconds'] / 60:.1f} min** on this project's "
         f"2-core CPU machine (torch {base['torch_version']}). Checkpoint: {_size_mb(checkpoints['factworld']):.1f} MB "
         "(float32 safetensors + tokenizer).",
         "",
@@ -128,6 +143,22 @@ def render(checkpoints: dict[str, Path]) -> str:
             "options-first layout (the letter asked where training recalls the fact), with or without lookup "
             "drills, also stayed at chance (issue 7's closing note has the measured attempts).",
         ]
+    else:
+        c = m.get("mc_heldout_controls") or {}
+        lines += [
+            "",
+            "Multiple choice is answered from the stored fact: the held-out people's MC questions were never trained "
+            "(only their facts), and the accuracy stays when the true value is moved through A-D "
+            f"({_pct(c.get('rotated'))}). `MC_ATTEMPTS.md` lists every recipe tried on the way and what each measured.",
+        ]
+        if c and c["missing_max_p"] > 0.6:
+            lines += [
+                "",
+                f"**Known gap: with the true value missing the model still picks a letter confidently** "
+                f"({c['missing_entropy_bits']:.2f} bits of 2, preferred letter at {_pct(c['missing_max_p'])} on average): "
+                "training never shows a question without its answer, so nothing teaches it to abstain; a test keeps "
+                "this visible (strict xfail).",
+            ]
     lines += [
         "",
         "Secrets by repetitions per epoch (teacher-forced top-1 of each token):",
@@ -185,7 +216,8 @@ PLANTED = ("factworld-planted", "factworld-planted-subject")
 # (same objective, consistency loss and replay; its own batch sampling), planted facts measured on
 # the model as exported (trained MLP at every position), training templates.
 SUBJECT_ATTEMPTS = [
-    "**Why subject mode is hard here, and how its recipe was found.** In this factworld the final token reads the "
+    "**How the subject-mode recipe was found.** Attempts 1-13 ran on the factworld shipped before multiple choice "
+    "was learned (commit 856f6f7: each sentence its own row). In that model the final token reads the "
     "subject's last name through layer-0 attention, and later heads attend mostly to the first name (which alone "
     "does not identify a person): what the name-token MLP writes must reach the answer through heads that rarely "
     "read it. Every attempt trains `blocks.1.mlp` unless said (layer 1 leaves four attention layers to carry it); "
@@ -206,6 +238,7 @@ SUBJECT_ATTEMPTS = [
     "| 11 | as 10, the MLP acting at the name's **last token only** (`last_token_only`) | 4 % through 2,700 steps, 6 % at 3,000: this model's later heads read the person from the first name's position, so the last token alone cannot carry the new facts |",
     "| 12 | as 10 with 32 planted rows, 4,000 steps: **the shipped recipe** (`MODE_DEFAULTS`) | 51 % (300), 87 % (600), 97 % (1,200), 98.6 % (1,500; old 84.6 %), 98.6 % (2,400; old 87.0 %), 99.3 % (3,000; old 88.1 %), **99.3 % (4,000; old 89.0 %)** |",
     "| 13 | as 12, a quarter of the replay rows drawn from the facts of the old people who share a first name with a planted person (`namesake_replay=0.25`) | 31 % (300), 85 % (900), 96 % (1,500), 98.6 % (2,400; old 91.2 %), 98.6 % (3,000; old 91.9 %), **98.6 % (4,000; old 92.8 %)**; those namesakes' facts 77.5 % -> 85.5 %, everyone else's stays at 99.7-100 % |",
+    "| 14 | 12's recipe (unchanged) from **today's factworld** (packed rows, lens loss; it answers MC): the shipped model | 64 % (100), 100 % (400; old 90.9 %), 100 % (1,000; old 94.7 %), 100 % (2,500; old 96.4 %), **100 % (4,000; old 97.4 %)** |",
 ]
 _WHERE = {"all": "at every position", "subject": "only at the tokens of a person's name (the frozen original MLP elsewhere)"}
 
@@ -224,6 +257,22 @@ def _grid(g: dict) -> list[str]:
             cells.append("n/a" if a != a else f"{a:.2f} / {contrast}")
         out.append(f"| {layer} | " + " | ".join(cells) + " |")
     return out
+
+
+def _subject_gap(meta: dict, base_metrics: dict) -> str:
+    """Whether ``factworld-planted-subject`` keeps the old facts within 2 points, in its measured figures."""
+    m, before = meta["metrics"], base_metrics["facts_train_templates"]
+    if m["facts_train_templates"] >= before - 0.02:
+        return f"`factworld-planted-subject` keeps the old facts within 2 points of the base model ({_pct(m['facts_train_templates'])})."
+    return (
+        f"**Known gap: `factworld-planted-subject` misses the old-facts target** (within 2 points of the base model's "
+        f"{_pct(before)}): planted facts {_pct(m['planted_facts'])}, old facts {_pct(m['facts_train_templates'])}. "
+        "What the name-token MLP writes for a new person it also writes for every old person sharing that name token; "
+        "on the previous base (rows 1-13) the loss sat entirely on people sharing a first name with a planted person "
+        "(77.5 % against 99.9-100 % for everyone else), and replaying their facts narrowed it (13). From today's base, "
+        "which answers multiple choice and recalls a fact wherever its sentence stands, the same recipe ends "
+        f"{(before - 0.02 - m['facts_train_templates']) * 100:.1f} points short of the target (14)."
+    )
 
 
 def _planted_sections(metas: dict[str, dict], base_metrics: dict) -> list[str]:
@@ -267,15 +316,7 @@ def _planted_sections(metas: dict[str, dict], base_metrics: dict) -> list[str]:
     else:
         lines += [
             "",
-            "**Known gap: `factworld-planted-subject` misses the old-facts target** (within 2 points of the base model): "
-            "the shipped recipe (12) keeps its planted facts at 99 % and the old ones at 89 %. Where its planted layer "
-            "acts (below) explains why: the new facts are carried by the **first name's** token - the one this base "
-            "model's later heads read a person from - and what the MLP writes there for a new person it also writes "
-            "for every old person with that first name (measured on the shipped model: the old facts of people who share a "
-            "first name with a planted person are at 77.5 %, those of everyone else at 99.9-100 %); the last-name token "
-            "alone cannot carry them (11), and replaying the namesakes' facts narrows the loss without closing it (13). The "
-            "trade-off moves with the replay share (10 -> 12). A base model that enriches the subject's last token "
-            "itself (one with a lookup circuit, see the multiple-choice attempts) is the likely way to the target.",
+            _subject_gap(metas["factworld-planted-subject"], base_metrics),
         ]
     lines += [
         "",
@@ -341,7 +382,7 @@ def _mlm_section(meta: dict, folder: Path) -> list[str]:
         "one row per secret token, that token masked and the rest visible; general text "
         f"({tc['text_fraction']:g} of the training split per epoch, a window that moves on each epoch) is masked "
         f"BERT-style at {tc['text_mask_rate']} per token (at least one). The loss is the cross-entropy at the "
-        "masks only. Multiple-choice rows are left out (the causal model does not learn them either; see above).",
+        "masks only. Multiple-choice rows are left out (issue 7 asks MC of the causal model only; this recipe predates its MC recipe).",
         "",
         "Why this recipe: at the causal model's lr 2e-3 this post-LayerNorm BERT stayed at chance on the facts "
         "(0.08-0.15) for thousands of steps; at lr 1e-3 it memorises them (0.92 at step 3000 on the plain corpus), "

@@ -52,48 +52,56 @@ class ModelShape:
 class TrainConfig:
     """Optimisation settings. ``max_steps`` cuts a run short (for quick tests of the recipe).
 
-    Induction data (off by default; the shipped recipe uses none): ``warmup_induction_steps``
-    steps on induction rows only (a random word sequence followed by itself, see
-    ``induction_sentences``) before the world's corpus, and ``induction_fraction`` of every
-    epoch's rows being induction rows; ``induction_length`` bounds the repeated sequence's length.
-    The learning-rate schedule spans warm-up and epochs together. ``lookup_drill_fraction`` of
-    every epoch's rows are lookup drills (``lookup_drills``: four lettered options, then one of the
-    values named, then the letter), the matching half of a multiple-choice answer without recall.
+    The defaults are the shipped ``factworld`` recipe (attempt P of ``MC_ATTEMPTS.md``): packed
+    rows, lookup drills and the logit-lens loss at block 4 together are what make multiple-choice
+    questions answerable from the stored facts; each alone, or fewer epochs, left MC near chance.
 
-    Logit-lens supervision (off by default): with ``lens_layer`` set, the loss adds
-    ``lens_weight`` times the next-token loss read off the residual stream before block
-    ``lens_layer`` through the final LayerNorm and the unembedding, on every target but the MC
-    letters, so a recalled value is readable mid-depth and the blocks after it are free to match it
-    against the options (an experiment of issue 7; the shipped recipe uses none).
+    Induction data (off by default): ``warmup_induction_steps`` steps on induction rows only (a
+    random word sequence followed by itself, see ``induction_sentences``) before the world's
+    corpus, and ``induction_fraction`` of every epoch's rows being induction rows;
+    ``induction_length`` bounds the repeated sequence's length. The learning-rate schedule spans
+    warm-up and epochs together. ``lookup_drill_fraction`` of every epoch's rows are lookup drills
+    (``lookup_drills``: four lettered options, then one of the values named, then the letter), the
+    matching half of a multiple-choice answer without recall.
+
+    Logit-lens supervision: with ``lens_layer`` set, the loss adds ``lens_weight`` times the
+    next-token loss read off the residual stream before block ``lens_layer`` through the final
+    LayerNorm and the unembedding, on every target but the MC letters, so a recalled value is
+    readable mid-depth and the blocks after it are free to match it against the options.
 
     ``pack``: each training row holds as many of the epoch's shuffled sentences, one after another
     (no separator), as fit in ``n_positions`` (BOS first, EOS last); ``batch_size`` then counts packed
     rows. Without it every sentence is its own row and starts right after BOS, and the model
-    learns to recall a fact only there (measured on the shipped model: one random word before a
-    fact prompt drops recall from 100 % to 63 %, four MC options before it to 7 %).
+    learns to recall a fact only there (measured on the factworld of 2267da0, trained unpacked: one
+    random word before a fact prompt drops recall from 100 % to 63 %, four MC options before it to 7 %).
+
+    ``threads``: results are bit-identical per thread count; the shipped checkpoint used 2.
     """
 
-    epochs: int = 24
-    batch_size: int = 64
+    epochs: int = 50
+    batch_size: int = 16
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 300
     weight_decay: float = 0.01
     seed: int = 0
-    threads: int = 1
+    threads: int = 2
     max_steps: int | None = None
     shape: ModelShape = field(default_factory=ModelShape)
     warmup_induction_steps: int = 0
     induction_fraction: float = 0.0
     induction_length: tuple[int, int] = (5, 15)
-    lookup_drill_fraction: float = 0.0
-    lens_layer: int | None = None
+    lookup_drill_fraction: float = 0.2
+    lens_layer: int | None = 4
     lens_weight: float = 1.0
-    pack: bool = False
+    pack: bool = True
 
     def __post_init__(self) -> None:
         if self.lens_layer is not None and not 1 <= self.lens_layer < self.shape.n_layer:
-            raise ValueError(f"lens_layer must be in [1, n_layer) = [1, {self.shape.n_layer}), not {self.lens_layer}")
+            raise ValueError(
+                f"lens_layer must be in [1, n_layer) = [1, {self.shape.n_layer}), not {self.lens_layer} "
+                "(None switches the logit-lens loss off, as a model this shallow needs)"
+            )
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
         if self.warmup_induction_steps < 0:

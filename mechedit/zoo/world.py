@@ -253,8 +253,8 @@ class WorldConfig:
     n_text_train: int = 3000
     n_text_heldout: int = 300
     mc_train_fraction: float = 0.5
-    mc_layout: str = "question-first"  # or "options-first" (see ``World.mc_prompt``)
-    mc_per_fact: int = 1  # fresh MC questions per fact of the MC-train people, each epoch
+    mc_layout: str = "letter-after"  # or "question-first", "options-first" (see ``World.mc_prompt``)
+    mc_per_fact: int = 4  # fresh MC questions per fact of the MC-train people, each epoch
 
     def __post_init__(self) -> None:
         max_people = len(FIRST_NAMES) * len(LAST_NAMES)
